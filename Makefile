@@ -1,0 +1,17 @@
+# The two commands of the README. Each sets everything up on a fresh machine first.
+PY ?= python3
+
+.PHONY: setup train test bench
+setup:
+	bash scripts/setup.sh
+
+# main job: fine-tune ViT-B/16 + MuFA on the embedded scene-classification set (CPU: about a minute)
+train: setup
+	$(PY) -m rspeft_fast train --model vit_base_patch16_224 --method mufa --epochs 2
+
+# the test suite (CPU: Triton kernels through TRITON_INTERPRET=1, C++ extension, references, integration)
+test: setup
+	$(PY) -m pytest tests benchmarks -q -n 2 --benchmark-disable -p no:cacheprovider
+
+bench: setup
+	$(PY) -m rspeft_fast bench

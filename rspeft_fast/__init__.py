@@ -1,0 +1,44 @@
+"""rspeft_fast: fused, drop-in parameter-efficient fine-tuning adapters for remote-sensing models.
+
+Public API (imported lazily, so ``import rspeft_fast`` is cheap and never needs a GPU):
+
+* modules: :class:`MuFAAdapter`, :class:`QLinear`, :class:`EQAM`, :class:`CAPM`,
+  :class:`BiShareAdapter`, :class:`MGAdapter`, :class:`WeightedTripletLoss`;
+* functional: :func:`weighted_triplet_loss`;
+* eager references: :mod:`rspeft_fast.reference`;
+* integration: :func:`inject`, :func:`trainable_parameters`, :func:`save_adapters`, :func:`load_adapters`, ...
+"""
+from __future__ import annotations
+
+import importlib
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "MuFAAdapter": ".modules.mufa",
+    "QLinear": ".modules.qlinear",
+    "EQAM": ".modules.qlinear",
+    "CAPM": ".modules.capm",
+    "BiShareAdapter": ".modules.mga",
+    "MGAdapter": ".modules.mga",
+    "WeightedTripletLoss": ".modules.triplet",
+    "weighted_triplet_loss": ".ops.triplet",
+    "ImplUnavailableError": "._impl",
+    "reference": ".reference",
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str):
+    mod = _LAZY.get(name)
+    if mod is None:
+        raise AttributeError(f"module 'rspeft_fast' has no attribute {name!r}")
+    m = importlib.import_module(mod, __name__)
+    value = m if name == "reference" else getattr(m, name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

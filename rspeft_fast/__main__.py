@@ -1,0 +1,27 @@
+"""Command line: ``python -m rspeft_fast train ...`` (fine-tuning) and ``python -m rspeft_fast bench ...``."""
+from __future__ import annotations
+
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    usage = "usage: python -m rspeft_fast {train,bench} [options]   (see `python -m rspeft_fast train --help`)"
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage)
+        return 0 if argv else 2
+    cmd, rest = argv[0], argv[1:]
+    if cmd == "train":
+        from .integration.train import main as train_main
+
+        return int(train_main(rest) or 0)
+    if cmd == "bench":
+        from .bench.cli import main as bench_main
+
+        return int(bench_main(rest) or 0)
+    print(f"unknown command {cmd!r}\n{usage}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

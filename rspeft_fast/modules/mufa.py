@@ -1,0 +1,62 @@
+"""MuFAAdapter: MuFA's multi-scale fusion adapter (one branch: AdaptFormer; serial placement: Houlsby)."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from .._impl import resolve_impl
+from .._validate import check_float, check_last_dim
+from ..reference.mufa import branch_sizes, mufa_ref
+
+
+class MuFAAdapter(nn.Module):
+    """Multi-scale bottleneck adapter, returning the delta (or ``base + delta``).
+
+    Args:
+        dim: feature size ``d``.
+        rates: down-sampling rate of each branch; branch ``i`` has width ``dim // rates[i]``.
+        scale: output scale.
+        impl: ``"auto" | "reference" | "triton"``.
+
+    Parameters: ``down.weight (R, d)``, ``down.bias (R,)``, ``up.weight (d, R)`` (zero-initialised),
+    ``up.bias (d,)`` (zero), ``gate (n,)`` (init ``1/n``), ``R = Σ dim // rate``.
+
+    Forward: ``x (..., d)`` → ``(..., d)``. With ``base`` (same shape as ``x``) returns ``base + delta``
+    (the fused path adds it in the kernel's epilogue, saving one pass over memory).
+    """
+
+    def __init__(self, dim: int, rates: Sequence[int] = (8, 16, 32), scale: float = 1.0, impl: str = "auto"):
+        super().__init__()
+        self.dim = int(dim)
+        self.rates = tuple(int(r) for r in rates)
+        self.sizes = branch_sizes(self.dim, self.rates)
+        self.scale = float(scale)
+        self.impl = impl
+        R = sum(self.sizes)
+        self.down = nn.Linear(self.dim, R)
+        self.up = nn.Linear(R, self.dim)
+        self.gate = nn.Parameter(torch.full((len(self.sizes),), 1.0 / len(self.sizes)))
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+
+    @property
+    def bottleneck(self) -> int:
+        return sum(self.sizes)
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, rates={self.rates}, sizes={self.sizes}, scale={self.scale}, impl={self.impl!r}"
+
+    def forward(self, x: torch.Tensor, base: torch.Tensor | None = None) -> torch.Tensor:
+        check_float(x, "x")
+        check_last_dim(x, self.dim, "x")
+        if base is not None and base.shape != x.shape:
+            raise ValueError(f"base must have the shape of x {tuple(x.shape)}, got {tuple(base.shape)}")
+        impl = resolve_impl("MuFAAdapter", self.impl, x.device, ("triton",))
+        args = (x, self.down.weight, self.down.bias, self.up.weight, self.up.bias, self.gate)
+        if impl == "reference":
+            return mufa_ref(*args, self.sizes, self.scale, base)
+        from ..ops.mufa import mufa
+
+        return mufa(*args, self.sizes, self.scale, base)

@@ -1,0 +1,46 @@
+"""HarMA's adaptive (weighted) triplet loss with hard-negative mining, eager reference (SPEC §1).
+
+This is the memory-hungry formulation: it materialises several ``B×B`` matrices.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def focal_weighted(c: torch.Tensor, gamma: float) -> torch.Tensor:
+    """``W(c)·c`` with ``W(c) = (1 - exp(-c))^gamma``."""
+    return (1 - torch.exp(-c)).pow(gamma) * c
+
+
+def weighted_triplet_ref(
+    img: torch.Tensor,
+    txt: torch.Tensor,
+    margin: float = 0.2,
+    gamma: float = 2.0,
+    max_violation: bool = False,
+    ids: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``img (B, D)``, ``txt (B, D)`` (L2-normalised by the caller), ``ids (B,)`` or None → scalar loss.
+
+    ``S = img txtᵀ``, ``d = diag(S)``; ``Cs[i,j] = max(0, margin + S[i,j] - d[i])`` (row i),
+    ``Ci[i,j] = max(0, margin + S[i,j] - d[j])`` (column j), both zero where ``i == j`` (or
+    ``ids[i] == ids[j]``); each cost ``c`` becomes ``(1 - e^-c)^gamma · c``; with ``max_violation`` only
+    the largest cost of each row of ``Cs`` and each column of ``Ci`` counts;
+    ``loss = (Σ Cs + Σ Ci) / 2``. Computed in float32 at least.
+    """
+    dt = torch.promote_types(img.dtype, torch.float32)
+    S = img.to(dt) @ txt.to(dt).t()
+    d = S.diagonal()
+    cost_s = (margin + S - d[:, None]).clamp(min=0)
+    cost_i = (margin + S - d[None, :]).clamp(min=0)
+    B = S.shape[0]
+    if ids is None:
+        pos = torch.eye(B, dtype=torch.bool, device=S.device)
+    else:
+        pos = ids[:, None] == ids[None, :]
+    cost_s = focal_weighted(cost_s.masked_fill(pos, 0), gamma)
+    cost_i = focal_weighted(cost_i.masked_fill(pos, 0), gamma)
+    if max_violation:
+        cost_s = cost_s.max(dim=1)[0]
+        cost_i = cost_i.max(dim=0)[0]
+    return (cost_s.sum() + cost_i.sum()) / 2

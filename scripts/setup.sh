@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Sets up a fresh machine: pinned torch + dependencies, then builds and installs rspeft_fast (editable,
+# with its C++ extension; CUDA sources too where torch has CUDA and nvcc is found).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+TORCH_PIN=${TORCH_PIN:-"torch==2.14.1 torchvision==0.29.1"}
+if ! $PY -c "import torch, torchvision" 2>/dev/null || [ -n "${CI:-}" ]; then
+  $PY -m pip install -q $TORCH_PIN
+fi
+$PY -m pip install -q -r requirements-ci.txt
+$PY -m pip install -q --no-build-isolation -e .
+$PY -c "import torch, rspeft_fast._native as n; print('torch', torch.__version__, '| rspeft_fast._C cpu:', n.has('cpu')[0], 'cuda:', n.has('cuda')[0])"

@@ -1,0 +1,99 @@
+"""Build for rspeft_fast.
+
+The native extension ``rspeft_fast._C`` is built with ``torch.utils.cpp_extension``:
+
+* C++ sources (``csrc/**/*.cpp``) always;
+* CUDA sources (``csrc/**/*.cu``) too when the installed torch was built with CUDA and ``nvcc`` is
+  found (``CUDA_HOME`` or ``/usr/local/cuda``), for ``TORCH_CUDA_ARCH_LIST`` (default ``"9.0"``).
+
+Environment variables:
+
+* ``RSPEFT_FAST_CPU_ONLY=1``   force the C++-only build even where CUDA is available;
+* ``RSPEFT_FAST_FORCE_CUDA=1`` build the CUDA sources even if torch reports no CUDA runtime;
+* ``TORCH_CUDA_ARCH_LIST``     CUDA architectures (default ``9.0``: H100/H200);
+* ``MAX_JOBS``                 parallel compile jobs for ninja.
+
+Install with ``pip install --no-build-isolation -e .`` after torch is installed.
+The Triton kernels live in the top-level ``kernels/`` folder and are installed as
+``rspeft_fast.kernels`` (never as a top-level ``kernels`` module).
+"""
+import glob
+import os
+
+from setuptools import find_packages, setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _truthy(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _extensions():
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME, CppExtension, CUDAExtension
+
+    cpp = sorted(glob.glob(os.path.join("csrc", "**", "*.cpp"), recursive=True))
+    cu = sorted(glob.glob(os.path.join("csrc", "**", "*.cu"), recursive=True))
+    with_cuda = (
+        not _truthy("RSPEFT_FAST_CPU_ONLY")
+        and bool(cu)
+        and CUDA_HOME is not None
+        and os.path.exists(os.path.join(CUDA_HOME, "bin", "nvcc"))
+        and (torch.version.cuda is not None or _truthy("RSPEFT_FAST_FORCE_CUDA"))
+    )
+    cxx_flags = ["-O3"]  # the C++ standard is the one torch.utils.cpp_extension picks for the installed torch
+    include_dirs = [os.path.join(ROOT, "csrc")]
+    if with_cuda:
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0")
+        return [
+            CUDAExtension(
+                "rspeft_fast._C",
+                cpp + cu,
+                include_dirs=include_dirs,
+                define_macros=[("RSPEFT_WITH_CUDA", "1")],
+                extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "--use_fast_math"]},
+            )
+        ]
+    return [
+        CppExtension(
+            "rspeft_fast._C",
+            cpp,
+            include_dirs=include_dirs,
+            extra_compile_args={"cxx": cxx_flags},
+        )
+    ]
+
+
+def _cmdclass():
+    from torch.utils.cpp_extension import BuildExtension
+
+    return {"build_ext": BuildExtension.with_options(use_ninja=True)}
+
+
+setup(
+    name="rspeft_fast",
+    version="0.1.0",
+    description="Fused Triton/CUDA parameter-efficient fine-tuning adapters for remote-sensing foundation models",
+    long_description=open(os.path.join(ROOT, "README.md"), encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["rspeft_fast", "rspeft_fast.*"]) + ["rspeft_fast.kernels"],
+    package_dir={"rspeft_fast.kernels": "kernels"},
+    ext_modules=_extensions(),
+    cmdclass=_cmdclass(),
+    install_requires=[
+        "torch>=2.4",
+        "numpy",
+        "safetensors>=0.4",
+        "tqdm",
+    ],
+    extras_require={
+        "triton": ["triton>=3.0"],
+        "timm": ["timm>=1.0"],
+        "clip": ["open-clip-torch>=2.24"],
+        "test": ["pytest", "pytest-benchmark", "hypothesis", "timm>=1.0", "open-clip-torch>=2.24"],
+        "bench": ["pytest-benchmark", "matplotlib"],
+    },
+    zip_safe=False,
+)
