@@ -25,6 +25,28 @@ _LAZY = {
     "weighted_triplet_loss": ".ops.triplet",
     "ImplUnavailableError": "._impl",
     "reference": ".reference",
+    "pack_adapters": ".modules.qlinear",
+    # integration (rspeft_fast/integration/__init__.py exports these)
+    "inject": ".integration",
+    "trainable_parameters": ".integration",
+    "save_adapters": ".integration",
+    "load_adapters": ".integration",
+    "enable_adapters": ".integration",
+    "adapters_disabled": ".integration",
+    "merge_adapters": ".integration",
+    "AdapterConfig": ".integration",
+    "MuFAConfig": ".integration",
+    "AdaptFormerConfig": ".integration",
+    "AdapterHoulsbyConfig": ".integration",
+    "LoRAConfig": ".integration",
+    "BitFitConfig": ".integration",
+    "LayerNormConfig": ".integration",
+    "LinearProbeConfig": ".integration",
+    "VPTConfig": ".integration",
+    "FullConfig": ".integration",
+    "EQAMConfig": ".integration",
+    "CAPMConfig": ".integration",
+    "MGAConfig": ".integration",
 }
 
 __all__ = sorted(_LAZY)
