@@ -37,7 +37,7 @@ def msa_ref(
     s = (q @ k.transpose(-1, -2)) / math.sqrt(dh)  # (B, H, L, L)
     if key_padding_mask is not None:
         s = s.masked_fill(key_padding_mask[:, None, None, :].to(torch.bool), float("-inf"))
-    p = torch.softmax(s.float(), dim=-1).to(s.dtype)
+    p = torch.softmax(s, dim=-1, dtype=torch.promote_types(s.dtype, torch.float32)).to(s.dtype)
     o = (p @ v).transpose(1, 2).reshape(B, L, h)
     return F.linear(o, out_proj_weight, out_proj_bias)
 
