@@ -1,0 +1,298 @@
+"""MGAdapter (HarMA gated multimodal adapter, optional BiShare): fused Triton op, autograd and functional.
+
+``mga(x, down_weight, down_bias, up_weight, up_bias, attn, gate, heads, share=None, key_padding_mask=None)``
+computes exactly :func:`rspeft_fast.reference.mga.mga_ref` with the kernels of ``rspeft_fast.kernels.mga``.
+
+Registered with ``torch.library`` so ``torch.compile`` sees single ops, no graph break:
+
+* ``rspeft_fast::mga_fwd``: one Triton launch; returns ``y`` and the small activations autograd needs
+  (``hpre``, ``z1``, ``z2``, ``w``: ``(B, L, hidden)``/``(B, L, hidden/2)``, empty when nothing needs grad);
+* ``rspeft_fast::mga_bwd``: 2 Triton launches (3 with BiShare) that recompute the attention per sequence,
+  then deterministic GEMMs / row sums for the weight gradients (no atomics).
+
+Key padding mask: ``(B, L)`` bool, True = padded key, as ``nn.MultiheadAttention``. A sequence whose
+keys are ALL padded yields NaN in its output (softmax over only ``-inf``), exactly as the reference and
+``nn.MultiheadAttention`` do; its gradients are NaN as well. Callers must not pass fully padded rows.
+
+Dtypes: float32/float16/bfloat16 (float64 raises: use ``impl="reference"``). The compute dtype is
+``compute_dtype(x)`` (the autocast dtype when autocast is on); weights are cast to it as eager
+``F.linear`` would; ``y`` has dtype ``promote(x.dtype, compute dtype)`` like ``x + F.linear(...)``.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .._validate import check_float, check_last_dim, check_same_device, compute_dtype
+from ..reference.mga import mga_ref  # noqa: F401  (the oracle; documented for readers)
+
+_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_ATTN_KEYS = ("in_proj_weight", "in_proj_bias", "out_proj_weight", "out_proj_bias")
+_SHARE_KEYS = ("down_weight", "down_bias", "up_weight", "up_bias")
+_N_SHARE = 9  # down_w, down_b, up_w, up_b, in_w, in_b, out_w, out_b, gate
+
+
+def _kernels():
+    from ..kernels import mga as k
+
+    return k
+
+
+def _mask_u8(mask: Optional[Tensor]) -> Optional[Tensor]:
+    return None if mask is None else mask.to(torch.uint8).contiguous()
+
+
+def _share_tuple(share_tensors, share_heads):
+    if share_tensors[0] is None:
+        return None
+    return tuple(share_tensors) + (share_heads,)
+
+
+# ----------------------------------------------------------------------------------------------------
+# forward op
+# ----------------------------------------------------------------------------------------------------
+@torch.library.custom_op("rspeft_fast::mga_fwd", mutates_args=())
+def mga_fwd(
+    x: Tensor, down_weight: Tensor, down_bias: Tensor, up_weight: Tensor, up_bias: Tensor,
+    in_proj_weight: Tensor, in_proj_bias: Tensor, out_proj_weight: Tensor, out_proj_bias: Tensor,
+    gate: Tensor, heads: int,
+    s_down_weight: Optional[Tensor], s_down_bias: Optional[Tensor], s_up_weight: Optional[Tensor],
+    s_up_bias: Optional[Tensor], s_in_proj_weight: Optional[Tensor], s_in_proj_bias: Optional[Tensor],
+    s_out_proj_weight: Optional[Tensor], s_out_proj_bias: Optional[Tensor], s_gate: Optional[Tensor],
+    share_heads: int, key_padding_mask: Optional[Tensor], save: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Fused MGA forward: ``(y, hpre, z1, z2, w)`` (the last four saved for backward when ``save``)."""
+    share = _share_tuple((s_down_weight, s_down_bias, s_up_weight, s_up_bias, s_in_proj_weight, s_in_proj_bias,
+                          s_out_proj_weight, s_out_proj_bias, s_gate), share_heads)
+    with torch.autocast(x.device.type, enabled=False):
+        return _kernels().mga_forward(
+            x, down_weight, down_bias, up_weight, up_bias, in_proj_weight, in_proj_bias, out_proj_weight,
+            out_proj_bias, gate, heads, share=share, mask_u8=_mask_u8(key_padding_mask), save=save)
+
+
+@mga_fwd.register_fake
+def _(x, down_weight, down_bias, up_weight, up_bias, in_proj_weight, in_proj_bias, out_proj_weight, out_proj_bias,
+      gate, heads, s_down_weight, s_down_bias, s_up_weight, s_up_bias, s_in_proj_weight, s_in_proj_bias,
+      s_out_proj_weight, s_out_proj_bias, s_gate, share_heads, key_padding_mask, save):
+    B, L, D = x.shape
+    H = down_weight.shape[0]
+    cdt = down_weight.dtype
+    y = x.new_empty((B, L, D), dtype=torch.promote_types(x.dtype, cdt))
+
+    def buf(keep, *shape):
+        return x.new_empty(shape if (save and keep) else (0,), dtype=cdt)
+
+    has_share = s_down_weight is not None
+    H2 = s_down_weight.shape[0] if has_share else 0
+    return y, buf(True, B, L, H), buf(has_share, B, L, H), buf(True, B, L, H), buf(has_share, B, L, H2)
+
+
+# ----------------------------------------------------------------------------------------------------
+# backward op
+# ----------------------------------------------------------------------------------------------------
+@torch.library.custom_op("rspeft_fast::mga_bwd", mutates_args=())
+def mga_bwd(
+    dy: Tensor, x: Tensor, down_weight: Tensor, up_weight: Tensor,
+    in_proj_weight: Tensor, in_proj_bias: Tensor, out_proj_weight: Tensor, out_proj_bias: Tensor,
+    gate: Tensor, heads: int, hpre: Tensor, z1: Tensor, z2: Tensor, ws: Tensor,
+    s_down_weight: Optional[Tensor], s_down_bias: Optional[Tensor], s_up_weight: Optional[Tensor],
+    s_up_bias: Optional[Tensor], s_in_proj_weight: Optional[Tensor], s_in_proj_bias: Optional[Tensor],
+    s_out_proj_weight: Optional[Tensor], s_out_proj_bias: Optional[Tensor], s_gate: Optional[Tensor],
+    share_heads: int, key_padding_mask: Optional[Tensor],
+) -> list[Tensor]:
+    """Gradients ``[dx, dWd, dbd, dWu, dbu, dWin, dbin, dWo, dbo, dgate]`` + the 9 BiShare ones (empty
+    tensors without share). Weight gradients in the compute dtype (fp32 accumulation), ``dx`` in x.dtype."""
+    share = _share_tuple((s_down_weight, s_down_bias, s_up_weight, s_up_bias, s_in_proj_weight, s_in_proj_bias,
+                          s_out_proj_weight, s_out_proj_bias, s_gate), share_heads)
+    cdt = down_weight.dtype
+    B, L, D = x.shape
+    H = down_weight.shape[0]
+    f32 = torch.float32
+    with torch.autocast(x.device.type, enabled=False):
+        r = _kernels().mga_backward(
+            dy, x.dtype, down_weight, up_weight, in_proj_weight, in_proj_bias, out_proj_weight, out_proj_bias, gate,
+            heads, hpre, z1, z2, ws, share=share, mask_u8=_mask_u8(key_padding_mask))
+
+        def rows(t, n):
+            return t.reshape(-1, n)
+
+        def colsum(t, n):
+            return rows(t, n).sum(0, dtype=f32).to(cdt)
+
+        dy2 = rows(dy, D)
+        dWu = dy2.to(cdt).t().mm(rows(r["u"], H))
+        dbu = dy2.sum(0, dtype=f32).to(cdt)
+        dpre = rows(r["dpre"], H)
+        dWd = dpre.t().mm(rows(x, D).to(cdt))
+        dbd = colsum(dpre, H)
+        dqkv = r["dqkv"]
+        dWin = torch.addmm(rows(dqkv[0], 3 * H).t().mm(rows(r["z0"], H)), rows(dqkv[1], 3 * H).t(), rows(z2, H))
+        dbin = colsum(dqkv, 3 * H)
+        g = rows(r["g"], H)
+        dWo = g.t().mm(rows(r["o"], H))
+        dbo = colsum(g, H)
+        dgate = r["gate_partial"].sum().reshape(gate.shape).to(gate.dtype)
+        out = [r["dx"], dWd, dbd, dWu, dbu, dWin, dbin, dWo, dbo, dgate]
+        if share is None:
+            out += [dy.new_empty(0) for _ in range(_N_SHARE)]
+        else:
+            H2 = s_down_weight.shape[0]
+            dz2, dw = rows(r["s_dz2"], H), rows(r["s_dw"], H2)
+            sg = rows(r["s_g"], H2)
+            out += [
+                dw.t().mm(rows(z1, H)), colsum(dw, H2),                    # down_s
+                dz2.t().mm(rows(r["s_vs"], H2)), colsum(dz2, H),           # up_s
+                rows(r["s_dqkv"], 3 * H2).t().mm(rows(ws, H2)), colsum(r["s_dqkv"], 3 * H2),  # in_proj_s
+                sg.t().mm(rows(r["s_o"], H2)), colsum(sg, H2),             # out_proj_s
+                r["s_gate_partial"].sum().reshape(s_gate.shape).to(s_gate.dtype),
+            ]
+    return out
+
+
+@mga_bwd.register_fake
+def _(dy, x, down_weight, up_weight, in_proj_weight, in_proj_bias, out_proj_weight, out_proj_bias, gate, heads,
+      hpre, z1, z2, ws, s_down_weight, s_down_bias, s_up_weight, s_up_bias, s_in_proj_weight, s_in_proj_bias,
+      s_out_proj_weight, s_out_proj_bias, s_gate, share_heads, key_padding_mask):
+    cdt = down_weight.dtype
+    H, D = down_weight.shape
+
+    def e(*shape):
+        return x.new_empty(shape, dtype=cdt)
+
+    out = [x.new_empty(x.shape), e(H, D), e(H), e(D, H), e(D), e(3 * H, H), e(3 * H), e(H, H), e(H),
+           gate.new_empty(gate.shape)]
+    if s_down_weight is None:
+        out += [dy.new_empty(0) for _ in range(_N_SHARE)]
+    else:
+        H2 = s_down_weight.shape[0]
+        out += [e(H2, H), e(H2), e(H, H2), e(H), e(3 * H2, H2), e(3 * H2), e(H2, H2), e(H2), s_gate.new_empty(s_gate.shape)]
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# autograd
+# ----------------------------------------------------------------------------------------------------
+# positions of the differentiable inputs of mga_fwd
+_FWD_GRAD_POS = (0, 1, 2, 3, 4, 5, 6, 7, 8, 9) + tuple(range(11, 20))
+
+
+def _setup_context(ctx, inputs, output):
+    (x, dw, db, uw, ub, iw, ib, ow, ob, gate, heads, *s, share_heads, mask, save) = inputs
+    _, hpre, z1, z2, ws = output
+    ctx.heads = heads
+    ctx.share_heads = share_heads
+    ctx.has_share = s[0] is not None
+    ctx.save_for_backward(x, dw, uw, iw, ib, ow, ob, gate, hpre, z1, z2, ws, mask, *s)
+    ctx.mark_non_differentiable(hpre, z1, z2, ws)
+
+
+def _backward(ctx, dy, *unused):
+    x, dw, uw, iw, ib, ow, ob, gate, hpre, z1, z2, ws, mask, *s = ctx.saved_tensors
+    if hpre.numel() == 0 and x.numel() != 0:
+        raise RuntimeError("mga: backward called but the forward ran with save=False (no input required grad)")
+    grads = torch.ops.rspeft_fast.mga_bwd(dy, x, dw, uw, iw, ib, ow, ob, gate, ctx.heads, hpre, z1, z2, ws,
+                                          *s, ctx.share_heads, mask)
+    main, sh = grads[:10], grads[10:]
+    if not ctx.has_share:
+        sh = [None] * _N_SHARE
+    # inputs: x, dw, db, uw, ub, iw, ib, ow, ob, gate, heads, 9 share tensors, share_heads, mask, save
+    return (*main, None, *sh, None, None, None)
+
+
+mga_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------------------------------
+# functional entry point
+# ----------------------------------------------------------------------------------------------------
+def _check_attn(attn: dict, h: int, name: str):
+    if not isinstance(attn, dict) or any(k not in attn for k in _ATTN_KEYS):
+        raise TypeError(f"{name} must be a dict with keys {_ATTN_KEYS}")
+    w, ow = attn["in_proj_weight"], attn["out_proj_weight"]
+    if tuple(w.shape) != (3 * h, h):
+        raise ValueError(f"{name}['in_proj_weight'] must have shape (3*{h}, {h}), got {tuple(w.shape)}")
+    if tuple(ow.shape) != (h, h):
+        raise ValueError(f"{name}['out_proj_weight'] must have shape ({h}, {h}), got {tuple(ow.shape)}")
+
+
+def _bias(b: Optional[Tensor], n: int, like: Tensor) -> Tensor:
+    return like.new_zeros(n) if b is None else b
+
+
+def _prep_linear(w, b, cdt):
+    """Weights in the compute dtype, contiguous (differentiable casts, as eager autocast does)."""
+    return w.to(cdt).contiguous(), b.to(cdt).contiguous()
+
+
+def mga(x, down_weight, down_bias, up_weight, up_bias, attn: dict, gate, heads, share=None, key_padding_mask=None):
+    """Fused MGAdapter: ``x (B, L, d)`` → ``x + up(a·GELU(down x) + (1-a)·MSA(share?(MSA(GELU(down x)))))``.
+
+    Same arguments and result as :func:`rspeft_fast.reference.mga.mga_ref` (``share`` a dict of the BiShare
+    tensors as ``BiShareAdapter.tensors()`` gives, ``key_padding_mask (B, L)`` bool, True = padded key; a fully
+    padded sequence gives NaN like the reference). Runs the Triton kernels (CUDA, or CPU under
+    ``TRITON_INTERPRET=1``); raises where they cannot run.
+    """
+    check_float(x, "x")
+    if x.dim() != 3:
+        raise ValueError(f"mga expects x of shape (B, L, d), got {tuple(x.shape)}")
+    B, L, D = x.shape
+    check_float(down_weight, "down_weight")
+    if down_weight.dim() != 2:
+        raise ValueError(f"down_weight must be 2-D (hidden, d), got {tuple(down_weight.shape)}")
+    H = down_weight.shape[0]
+    check_last_dim(x, down_weight.shape[1], "x")
+    if tuple(up_weight.shape) != (D, H):
+        raise ValueError(f"up_weight must have shape ({D}, {H}), got {tuple(up_weight.shape)}")
+    _check_attn(attn, H, "attn")
+    if not isinstance(gate, Tensor) or gate.numel() != 1:
+        raise TypeError("gate must be a one-element tensor")
+    cdt = compute_dtype(x)
+    if cdt not in _KERNEL_DTYPES:
+        raise TypeError(f"mga (triton): compute dtype {cdt} is not supported (float32/float16/bfloat16); "
+                        "use impl='reference' for float64")
+    if key_padding_mask is not None:
+        if tuple(key_padding_mask.shape) != (B, L):
+            raise ValueError(f"key_padding_mask must have shape (B, L) = ({B}, {L}), got {tuple(key_padding_mask.shape)}")
+        if key_padding_mask.dtype != torch.bool:
+            raise TypeError(f"key_padding_mask must be bool (True = padded key), got {key_padding_mask.dtype}")
+    named = [("x", x), ("down_weight", down_weight), ("up_weight", up_weight), ("gate", gate),
+             ("attn.in_proj_weight", attn["in_proj_weight"]), ("key_padding_mask", key_padding_mask)]
+    s_heads = 0
+    if share is not None:
+        if not isinstance(share, dict) or any(k not in share for k in _SHARE_KEYS + ("attn", "gate", "heads")):
+            raise TypeError(f"share must be a dict with keys {_SHARE_KEYS + ('attn', 'gate', 'heads')} "
+                            "(BiShareAdapter.tensors())")
+        H2 = share["down_weight"].shape[0]
+        if tuple(share["down_weight"].shape) != (H2, H) or tuple(share["up_weight"].shape) != (H, H2):
+            raise ValueError(f"share down/up weights must have shapes (h2, {H}) and ({H}, h2); got "
+                             f"{tuple(share['down_weight'].shape)} and {tuple(share['up_weight'].shape)}")
+        _check_attn(share["attn"], H2, "share['attn']")
+        s_heads = int(share["heads"])
+        named += [("share.down_weight", share["down_weight"]), ("share.gate", share["gate"])]
+    check_same_device(*named)
+    k = _kernels()
+    k.check_shapes(L, H, int(heads), H2 if share is not None else None, s_heads if share is not None else None)
+
+    dwt, dbt = _prep_linear(down_weight, _bias(down_bias, H, down_weight), cdt)
+    uwt, ubt = _prep_linear(up_weight, _bias(up_bias, D, up_weight), cdt)
+    iwt, ibt = _prep_linear(attn["in_proj_weight"], _bias(attn["in_proj_bias"], 3 * H, down_weight), cdt)
+    owt, obt = _prep_linear(attn["out_proj_weight"], _bias(attn["out_proj_bias"], H, down_weight), cdt)
+    if share is not None:
+        sa = share["attn"]
+        s_t = [*_prep_linear(share["down_weight"], _bias(share["down_bias"], H2, down_weight), cdt),
+               *_prep_linear(share["up_weight"], _bias(share["up_bias"], H, down_weight), cdt),
+               *_prep_linear(sa["in_proj_weight"], _bias(sa["in_proj_bias"], 3 * H2, down_weight), cdt),
+               *_prep_linear(sa["out_proj_weight"], _bias(sa["out_proj_bias"], H2, down_weight), cdt),
+               share["gate"]]
+    else:
+        s_t = [None] * _N_SHARE
+    params = [down_weight, down_bias, up_weight, up_bias, gate, *attn.values()]
+    if share is not None:
+        params += [share["down_weight"], share["down_bias"], share["up_weight"], share["up_bias"], share["gate"],
+                   *share["attn"].values()]
+    save = torch.is_grad_enabled() and (x.requires_grad or any(p is not None and p.requires_grad for p in params))
+    y, *_ = torch.ops.rspeft_fast.mga_fwd(x, dwt, dbt, uwt, ubt, iwt, ibt, owt, obt, gate, int(heads), *s_t,
+                                          s_heads, key_padding_mask, save)
+    return y
