@@ -97,10 +97,17 @@ else:  # pragma: no cover - needs a GPU
     ]
 
 
+# Triton's interpreter (3.8) computes tl.dot of bfloat16 operands wrongly (garbage); there the 16-bit
+# operands are widened to fp32 first, which is exact (products of 16-bit floats fit in fp32).
+_WIDEN_16BIT_DOTS = tl.constexpr(_INTERPRET)
+
+
 @triton.jit
 def _dot(a, b, acc, IEEE: tl.constexpr):
     """``acc + a @ b`` with fp32 accumulation; full-precision fp32 when IEEE (else TF32 for fp32 inputs)."""
-    if IEEE:
+    if _WIDEN_16BIT_DOTS:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    elif IEEE:
         return tl.dot(a, b, acc, input_precision="ieee")
     else:
         return tl.dot(a, b, acc)
