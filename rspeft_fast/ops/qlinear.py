@@ -1,0 +1,222 @@
+"""Q-Linear and EQAM: ``torch.library`` custom ops over the Triton kernels of ``kernels/qlinear.py``,
+their autograd (straight-through estimator) and the functional entry points.
+
+Ops (each with a fake impl, so ``torch.compile`` sees one opaque op of known shape, no graph break):
+
+* ``rspeft_fast::qlinear_fwd(x, weight, bias, bits, gelu, save_pre) -> (y, pre, scale)`` and its
+  backward ``rspeft_fast::qlinear_bwd``, tied together with ``register_autograd``;
+* ``rspeft_fast::eqam_fwd`` / ``rspeft_fast::eqam_bwd``: the fused EQAM adapter (see :func:`eqam`);
+* ``rspeft_fast::qlinear_packed(x, qweight, scale, bias, in_features, gelu) -> y``: inference only.
+
+Functionals: :func:`qlinear`, :func:`eqam`, :func:`qlinear_packed`, :func:`eqam_packed`. They take ``x`` of any
+leading shape (non-contiguous is fine: copied once to rows), compute in ``compute_dtype(x)`` (the autocast
+dtype when autocast is on) with float32 accumulation, and keep the master weight in its own dtype (the
+quantiser always runs in float32, as in the reference).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .._validate import check_float, check_last_dim, check_same_device, compute_dtype
+from ..kernels import qlinear as K
+from ..reference.qlinear import check_bits
+from ._common import as_rows, cast_for_compute
+
+__all__ = ["QLinearFunction", "qlinear", "eqam", "qlinear_packed", "eqam_packed"]
+
+
+def _none_if_empty(t: Tensor, wanted: bool) -> Optional[Tensor]:
+    return t if wanted else None
+
+
+# ----------------------------------------------------------------------------- Q-Linear (training)
+
+
+@torch.library.custom_op("rspeft_fast::qlinear_fwd", mutates_args=())
+def _qlinear_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], bits: int, gelu: bool, save_pre: bool) -> tuple[Tensor, Tensor, Tensor]:
+    scale = K.row_scales(weight, bits)
+    y, pre = K.qlinear_fwd(x, weight, scale, bias, bits, gelu=gelu, save_pre=save_pre)
+    return y, (pre if pre is not None else x.new_empty(0)), scale
+
+
+@_qlinear_fwd.register_fake
+def _(x, weight, bias, bits, gelu, save_pre):
+    m, n = x.shape[0], weight.shape[0]
+    pre = x.new_empty(m, n) if save_pre else x.new_empty(0)
+    return x.new_empty(m, n), pre, weight.new_empty(n, dtype=torch.float32)
+
+
+@torch.library.custom_op("rspeft_fast::qlinear_bwd", mutates_args=())
+def _qlinear_bwd(
+    dy: Tensor, x: Tensor, weight: Tensor, scale: Tensor, pre: Tensor,
+    bits: int, gelu: bool, has_bias: bool, needs_dx: bool, needs_dw: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    dx, dw, db = K.qlinear_bwd(dy, x, weight, scale, pre if gelu else None, bits, gelu, has_bias, needs_dx, needs_dw)
+    e = dy.new_empty(0)
+    return (dx if dx is not None else e), (dw if dw is not None else e.to(weight.dtype)), (db if db is not None else e.float())
+
+
+@_qlinear_bwd.register_fake
+def _(dy, x, weight, scale, pre, bits, gelu, has_bias, needs_dx, needs_dw):
+    m, n = dy.shape
+    k = x.shape[1]
+    dx = dy.new_empty(m, k) if needs_dx else dy.new_empty(0)
+    dw = weight.new_empty(n, k) if needs_dw else weight.new_empty(0)
+    db = dy.new_empty(n, dtype=torch.float32) if has_bias else dy.new_empty(0, dtype=torch.float32)
+    return dx, dw, db
+
+
+def _qlinear_setup(ctx, inputs, output):
+    x, weight, bias, bits, gelu, save_pre = inputs
+    _, pre, scale = output
+    ctx.save_for_backward(x, weight, scale, pre)
+    ctx.bits, ctx.gelu, ctx.save_pre = bits, gelu, save_pre
+    ctx.bias_dtype = None if bias is None else bias.dtype
+
+
+def _qlinear_backward(ctx, dy, _dpre, _dscale):
+    x, weight, scale, pre = ctx.saved_tensors
+    if ctx.gelu and not ctx.save_pre:
+        raise RuntimeError("qlinear_fwd was called with save_pre=False, so its GELU epilogue cannot be differentiated")
+    need_x, need_w, need_b = ctx.needs_input_grad[:3]
+    has_bias = ctx.bias_dtype is not None and need_b
+    dx, dw, db = _qlinear_bwd(dy.contiguous(), x, weight, scale, pre, ctx.bits, ctx.gelu, has_bias, need_x, need_w)
+    return (
+        _none_if_empty(dx, need_x),
+        _none_if_empty(dw, need_w),
+        db.to(ctx.bias_dtype) if has_bias else None,
+        None, None, None,
+    )
+
+
+_qlinear_fwd.register_autograd(_qlinear_backward, setup_context=_qlinear_setup)
+
+
+class QLinearFunction:
+    """Autograd entry point of the fused Q-Linear on rows: ``apply(x (M, in), weight, bias, bits, gelu=False)``.
+
+    It is the ``rspeft_fast::qlinear_fwd`` custom op with its autograd registered through
+    ``torch.library.register_autograd`` (backward: the ``rspeft_fast::qlinear_bwd`` op), rather than a
+    ``torch.autograd.Function`` subclass, so ``torch.compile`` sees one op in the forward and one in the backward.
+    """
+
+    @staticmethod
+    def apply(x: Tensor, weight: Tensor, bias: Optional[Tensor], bits: int, gelu: bool = False) -> Tensor:
+        save_pre = bool(gelu) and torch.is_grad_enabled() and (
+            x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
+        )
+        y, _, _ = _qlinear_fwd(x, weight, bias, bits, bool(gelu), save_pre)
+        return y
+
+
+def _check_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], name: str = "weight") -> None:
+    check_float(x, "x")
+    check_float(weight, name)
+    if weight.dim() != 2:
+        raise ValueError(f"{name} must be 2-D (out, in), got shape {tuple(weight.shape)}")
+    check_last_dim(x, weight.shape[1], "x")
+    if bias is not None:
+        check_float(bias, "bias")
+        if bias.shape != (weight.shape[0],):
+            raise ValueError(f"bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+    check_same_device(("x", x), (name, weight), ("bias", bias))
+
+
+def _rows(x: Tensor) -> tuple[Tensor, tuple[int, ...]]:
+    (xc,) = cast_for_compute(compute_dtype(x), x)
+    return as_rows(xc)
+
+
+def qlinear(x: Tensor, weight: Tensor, bias: Optional[Tensor], bits: int, gelu: bool = False) -> Tensor:
+    """Fused Q-Linear ``[GELU](x Wqᵀ + bias)`` (SPEC §1): ``x (..., in)``, ``weight (out, in)`` → ``(..., out)``.
+
+    Straight-through gradients to ``x``, ``weight`` and ``bias``. Runs the Triton kernels (CUDA, or CPU under
+    ``TRITON_INTERPRET=1``).
+    """
+    check_bits(bits)
+    _check_linear(x, weight, bias)
+    x2, lead = _rows(x)
+    y = QLinearFunction.apply(x2, weight, bias, bits, gelu)
+    return y.reshape(*lead, weight.shape[0])
+
+
+# ----------------------------------------------------------------------------- EQAM (training)
+
+
+def eqam(x: Tensor, down_w: Tensor, down_b: Optional[Tensor], up_w: Tensor, up_b: Optional[Tensor], bits: int) -> Tensor:
+    """EQAM delta ``QLinear_up(GELU(QLinear_down(x)))``: ``x (..., d)`` → ``(..., d)``, STE gradients to all."""
+    check_bits(bits)
+    _check_linear(x, down_w, down_b, "down_w")
+    if up_w.dim() != 2 or up_w.shape[1] != down_w.shape[0]:
+        raise ValueError(f"up_w must have shape (d, {down_w.shape[0]}), got {tuple(up_w.shape)}")
+    check_float(up_w, "up_w")
+    if up_b is not None:
+        check_float(up_b, "up_b")
+        if up_b.shape != (up_w.shape[0],):
+            raise ValueError(f"up_b must have shape ({up_w.shape[0]},), got {tuple(up_b.shape)}")
+    check_same_device(("x", x), ("down_w", down_w), ("up_w", up_w), ("down_b", down_b), ("up_b", up_b))
+    x2, lead = _rows(x)
+    h = QLinearFunction.apply(x2, down_w, down_b, bits, True)
+    y = QLinearFunction.apply(h, up_w, up_b, bits, False)
+    return y.reshape(*lead, up_w.shape[0])
+
+
+# ----------------------------------------------------------------------------- packed (inference)
+
+
+@torch.library.custom_op("rspeft_fast::qlinear_packed", mutates_args=())
+def _qlinear_packed(x: Tensor, qweight: Tensor, scale: Tensor, bias: Optional[Tensor], in_features: int, gelu: bool) -> Tensor:
+    mode = K.INT8 if qweight.dtype == torch.int8 else K.INT4
+    y, _ = K.qlinear_fwd(x, qweight, scale, bias, gelu=gelu, mode=mode, in_features=in_features)
+    return y
+
+
+@_qlinear_packed.register_fake
+def _(x, qweight, scale, bias, in_features, gelu):
+    return x.new_empty(x.shape[0], qweight.shape[0])
+
+
+def _check_packed(x: Tensor, qweight: Tensor, scale: Tensor, bias: Optional[Tensor], in_features: int) -> None:
+    check_float(x, "x")
+    check_last_dim(x, in_features, "x")
+    if qweight.dtype == torch.int8:
+        want = in_features
+    elif qweight.dtype == torch.uint8:
+        want = (in_features + 1) // 2
+    else:
+        raise TypeError(f"qweight must be int8 (8-bit codes) or uint8 (two int4 codes per byte), got {qweight.dtype}")
+    if qweight.dim() != 2 or qweight.shape[1] != want:
+        raise ValueError(f"qweight of dtype {qweight.dtype} for in_features={in_features} must be (out, {want}), got {tuple(qweight.shape)}")
+    if scale.shape != (qweight.shape[0],) or scale.dtype != torch.float32:
+        raise ValueError(f"scale must be float32 of shape ({qweight.shape[0]},), got {scale.dtype} {tuple(scale.shape)}")
+    if bias is not None and bias.shape != (qweight.shape[0],):
+        raise ValueError(f"bias must have shape ({qweight.shape[0]},), got {tuple(bias.shape)}")
+    check_same_device(("x", x), ("qweight", qweight), ("scale", scale), ("bias", bias))
+    if torch.is_grad_enabled() and x.requires_grad:
+        raise RuntimeError(
+            "a packed QLinear is inference-only: call it under torch.no_grad()/torch.inference_mode() with an input "
+            "that does not require grad, or .unpack() it to train again"
+        )
+
+
+def qlinear_packed(x: Tensor, qweight: Tensor, scale: Tensor, bias: Optional[Tensor], in_features: int, gelu: bool = False) -> Tensor:
+    """Inference Q-Linear from packed storage (int8 codes, or uint8 int4 pairs), dequantised inside the matmul."""
+    _check_packed(x, qweight, scale, bias, in_features)
+    x2, lead = _rows(x)
+    y = _qlinear_packed(x2, qweight, scale, bias, int(in_features), bool(gelu))
+    return y.reshape(*lead, qweight.shape[0])
+
+
+def eqam_packed(x: Tensor, down: tuple, up: tuple) -> Tensor:
+    """Packed EQAM delta; ``down``/``up`` are ``(qweight, scale, bias, in_features)`` tuples."""
+    dq, ds, db, din = down
+    uq, us, ub, uin = up
+    _check_packed(x, dq, ds, db, din)
+    x2, lead = _rows(x)
+    h = _qlinear_packed(x2, dq, ds, db, int(din), True)
+    _check_packed(h, uq, us, ub, uin)
+    y = _qlinear_packed(h, uq, us, ub, int(uin), False)
+    return y.reshape(*lead, uq.shape[0])
