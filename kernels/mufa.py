@@ -286,8 +286,9 @@ def _atb_splitk_kernel(
 # launchers
 # ----------------------------------------------------------------------------------------------
 def _ieee(dtype: torch.dtype) -> bool:
-    """Full-precision fp32 dots unless the user allowed TF32 for fp32 matmuls (as eager does)."""
-    return dtype != torch.float32 or torch.get_float32_matmul_precision() == "highest"
+    """fp32 operands: full-precision dots unless the user allowed TF32 for fp32 matmuls (as eager does).
+    16-bit operands: tensor cores either way (the flag only matters for fp32)."""
+    return dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest"
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -295,7 +296,7 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _check_fwd(x, wd, bd, wu, bu, col_scale, base):
+def _check_args(x, wd, bd, wu, bu, col_scale, base):
     if x.dim() != 2:
         raise ValueError(f"bottleneck: x must be 2-D (N, d), got shape {tuple(x.shape)}")
     n, d = x.shape
@@ -304,11 +305,10 @@ def _check_fwd(x, wd, bd, wu, bu, col_scale, base):
     if wd.dim() != 2 or wd.shape[1] != d:
         raise ValueError(f"bottleneck: wd must be (R, {d}), got {tuple(wd.shape)}")
     r = wd.shape[0]
-    expected = {"bd": (bd, (r,)), "wu": (wu, (d, r)), "bu": (bu, (d,)), "col_scale": (col_scale, (r,))}
-    if base is not None:
-        expected["base"] = (base, (n, d))
+    expected = {"bd": (bd, (r,)), "wu": (wu, (d, r)), "bu": (bu, (d,)), "col_scale": (col_scale, (r,)),
+                "base": (base, (n, d))}
     for name, (t, shape) in expected.items():
-        if tuple(t.shape) != shape:
+        if t is not None and tuple(t.shape) != shape:
             raise ValueError(f"bottleneck: {name} must have shape {shape}, got {tuple(t.shape)}")
     for name, t in (("wd", wd), ("bd", bd), ("wu", wu)):
         if t.dtype != x.dtype:
@@ -331,7 +331,7 @@ def bottleneck_fwd(x, wd, bd, wu, bu, col_scale, scale: float, base=None, save_p
     ``base (N, d)`` in any float dtype; ``col_scale (R,)`` float32. ``y`` is in ``out_dtype``
     (default ``x.dtype``); ``pre (N, R)`` is ``x Wdᵀ + bd`` in ``x.dtype``, or None if not ``save_pre``.
     """
-    n, d, r = _check_fwd(x, wd, bd, wu, bu, col_scale, base)
+    n, d, r = _check_args(x, wd, bd, wu, bu, col_scale, base)
     out_dtype = x.dtype if out_dtype is None else out_dtype
     x = _rows(x)
     base = _rows(base) if base is not None else None
@@ -409,7 +409,7 @@ def bottleneck_bwd(dy, x, pre, wd, bd, wu, col_scale, scale: float):
     ``dx`` is in ``x.dtype``; ``dwd (R, d)``, ``dbd (R,)``, ``dwu (d, R)``, ``dbu (d,)``,
     ``dcol_scale (R,)`` are float32. The gradient of ``base`` (if the forward had one) is ``dy`` itself.
     """
-    n, d, r = _check_fwd(x, wd, bd, wu, wu.new_empty(x.shape[1]), col_scale, None)
+    n, d, r = _check_args(x, wd, bd, wu, None, col_scale, None)
     if tuple(dy.shape) != (n, d) or not dy.is_floating_point():
         raise ValueError(f"bottleneck_bwd: dy must be a float tensor of shape {(n, d)}, got {tuple(dy.shape)} {dy.dtype}")
     if pre is not None and (tuple(pre.shape) != (n, r) or pre.dtype != x.dtype):
