@@ -139,7 +139,7 @@ def _fwd_kernel(
     pid_m = first_m + (pid % group) % gsize
     pid_n = (pid % group) // gsize
 
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mmask = offs_m < M
     nmask = offs_n < N
@@ -174,7 +174,7 @@ def _bwd_dx_kernel(
     """``DX (M, K) = dPre (M, N) @ Wq (N, K)``, looping over N; ``dPre = DY * GELU'(PRE)`` if GELU."""
     pid_m = tl.program_id(0)
     pid_k = tl.program_id(1)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     mmask = offs_m < M
     kmask = offs_k < K
@@ -217,7 +217,7 @@ def _bwd_dw_kernel(
     row0 = pid_s * ROWS_PER_SPLIT
     row_end = tl.minimum(row0 + ROWS_PER_SPLIT, M)
     for m0 in range(row0, row_end, BLOCK_M):
-        offs_m = m0 + tl.arange(0, BLOCK_M)
+        offs_m = (m0 + tl.arange(0, BLOCK_M)).to(tl.int64)
         mmask = offs_m < row_end
         gt = tl.load(G + offs_m[None, :] * stride_gm + offs_n[:, None], mask=nmask[:, None] & mmask[None, :], other=0.0)
         x = tl.load(X + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk, mask=mmask[:, None] & kmask[None, :], other=0.0)
@@ -243,10 +243,11 @@ def _pow2(n: int, lo: int, hi: int) -> int:
 
 
 def _precision(dtype: torch.dtype) -> str:
-    """float32 activations get a true float32 dot (no TF32: the eager reference is IEEE float32);
+    """float32 activations get full IEEE float32 dots unless the user allowed TF32 for float32 matmuls
+    (``torch.set_float32_matmul_precision``), as eager ``F.linear`` does (same policy as ``kernels/mufa.py``);
     bfloat16 under the interpreter is multiplied in float32 (see ``_dot``)."""
     if dtype == torch.float32:
-        return "ieee"
+        return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
     if dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET", "0") == "1":
         return "upcast"
     return "tf32"

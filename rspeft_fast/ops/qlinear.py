@@ -18,6 +18,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import triton
 from torch import Tensor
 
 from .._validate import check_float, check_last_dim, check_same_device, compute_dtype
@@ -55,8 +56,12 @@ def _qlinear_bwd(
     bits: int, gelu: bool, has_bias: bool, needs_dx: bool, needs_dw: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     dx, dw, db = K.qlinear_bwd(dy, x, weight, scale, pre if gelu else None, bits, gelu, has_bias, needs_dx, needs_dw)
-    e = dy.new_empty(0)
-    return (dx if dx is not None else e), (dw if dw is not None else e.to(weight.dtype)), (db if db is not None else e.float())
+    # unused outputs: distinct empty tensors (custom-op outputs may not alias each other)
+    return (
+        dx if dx is not None else dy.new_empty(0),
+        dw if dw is not None else weight.new_empty(0),
+        db if db is not None else dy.new_empty(0, dtype=torch.float32),
+    )
 
 
 @_qlinear_bwd.register_fake
@@ -144,23 +149,104 @@ def qlinear(x: Tensor, weight: Tensor, bias: Optional[Tensor], bits: int, gelu: 
 
 
 # ----------------------------------------------------------------------------- EQAM (training)
+#
+# Fused path: the two small weights are fake-quantised into (R, d) / (d, R) tensors in the compute dtype
+# (a tiny kernel each, ``kernels.qlinear.weight_values``), then ONE launch of the shared bottleneck kernel
+# of ``kernels/mufa.py`` (``col_scale = 1``, ``scale = 1``) computes ``(GELU(x Wdqᵀ + bd)) Wuqᵀ + bu``
+# keeping the bottleneck on chip. Its backward (``bottleneck_bwd``) gives gradients with respect to the
+# quantised weights, which the straight-through estimator passes on unchanged to the master weights.
+# Bottlenecks wider than FUSED_MAX_RANK (padded) use two Q-Linear launches instead (GELU epilogue on the first).
+
+FUSED_MAX_RANK = 256
+
+
+def _eqam_weights(down_w, down_b, up_w, up_b, bits, dtype):
+    r, d = down_w.shape
+    wdq = K.weight_values(down_w, K.row_scales(down_w, bits), dtype, bits)
+    wuq = K.weight_values(up_w, K.row_scales(up_w, bits), dtype, bits)
+    bd = down_b.to(dtype) if down_b is not None else down_w.new_zeros(r, dtype=dtype)
+    bu = up_b if up_b is not None else up_w.new_zeros(up_w.shape[0], dtype=torch.float32)
+    ones = torch.ones(r, device=down_w.device, dtype=torch.float32)
+    return wdq, bd, wuq, bu, ones
+
+
+@torch.library.custom_op("rspeft_fast::eqam_fwd", mutates_args=())
+def _eqam_fwd(x: Tensor, down_w: Tensor, down_b: Optional[Tensor], up_w: Tensor, up_b: Optional[Tensor], bits: int, save_pre: bool) -> tuple[Tensor, Tensor]:
+    from ..kernels.mufa import bottleneck_fwd
+
+    wdq, bd, wuq, bu, ones = _eqam_weights(down_w, down_b, up_w, up_b, bits, x.dtype)
+    y, pre = bottleneck_fwd(x, wdq, bd, wuq, bu, ones, 1.0, save_pre=save_pre)
+    return y, (pre if pre is not None else x.new_empty(0))
+
+
+@_eqam_fwd.register_fake
+def _(x, down_w, down_b, up_w, up_b, bits, save_pre):
+    n = x.shape[0]
+    pre = x.new_empty(n, down_w.shape[0]) if save_pre else x.new_empty(0)
+    return x.new_empty(n, up_w.shape[0]), pre
+
+
+@torch.library.custom_op("rspeft_fast::eqam_bwd", mutates_args=())
+def _eqam_bwd(dy: Tensor, x: Tensor, pre: Tensor, down_w: Tensor, down_b: Optional[Tensor], up_w: Tensor, bits: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    from ..kernels.mufa import bottleneck_bwd
+
+    wdq, bd, wuq, _, ones = _eqam_weights(down_w, down_b, up_w, None, bits, x.dtype)
+    dx, dwd, dbd, dwu, dbu, _ = bottleneck_bwd(dy, x, pre if pre.numel() or x.shape[0] == 0 else None, wdq, bd, wuq, ones, 1.0)
+    return dx, dwd, dbd, dwu, dbu
+
+
+@_eqam_bwd.register_fake
+def _(dy, x, pre, down_w, down_b, up_w, bits):
+    r, d = down_w.shape
+    f32 = dict(dtype=torch.float32)
+    return x.new_empty(x.shape), x.new_empty(r, d, **f32), x.new_empty(r, **f32), x.new_empty(d, r, **f32), x.new_empty(d, **f32)
+
+
+def _eqam_setup(ctx, inputs, output):
+    x, down_w, down_b, up_w, up_b, bits, _ = inputs
+    ctx.save_for_backward(x, output[1], down_w, down_b, up_w)
+    ctx.bits = bits
+    ctx.dtypes = tuple(None if t is None else t.dtype for t in (down_w, down_b, up_w, up_b))
+
+
+def _eqam_backward(ctx, dy, _dpre):
+    x, pre, down_w, down_b, up_w = ctx.saved_tensors
+    dx, dwd, dbd, dwu, dbu = _eqam_bwd(dy.contiguous(), x, pre, down_w, down_b, up_w, ctx.bits)
+    need = ctx.needs_input_grad
+    grads = [dx if need[0] else None]
+    for g, dt, n in zip((dwd, dbd, dwu, dbu), ctx.dtypes, need[1:5]):
+        grads.append(g.to(dt) if (n and dt is not None) else None)
+    return (*grads, None, None)
+
+
+_eqam_fwd.register_autograd(_eqam_backward, setup_context=_eqam_setup)
 
 
 def eqam(x: Tensor, down_w: Tensor, down_b: Optional[Tensor], up_w: Tensor, up_b: Optional[Tensor], bits: int) -> Tensor:
-    """EQAM delta ``QLinear_up(GELU(QLinear_down(x)))``: ``x (..., d)`` → ``(..., d)``, STE gradients to all."""
+    """EQAM delta ``QLinear_up(GELU(QLinear_down(x)))``: ``x (..., d)`` → ``(..., d)``, STE gradients to all.
+
+    ``down_w (R, d)``, ``up_w (d, R)``. One fused bottleneck launch (forward) when the padded ``R`` is at most
+    ``FUSED_MAX_RANK``, else two fused Q-Linear launches.
+    """
     check_bits(bits)
     _check_linear(x, down_w, down_b, "down_w")
-    if up_w.dim() != 2 or up_w.shape[1] != down_w.shape[0]:
-        raise ValueError(f"up_w must have shape (d, {down_w.shape[0]}), got {tuple(up_w.shape)}")
     check_float(up_w, "up_w")
+    if up_w.dim() != 2 or up_w.shape != (down_w.shape[1], down_w.shape[0]):
+        raise ValueError(f"up_w must have shape {(down_w.shape[1], down_w.shape[0])}, got {tuple(up_w.shape)}")
     if up_b is not None:
         check_float(up_b, "up_b")
         if up_b.shape != (up_w.shape[0],):
             raise ValueError(f"up_b must have shape ({up_w.shape[0]},), got {tuple(up_b.shape)}")
     check_same_device(("x", x), ("down_w", down_w), ("up_w", up_w), ("down_b", down_b), ("up_b", up_b))
     x2, lead = _rows(x)
-    h = QLinearFunction.apply(x2, down_w, down_b, bits, True)
-    y = QLinearFunction.apply(h, up_w, up_b, bits, False)
+    if max(16, triton.next_power_of_2(down_w.shape[0])) <= FUSED_MAX_RANK:
+        save_pre = torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (x2, down_w, down_b, up_w, up_b)
+        )
+        y, _ = _eqam_fwd(x2, down_w, down_b, up_w, up_b, bits, save_pre)
+    else:
+        h = QLinearFunction.apply(x2, down_w, down_b, bits, True)
+        y = QLinearFunction.apply(h, up_w, up_b, bits, False)
     return y.reshape(*lead, up_w.shape[0])
 
 
@@ -169,8 +255,7 @@ def eqam(x: Tensor, down_w: Tensor, down_b: Optional[Tensor], up_w: Tensor, up_b
 
 @torch.library.custom_op("rspeft_fast::qlinear_packed", mutates_args=())
 def _qlinear_packed(x: Tensor, qweight: Tensor, scale: Tensor, bias: Optional[Tensor], in_features: int, gelu: bool) -> Tensor:
-    mode = K.INT8 if qweight.dtype == torch.int8 else K.INT4
-    y, _ = K.qlinear_fwd(x, qweight, scale, bias, gelu=gelu, mode=mode, in_features=in_features)
+    y, _ = K.qlinear_fwd(x, qweight, scale, bias, gelu=gelu, mode=_mode(qweight), in_features=in_features)
     return y
 
 
@@ -210,13 +295,49 @@ def qlinear_packed(x: Tensor, qweight: Tensor, scale: Tensor, bias: Optional[Ten
     return y.reshape(*lead, qweight.shape[0])
 
 
+def _mode(qweight: Tensor) -> int:
+    return K.INT8 if qweight.dtype == torch.int8 else K.INT4
+
+
+@torch.library.custom_op("rspeft_fast::eqam_packed", mutates_args=())
+def _eqam_packed(
+    x: Tensor, down_q: Tensor, down_s: Tensor, down_b: Optional[Tensor],
+    up_q: Tensor, up_s: Tensor, up_b: Optional[Tensor], dim: int,
+) -> Tensor:
+    from ..kernels.mufa import bottleneck_fwd
+
+    r = down_q.shape[0]
+    wd = K.weight_values(down_q, down_s, x.dtype, mode=_mode(down_q), in_features=dim)
+    wu = K.weight_values(up_q, up_s, x.dtype, mode=_mode(up_q), in_features=r)
+    bd = down_b.to(x.dtype) if down_b is not None else x.new_zeros(r)
+    bu = up_b if up_b is not None else x.new_zeros(dim, dtype=torch.float32)
+    ones = torch.ones(r, device=x.device, dtype=torch.float32)
+    y, _ = bottleneck_fwd(x, wd, bd, wu, bu, ones, 1.0, save_pre=False)
+    return y
+
+
+@_eqam_packed.register_fake
+def _(x, down_q, down_s, down_b, up_q, up_s, up_b, dim):
+    return x.new_empty(x.shape[0], up_q.shape[0])
+
+
 def eqam_packed(x: Tensor, down: tuple, up: tuple) -> Tensor:
-    """Packed EQAM delta; ``down``/``up`` are ``(qweight, scale, bias, in_features)`` tuples."""
+    """Packed EQAM delta (inference); ``down``/``up`` are ``(qweight, scale, bias, in_features)`` tuples.
+
+    Small bottleneck (padded ``R <= FUSED_MAX_RANK``): the two small weights are dequantised by a tiny kernel
+    and one bottleneck launch does the rest (``h`` never leaves the chip); otherwise two packed Q-Linear
+    launches (dequantise-in-the-matmul, GELU epilogue on the first).
+    """
     dq, ds, db, din = down
     uq, us, ub, uin = up
     _check_packed(x, dq, ds, db, din)
+    if uin != dq.shape[0] or uq.shape[0] != din:
+        raise ValueError(f"EQAM packed: up must map {dq.shape[0]} -> {din} features, got {uin} -> {uq.shape[0]}")
+    _check_packed(x.new_empty(0, uin), uq, us, ub, uin)
     x2, lead = _rows(x)
-    h = _qlinear_packed(x2, dq, ds, db, int(din), True)
-    _check_packed(h, uq, us, ub, uin)
-    y = _qlinear_packed(h, uq, us, ub, int(uin), False)
+    if max(16, triton.next_power_of_2(dq.shape[0])) <= FUSED_MAX_RANK:
+        y = _eqam_packed(x2, dq, ds, db, uq, us, ub, int(din))
+    else:
+        h = _qlinear_packed(x2, dq, ds, db, int(din), True)
+        y = _qlinear_packed(h, uq, us, ub, int(uin), False)
     return y.reshape(*lead, uq.shape[0])
