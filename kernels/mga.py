@@ -52,9 +52,32 @@ SUPPORTED_HEAD_DIMS = (8, 16, 32, 64)
 # jit helpers
 # ----------------------------------------------------------------------------------------------------
 @triton.jit
+def _round_to(x, P, PREC: tl.constexpr):
+    """``x`` cast to the element type of pointer ``P`` with round-to-nearest-even.
+
+    Triton's CPU interpreter truncates float32 → bfloat16; under it (``PREC == "emulate"``) the rounding is
+    done by hand on the float32 bits so CPU checks see the rounding the GPU does.
+    """
+    if PREC == "emulate":
+        if P.dtype.element_ty == tl.bfloat16:
+            bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
+            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+            x = bits.to(tl.float32, bitcast=True)
+    return x.to(P.dtype.element_ty)
+
+
+@triton.jit
 def _dot(a, b, W, PREC: tl.constexpr):
-    """fp32-accumulated ``a @ b`` with both operands cast to the element type of pointer ``W``."""
-    return tl.dot(a.to(W.dtype.element_ty), b.to(W.dtype.element_ty), input_precision=PREC)
+    """fp32-accumulated ``a @ b`` with both operands cast to the element type of pointer ``W``.
+
+    ``PREC == "emulate"`` (Triton's CPU interpreter with 16-bit weights, whose 16-bit ``tl.dot`` is wrong):
+    operands are rounded to the 16-bit type, then multiplied in fp32.
+    """
+    if PREC == "emulate":
+        return tl.dot(_round_to(a, W, PREC).to(tl.float32), _round_to(b, W, PREC).to(tl.float32),
+                      input_precision="ieee")
+    else:
+        return tl.dot(a.to(W.dtype.element_ty), b.to(W.dtype.element_ty), input_precision=PREC)
 
 
 @triton.jit
@@ -65,9 +88,9 @@ def _load_tile(P, rows, cols, L, N, stride_l):
 
 
 @triton.jit
-def _store_tile(P, t, rows, cols, L, N, stride_l):
+def _store_tile(P, t, rows, cols, L, N, stride_l, PREC: tl.constexpr):
     m = (rows[:, None] < L) & (cols[None, :] < N)
-    tl.store(P + rows[:, None] * stride_l + cols[None, :], t.to(P.dtype.element_ty), mask=m)
+    tl.store(P + rows[:, None] * stride_l + cols[None, :], _round_to(t, P, PREC), mask=m)
 
 
 @triton.jit
@@ -190,10 +213,10 @@ def _msa_bwd(z, g, kbias, Win, bin, Wout, bout, DQKV, O, L, H, DH, NH, scale,
         c = h * DH + dd
         m = (rows[:, None] < L) & (dd[None, :] < DH)
         base = DQKV + rows[:, None] * (3 * H) + c[None, :]
-        tl.store(base, dq.to(DQKV.dtype.element_ty), mask=m)
-        tl.store(base + H, dk.to(DQKV.dtype.element_ty), mask=m)
-        tl.store(base + 2 * H, dv.to(DQKV.dtype.element_ty), mask=m)
-        tl.store(O + rows[:, None] * H + c[None, :], o.to(O.dtype.element_ty), mask=m)
+        tl.store(base, _round_to(dq, DQKV, PREC), mask=m)
+        tl.store(base + H, _round_to(dk, DQKV, PREC), mask=m)
+        tl.store(base + 2 * H, _round_to(dv, DQKV, PREC), mask=m)
+        tl.store(O + rows[:, None] * H + c[None, :], _round_to(o, O, PREC), mask=m)
     if NEED_OUT:
         kk = tl.arange(0, HP)
         bo = tl.load(bout + kk, mask=kk < H, other=0.0).to(tl.float32)
@@ -232,7 +255,7 @@ def _mga_fwd_kernel(
     hpre = acc + bdv[None, :]
     z0 = gelu(hpre)
     if SAVE:
-        _store_tile(HPRE + b * L * H, hpre, rows, hc, L, H, H)
+        _store_tile(HPRE + b * L * H, hpre, rows, hc, L, H, H, PREC)
 
     z1 = _msa_fwd(z0, kbias, Win, bin, Wo, bo, H, DH, NH, scale, LP, HP, DHP, PREC)
     if SHARE:
@@ -243,12 +266,12 @@ def _mga_fwd_kernel(
         vs = a_s * ms + (1.0 - a_s) * w_s
         z2 = z1 + _linear(vs, SWu, Sbu, H2, H, H2P, HP, PREC)
         if SAVE:
-            _store_tile(Z1 + b * L * H, z1, rows, hc, L, H, H)
-            _store_tile(WS + b * L * H2, w_s, rows, h2c, L, H2, H2)
+            _store_tile(Z1 + b * L * H, z1, rows, hc, L, H, H, PREC)
+            _store_tile(WS + b * L * H2, w_s, rows, h2c, L, H2, H2, PREC)
     else:
         z2 = z1
     if SAVE:
-        _store_tile(Z2 + b * L * H, z2, rows, hc, L, H, H)
+        _store_tile(Z2 + b * L * H, z2, rows, hc, L, H, H, PREC)
     z3 = _msa_fwd(z2, kbias, Win, bin, Wo, bo, H, DH, NH, scale, LP, HP, DHP, PREC)
 
     a = tl.sigmoid(tl.load(GATE).to(tl.float32))
@@ -261,9 +284,9 @@ def _mga_fwd_kernel(
         m = rmask[:, None] & (nc[None, :] < D)
         w = tl.load(Wu + nc[None, :] * H + hc[:, None], mask=(hc[:, None] < H) & (nc[None, :] < D), other=0.0)
         bun = tl.load(bu + nc, mask=nc < D, other=0.0).to(tl.float32)
-        t = (_dot(u, w, Wu, PREC) + bun[None, :]).to(Wu.dtype.element_ty).to(tl.float32)
+        t = _round_to(_dot(u, w, Wu, PREC) + bun[None, :], Wu, PREC).to(tl.float32)
         xt = tl.load(Xb + rows[:, None] * sxl + nc[None, :] * sxd, mask=m, other=0.0).to(tl.float32)
-        tl.store(Yb + rows[:, None] * D + nc[None, :], (xt + t).to(Y.dtype.element_ty), mask=m)
+        tl.store(Yb + rows[:, None] * D + nc[None, :], _round_to(xt + t, Y, PREC), mask=m)
 
 
 @triton.jit
@@ -297,10 +320,10 @@ def _bwd_msa2_kernel(
                        LP, HP, DHP, True, PREC)
     z0 = gelu(_load_tile(HPRE + off, rows, hc, L, H, H))
     u = a * z0 + (1.0 - a) * z3
-    _store_tile(U + off, u, rows, hc, L, H, H)
-    _store_tile(G + off, g, rows, hc, L, H, H)
-    _store_tile(DU + off, du, rows, hc, L, H, H)
-    _store_tile(DZ2 + off, dz2, rows, hc, L, H, H)
+    _store_tile(U + off, u, rows, hc, L, H, H, PREC)
+    _store_tile(G + off, g, rows, hc, L, H, H, PREC)
+    _store_tile(DU + off, du, rows, hc, L, H, H, PREC)
+    _store_tile(DZ2 + off, dz2, rows, hc, L, H, H, PREC)
     gp = tl.sum(tl.sum(du * (z0 - z3), axis=1), axis=0) * a * (1.0 - a)
     tl.store(GP + b, gp)
 
@@ -329,13 +352,13 @@ def _bwd_share_kernel(
     dwa, ms = _msa_bwd(w_s, g, kbias, SWin, Sbin, SWo, Sbo, DQKV + b * L * 3 * H2, O + off2, L, H2, DH2, NH2,
                        scale2, LP, H2P, DH2P, True, PREC)
     dw = dwa + (1.0 - a_s) * dv
-    _store_tile(DW + off2, dw, rows, h2c, L, H2, H2)
-    _store_tile(G + off2, g, rows, h2c, L, H2, H2)
-    _store_tile(VS + off2, a_s * ms + (1.0 - a_s) * w_s, rows, h2c, L, H2, H2)
+    _store_tile(DW + off2, dw, rows, h2c, L, H2, H2, PREC)
+    _store_tile(G + off2, g, rows, h2c, L, H2, H2, PREC)
+    _store_tile(VS + off2, a_s * ms + (1.0 - a_s) * w_s, rows, h2c, L, H2, H2, PREC)
     gp = tl.sum(tl.sum(dv * (ms - w_s), axis=1), axis=0) * a_s * (1.0 - a_s)
     tl.store(GP + b, gp)
     dz1 = dz2 + _linear_t(dw, SWd, H, H2, HP, H2P, PREC)  # SWd: (H2, H)
-    _store_tile(DZ1 + off, dz1, rows, hc, L, H, H)
+    _store_tile(DZ1 + off, dz1, rows, hc, L, H, H, PREC)
 
 
 @triton.jit
@@ -355,14 +378,14 @@ def _bwd_msa1_kernel(
 
     hpre = _load_tile(HPRE + off, rows, hc, L, H, H)
     z0 = gelu(hpre)
-    _store_tile(Z0 + off, z0, rows, hc, L, H, H)
+    _store_tile(Z0 + off, z0, rows, hc, L, H, H, PREC)
     g = _load_tile(G1 + off, rows, hc, L, H, H)
     dza, _unused = _msa_bwd(z0, g, kbias, Win, bin, Wo, bo, DQKV + b * L * 3 * H, O + off, L, H, DH, NH, scale,
                             LP, HP, DHP, False, PREC)
     a = tl.sigmoid(tl.load(GATE).to(tl.float32))
     dz0 = dza + a * _load_tile(DU + off, rows, hc, L, H, H)
     dpre = dz0 * gelu_grad(hpre)
-    _store_tile(DPRE + off, dpre, rows, hc, L, H, H)
+    _store_tile(DPRE + off, dpre, rows, hc, L, H, H, PREC)
 
     # dx = dy + dpre Wd  (Wd: (H, D))
     DYb = DY + b * sdb
@@ -371,9 +394,9 @@ def _bwd_msa1_kernel(
         nc = n0 + tl.arange(0, BD)
         m = rmask[:, None] & (nc[None, :] < D)
         w = tl.load(Wd + hc[:, None] * D + nc[None, :], mask=(hc[:, None] < H) & (nc[None, :] < D), other=0.0)
-        t = _dot(dpre, w, Wd, PREC).to(Wd.dtype.element_ty).to(tl.float32)
+        t = _round_to(_dot(dpre, w, Wd, PREC), Wd, PREC).to(tl.float32)
         dyt = tl.load(DYb + rows[:, None] * sdl + nc[None, :] * sdd, mask=m, other=0.0).to(tl.float32)
-        tl.store(DXb + rows[:, None] * D + nc[None, :], (dyt + t).to(DX.dtype.element_ty), mask=m)
+        tl.store(DXb + rows[:, None] * D + nc[None, :], _round_to(dyt + t, DX, PREC), mask=m)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -383,7 +406,9 @@ def _p2(n: int) -> int:
     return max(16, triton.next_power_of_2(int(n)))
 
 
-def _prec(dtype: torch.dtype) -> str:
+def _prec(dtype: torch.dtype, device: torch.device) -> str:
+    if device.type == "cpu" and dtype != torch.float32:
+        return "emulate"  # the interpreter's 16-bit tl.dot gives garbage (triton 3.8)
     if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
         return "ieee"
     return "tf32"
@@ -449,7 +474,7 @@ def mga_forward(x, down_weight, down_bias, up_weight, up_bias, in_w, in_b, out_w
         hpre if save else y, z1 if (save and share is not None) else y, z2 if save else y, ws if (save and share is not None) else y,
         L, D, H, NH, DH, H2, NH2, DH2, 1.0 / math.sqrt(DH), 1.0 / math.sqrt(DH2),
         LP=LP, HP=HP, DHP=DHP, H2P=H2P, DH2P=DH2P, BD=32 if HP > 128 or LP > 64 else 64,
-        HAS_MASK=mask_u8 is not None, SHARE=share is not None, SAVE=bool(save), PREC=_prec(cdt),
+        HAS_MASK=mask_u8 is not None, SHARE=share is not None, SAVE=bool(save), PREC=_prec(cdt, dev),
         num_warps=_warps(LP, HP),
     )
     return y, hpre, z1, z2, ws
@@ -470,7 +495,7 @@ def mga_backward(dy, x_dtype, down_weight, up_weight, in_w, in_b, out_w, out_b, 
     NH = int(heads)
     DH = H // NH
     LP, HP, DHP = _p2(L), _p2(H), _p2(DH)
-    prec = _prec(cdt)
+    prec = _prec(cdt, dev)
     nw = _warps(LP, HP)
     BD = 32 if HP > 128 or LP > 64 else 64
     has_mask = mask_u8 is not None

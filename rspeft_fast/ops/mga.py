@@ -248,6 +248,8 @@ def mga(x, down_weight, down_bias, up_weight, up_bias, attn: dict, gate, heads, 
     _check_attn(attn, H, "attn")
     if not isinstance(gate, Tensor) or gate.numel() != 1:
         raise TypeError("gate must be a one-element tensor")
+    check_same_device(("x", x), ("down_weight", down_weight), ("up_weight", up_weight), ("gate", gate),
+                      ("attn.in_proj_weight", attn["in_proj_weight"]), ("key_padding_mask", key_padding_mask))
     cdt = compute_dtype(x)
     if cdt not in _KERNEL_DTYPES:
         raise TypeError(f"mga (triton): compute dtype {cdt} is not supported (float32/float16/bfloat16); "
