@@ -415,7 +415,7 @@ def _prec(dtype: torch.dtype, device: torch.device) -> str:
 
 
 def _warps(LP: int, HP: int) -> int:
-    return 4 if LP * HP <= 64 * 128 else 8
+    return 4 if LP * HP <= 64 * 64 else 8
 
 
 def check_shapes(L: int, hidden: int, heads: int, share_hidden: int | None = None, share_heads: int | None = None) -> None:

@@ -26,7 +26,6 @@ import torch
 from torch import Tensor
 
 from .._validate import check_float, check_last_dim, check_same_device, compute_dtype
-from ..reference.mga import mga_ref  # noqa: F401  (the oracle; documented for readers)
 
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _ATTN_KEYS = ("in_proj_weight", "in_proj_bias", "out_proj_weight", "out_proj_bias")
@@ -174,10 +173,6 @@ def _(dy, x, down_weight, up_weight, in_proj_weight, in_proj_bias, out_proj_weig
 # ----------------------------------------------------------------------------------------------------
 # autograd
 # ----------------------------------------------------------------------------------------------------
-# positions of the differentiable inputs of mga_fwd
-_FWD_GRAD_POS = (0, 1, 2, 3, 4, 5, 6, 7, 8, 9) + tuple(range(11, 20))
-
-
 def _setup_context(ctx, inputs, output):
     (x, dw, db, uw, ub, iw, ib, ow, ob, gate, heads, *s, share_heads, mask, save) = inputs
     _, hpre, z1, z2, ws = output
@@ -259,8 +254,7 @@ def mga(x, down_weight, down_bias, up_weight, up_bias, attn: dict, gate, heads, 
             raise ValueError(f"key_padding_mask must have shape (B, L) = ({B}, {L}), got {tuple(key_padding_mask.shape)}")
         if key_padding_mask.dtype != torch.bool:
             raise TypeError(f"key_padding_mask must be bool (True = padded key), got {key_padding_mask.dtype}")
-    named = [("x", x), ("down_weight", down_weight), ("up_weight", up_weight), ("gate", gate),
-             ("attn.in_proj_weight", attn["in_proj_weight"]), ("key_padding_mask", key_padding_mask)]
+    named = [("x", x), ("down_weight", down_weight)]
     s_heads = 0
     if share is not None:
         if not isinstance(share, dict) or any(k not in share for k in _SHARE_KEYS + ("attn", "gate", "heads")):
