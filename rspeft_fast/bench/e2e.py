@@ -1,0 +1,287 @@
+"""End-to-end benchmark: one real training step of a frozen backbone with adapters.
+
+A step is ``zero_grad`` → forward (bf16 autocast on GPU, fp32 on CPU) → loss → backward → AdamW step
+over the trainable parameters, on a fixed batch already on the device (no data loading).
+
+Variants of each case:
+
+* ``none``  — the floor: the same frozen backbone with no adapter. Adapters in every block make the
+  backward run through the whole backbone (activation gradients, no weight gradients), so the floor
+  does too: the output of the first layer (patch embedding / stem / token embedding) is made a leaf
+  that requires grad. Trainable: the classifier head (timm) or the logit scale (CLIP).
+* ``eager`` — ``rspeft_fast.inject(model, method, impl="reference")``;
+* ``fused`` — ``rspeft_fast.inject(model, method, impl="triton")`` (and the weighted triplet loss on the
+  C++/CUDA extension for CLIP). If any part cannot run here the variant is recorded unavailable.
+
+Backbones are randomly initialised (no weights are downloaded): time does not depend on the values.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .cases import classify_error
+from .timing import Timing, _stats
+
+__all__ = ["E2E_CASES", "E2ECase", "e2e_cases", "build_step", "time_step", "run_case", "E2E_VARIANTS"]
+
+E2E_VARIANTS = ("none", "eager", "fused")
+NUM_CLASSES = 45  # NWPU-RESISC45-sized head
+
+
+@dataclass
+class E2ECase:
+    name: str
+    desc: str
+    kind: str  # "timm" | "clip"
+    model: str
+    method: str | None
+    batch: int
+    img: int
+    model_kwargs: dict = field(default_factory=dict)
+    inject_kwargs: dict = field(default_factory=dict)
+    text_len: int = 77
+    targets: dict = field(default_factory=dict)
+
+
+def e2e_cases(size: str) -> list[E2ECase]:
+    """``size``: "spec" (GPU: the real models and batches) or "tiny" (CPU: miniature models)."""
+    if size == "spec":
+        return [
+            E2ECase("vit_b16_mufa", "timm ViT-B/16 + MuFA (12 blocks), batch 64, 224²", "timm", "vit_base_patch16_224", "mufa", 64, 224,
+                    targets={"fused/none <=": 1.25, "eager/fused >=": 2.5}),
+            E2ECase("swin_t_mufa", "timm Swin-T + MuFA (12 blocks), batch 64, 224²", "timm", "swin_tiny_patch4_window7_224", "mufa", 64, 224),
+            E2ECase("convnext_b_eqam_capm", "timm ConvNeXt-B + EQAM (8-bit) + CAPM, batch 64, 224²", "timm", "convnext_base", "eqam+capm", 64, 224),
+            E2ECase("clip_b32_mga", "open_clip ViT-B/32 dual encoder + MGA (both towers, BiShare) + weighted triplet + contrastive, batch 214",
+                    "clip", "ViT-B-32", "mga", 214, 224),
+        ]
+    if size in ("tiny", "small"):
+        return [
+            E2ECase("vit_tiny_mufa", "miniature timm ViT (d=96, depth 2, 32², patch 8) + MuFA, batch 4", "timm", "vit_base_patch16_224", "mufa", 4, 32,
+                    dict(img_size=32, patch_size=8, embed_dim=96, depth=2, num_heads=2)),
+            E2ECase("swin_tiny_mufa", "miniature timm Swin (d=32, depths 1/1/1/1, 64², window 4) + MuFA, batch 2", "timm", "swin_tiny_patch4_window7_224", "mufa", 2, 64,
+                    dict(img_size=64, window_size=4, embed_dim=32, depths=(1, 1, 1, 1), num_heads=(1, 2, 4, 8))),
+            E2ECase("convnext_tiny_eqam_capm", "miniature timm ConvNeXt (dims 32..256, depths 1/1/1/1, 32²) + EQAM + CAPM, batch 4", "timm", "convnext_base", "eqam+capm", 4, 32,
+                    dict(dims=(32, 64, 128, 256), depths=(1, 1, 1, 1))),
+            E2ECase("clip_tiny_mga", "miniature open_clip CLIP (width 64, 2 layers per tower) + MGA (hidden 32, 2 heads) + weighted triplet + contrastive, batch 6",
+                    "clip", "tiny", "mga", 6, 32, inject_kwargs=dict(hidden=32, heads=2), text_len=16),
+        ]
+    raise ValueError(f"size must be 'spec', 'tiny' or 'small', got {size!r}")
+
+
+E2E_CASES = {c.name: c for s in ("spec", "tiny") for c in e2e_cases(s)}
+
+
+def _create(case: E2ECase) -> nn.Module:
+    if case.kind == "timm":
+        import timm
+
+        return timm.create_model(case.model, pretrained=False, num_classes=NUM_CLASSES, **case.model_kwargs)
+    try:
+        import open_clip
+    except ImportError as e:
+        raise ImportError(f"open_clip is not installed here, so the CLIP dual encoder cannot be built ({e})") from e
+    if case.model == "tiny":
+        from open_clip.model import CLIPTextCfg, CLIPVisionCfg
+
+        return open_clip.CLIP(
+            embed_dim=32,
+            vision_cfg=CLIPVisionCfg(layers=2, width=64, patch_size=8, image_size=case.img, head_width=32),
+            text_cfg=CLIPTextCfg(context_length=case.text_len, vocab_size=100, width=64, heads=2, layers=2),
+        )
+    return open_clip.create_model(case.model, pretrained=None)
+
+
+def _first_layers(model: nn.Module, kind: str) -> list[nn.Module]:
+    if kind == "clip":
+        return [model.visual.conv1, model.token_embedding]
+    for attr in ("patch_embed", "stem"):
+        if hasattr(model, attr):
+            return [getattr(model, attr)]
+    raise TypeError(f"no patch_embed/stem on {type(model).__name__}")
+
+
+def _leaf_output(module, args, output):
+    return output.detach().requires_grad_(True)
+
+
+@dataclass
+class Step:
+    fn: Callable[[], torch.Tensor]
+    model: nn.Module
+    trainable: int
+    notes: list
+
+
+def _clip_tokens(batch: int, length: int, vocab: int, gen: torch.Generator) -> torch.Tensor:
+    tok = torch.zeros(batch, length, dtype=torch.long)
+    lens = torch.randint(4, length + 1, (batch,), generator=gen)
+    for i, n in enumerate(lens.tolist()):
+        tok[i, : n - 1] = torch.randint(1, vocab - 1, (n - 1,), generator=gen)
+        tok[i, n - 1] = vocab - 1  # end-of-text token: the largest id (open_clip pools at argmax)
+    return tok
+
+
+def build_step(case: E2ECase, variant: str, device: torch.device | str, seed: int = 0, lr: float = 1e-3) -> Step:
+    """The training step of ``case`` with ``variant`` (one of :data:`E2E_VARIANTS`), not yet run."""
+    import rspeft_fast
+
+    if variant not in E2E_VARIANTS:
+        raise ValueError(f"variant must be one of {E2E_VARIANTS}, got {variant!r}")
+    device = torch.device(device)
+    notes: list = []
+    torch.manual_seed(seed)
+    model = _create(case)
+    loss_impl = "reference"
+    if variant == "none":
+        if case.kind == "timm":
+            rspeft_fast.inject(model, "linear")
+        else:
+            model.requires_grad_(False)
+            model.logit_scale.requires_grad_(True)
+        for m in _first_layers(model, case.kind):
+            m.register_forward_hook(_leaf_output)
+        notes.append("floor: no adapter, backward forced through the frozen backbone (first layer's output is a grad leaf)")
+    else:
+        impl = "reference" if variant == "eager" else "triton"
+        rspeft_fast.inject(model, case.method, impl=impl, **case.inject_kwargs)
+        if case.kind == "clip":
+            model.logit_scale.requires_grad_(False)
+            if variant == "fused":
+                loss_impl = "cuda" if device.type == "cuda" else "cpu"
+    model.to(device).train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr)
+    gen = torch.Generator().manual_seed(seed + 1)
+    images = torch.randn(case.batch, 3, case.img, case.img, generator=gen).to(device)
+    amp = device.type == "cuda"
+
+    if case.kind == "timm":
+        labels = torch.randint(0, NUM_CLASSES, (case.batch,), generator=gen).to(device)
+
+        def loss_fn():
+            return F.cross_entropy(model(images).float(), labels)
+    else:
+        from ..ops.triplet import weighted_triplet_loss
+
+        vocab = model.vocab_size if hasattr(model, "vocab_size") else model.token_embedding.num_embeddings
+        tokens = _clip_tokens(case.batch, case.text_len, vocab, gen).to(device)
+        target = torch.arange(case.batch, device=device)
+        notes.append(f"loss: weighted triplet (impl={loss_impl!r}) + symmetric InfoNCE")
+
+        def loss_fn():
+            img = model.encode_image(images, normalize=True).float()
+            txt = model.encode_text(tokens, normalize=True).float()
+            logits = model.logit_scale.exp() * img @ txt.t()
+            contrastive = (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target)) / 2
+            return weighted_triplet_loss(img, txt, 0.2, 2.0, False, None, loss_impl) + contrastive
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            loss = loss_fn()
+        loss.backward()
+        opt.step()
+        return loss.detach()
+
+    return Step(step, model, sum(p.numel() for p in params), notes)
+
+
+def time_step(step: Callable[[], torch.Tensor], device: torch.device | str, warmup: int = 3, iters: int = 20) -> tuple[Timing, float | None, float]:
+    """(timing of one step, peak memory in GiB on CUDA or None, last loss). Warm-up steps excluded."""
+    device = torch.device(device)
+    loss = None
+    for _ in range(warmup):
+        loss = step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        starts = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
+        ends = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
+        for s, e in zip(starts, ends):
+            s.record()
+            loss = step()
+            e.record()
+        torch.cuda.synchronize()
+        samples = [s.elapsed_time(e) / 1e3 for s, e in zip(starts, ends)]
+        peak = torch.cuda.max_memory_allocated() / 2**30
+        t = _stats(samples, "CUDA events per step, warm-up steps excluded")
+    else:
+        samples = []
+        for _ in range(iters):
+            t0 = time.perf_counter()
+            loss = step()
+            samples.append(time.perf_counter() - t0)
+        peak = None
+        t = _stats(samples, "perf_counter per step (CPU), warm-up steps excluded")
+    return t, peak, float(loss) if loss is not None else math.nan
+
+
+def run_case(case: E2ECase, device: torch.device | str, warmup: int = 3, iters: int = 20, variants=E2E_VARIANTS, log=print,
+             interp_iters: int | None = None) -> dict:
+    """Every variant of ``case``: step time, images/s, peak memory, or unavailable/error with the reason.
+
+    ``interp_iters``: timed steps of a CPU fused (interpreted) variant, after no warm-up (default ``iters``)."""
+    device = torch.device(device)
+    out = {"id": case.name, "desc": case.desc, "batch": case.batch, "image_size": case.img, "method": case.method,
+           "precision": "bf16 autocast, fp32 master weights" if device.type == "cuda" else "fp32", "variants": {}}
+    for v in variants:
+        rec: dict
+        try:
+            st = build_step(case, v, device)
+            interp = v == "fused" and device.type == "cpu"
+            if interp and interp_iters:
+                t, peak, loss = time_step(st.fn, device, 0, interp_iters)
+            else:
+                t, peak, loss = time_step(st.fn, device, warmup, iters)
+            rec = {"status": "ok", "step_ms": round(t.median_us / 1e3, 3), "step_ms_q20": round(t.q20_us / 1e3, 3),
+                   "step_ms_q80": round(t.q80_us / 1e3, 3), "images_per_s": round(case.batch / (t.median_us * 1e-6), 1),
+                   "peak_mem_GiB": None if peak is None else round(peak, 3), "steps_timed": t.n, "trainable_params": st.trainable,
+                   "last_loss": loss, "notes": st.notes}
+            if interp:
+                rec["notes"] = st.notes + ["Triton kernels in TRITON_INTERPRET=1: functional run, not a performance number"]
+                rec["interpreted"] = True
+            del st
+        except Exception as e:  # recorded: unavailable (with reason) or error
+            status, reason = classify_error(e)
+            rec = {"status": status, "reason": reason}
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        out["variants"][v] = rec
+        log(f"  e2e {case.name} [{v}] " + (f"{rec['step_ms']:.2f} ms/step, {rec['images_per_s']:.0f} img/s" if rec["status"] == "ok" else f"{rec['status']}: {rec['reason']}"))
+    out["ratios"] = _ratios(out["variants"])
+    if case.targets:
+        out["targets"] = _targets(case.targets, out["ratios"], device)
+    return out
+
+
+def _ratios(vs: dict) -> dict:
+    def ms(v):
+        r = vs.get(v, {})
+        return r.get("step_ms") if r.get("status") == "ok" and not r.get("interpreted") else None
+
+    r = {}
+    if ms("fused") and ms("none"):
+        r["fused/none"] = round(ms("fused") / ms("none"), 3)
+    if ms("eager") and ms("none"):
+        r["eager/none"] = round(ms("eager") / ms("none"), 3)
+    if ms("eager") and ms("fused"):
+        r["eager/fused"] = round(ms("eager") / ms("fused"), 3)
+    return r
+
+
+def _targets(targets: dict, ratios: dict, device: torch.device) -> dict:
+    out = {}
+    for key, bound in targets.items():
+        ratio, op = key.rsplit(" ", 1)
+        val = ratios.get(ratio)
+        met = None if val is None else (val <= bound if op == "<=" else val >= bound)
+        out[key] = {"bound": bound, "measured": val, "met": met,
+                    "note": "the target is stated for an H100" if device.type == "cuda" else "not evaluated on CPU"}
+    return out
