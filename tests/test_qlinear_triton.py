@@ -298,6 +298,8 @@ def test_bad_inputs(device):
         Q.qlinear(torch.randn(5, 15, device=device), w, None, 4)
     with pytest.raises(TypeError, match="floating"):
         Q.qlinear(torch.ones(5, 16, dtype=torch.int32, device=device), w, None, 4)
+    with pytest.raises(TypeError, match="float32/float16/bfloat16"):
+        Q.qlinear(x.double(), w, None, 4)
     with pytest.raises(ValueError, match="bias"):
         Q.qlinear(x, w, torch.randn(7, device=device), 4)
     with pytest.raises(RuntimeError, match="one device"):
@@ -306,3 +308,17 @@ def test_bad_inputs(device):
         Q.eqam(x, w, None, torch.randn(16, 7, device=device), None, 4)
     with pytest.raises(ValueError, match="last dimension"):
         rspeft_fast.EQAM(16, impl="triton")(torch.randn(3, 12, device=device))
+
+
+# ----------------------------------------------------------------------------- GPU only: 16-bit at the SPEC shapes
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("d,r,rows", [(128, 32, 64 * 56 * 56 // 4), (1024, 256, 64 * 7 * 7)])
+def test_gpu_spec_shapes_16bit(d, r, rows, dtype):
+    torch.manual_seed(0)
+    x, wd, bd, wu, bu = _eqam_inputs(d, r, rows, "cuda")
+    inputs = (x.detach().to(dtype).float().requires_grad_(), wd, bd, wu, bu)  # 16-bit-exact values, autocast casts
+    _compare_autocast(lambda *a: Q.eqam(*a, 8), lambda *a: eqam_ref(*a, 8), inputs, "cuda", names=EQAM_NAMES, dtype=dtype)
+    _compare_autocast(lambda *a: Q.qlinear(*a[:3], 4), lambda *a: qlinear_ref(*a[:3], 4), inputs[:3], "cuda", dtype=dtype)

@@ -130,8 +130,14 @@ def _check_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], name: str =
     check_same_device(("x", x), (name, weight), ("bias", bias))
 
 
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
 def _rows(x: Tensor) -> tuple[Tensor, tuple[int, ...]]:
-    (xc,) = cast_for_compute(compute_dtype(x), x)
+    cdt = compute_dtype(x)
+    if cdt not in SUPPORTED_DTYPES:
+        raise TypeError(f"the Triton Q-Linear kernels compute in float32/float16/bfloat16, got {cdt}; use impl='reference'")
+    (xc,) = cast_for_compute(cdt, x)
     return as_rows(xc)
 
 
