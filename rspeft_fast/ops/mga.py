@@ -254,7 +254,9 @@ def mga(x, down_weight, down_bias, up_weight, up_bias, attn: dict, gate, heads, 
             raise ValueError(f"key_padding_mask must have shape (B, L) = ({B}, {L}), got {tuple(key_padding_mask.shape)}")
         if key_padding_mask.dtype != torch.bool:
             raise TypeError(f"key_padding_mask must be bool (True = padded key), got {key_padding_mask.dtype}")
-    named = [("x", x), ("down_weight", down_weight)]
+    # every tensor the kernels read (a bias on another device would otherwise reach the kernel unchecked)
+    named = [("x", x), ("down_weight", down_weight), ("down_bias", down_bias), ("up_weight", up_weight),
+             ("up_bias", up_bias), ("gate", gate)] + [(f"attn.{k}", attn[k]) for k in _ATTN_KEYS]
     s_heads = 0
     if share is not None:
         if not isinstance(share, dict) or any(k not in share for k in _SHARE_KEYS + ("attn", "gate", "heads")):
@@ -266,7 +268,8 @@ def mga(x, down_weight, down_bias, up_weight, up_bias, attn: dict, gate, heads, 
                              f"{tuple(share['down_weight'].shape)} and {tuple(share['up_weight'].shape)}")
         _check_attn(share["attn"], H2, "share['attn']")
         s_heads = int(share["heads"])
-        named += [("share.down_weight", share["down_weight"]), ("share.gate", share["gate"])]
+        named += [(f"share.{k}", share[k]) for k in _SHARE_KEYS + ("gate",)]
+        named += [(f"share.attn.{k}", share["attn"][k]) for k in _ATTN_KEYS]
     check_same_device(*named)
     k = _kernels()
     k.check_shapes(L, H, int(heads), H2 if share is not None else None, s_heads if share is not None else None)
