@@ -1,0 +1,223 @@
+"""Adapted versions of the backbone blocks we inject into.
+
+Injection keeps every backbone module where it is (so the backbone's state-dict keys are unchanged and
+a backbone checkpoint still loads) and swaps the class of the adapted module for a subclass defined
+here, whose ``forward`` is the backbone's own computation plus the adapter. The adapter lives as a
+child module (``<block>.adapter``; the MGA block gate is ``<block>.adapter_gate``). Every adapted
+module has a plain bool attribute ``adapter_enabled``; when False the forward is exactly the
+backbone's.
+
+The forwards mirror timm 1.0.x / open_clip 3.x; ``tests/test_inject.py`` checks that an adapted model
+at initialisation returns exactly what the backbone returns.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from timm.models.convnext import ConvNeXtBlock, ConvNeXtStage
+from timm.models.swin_transformer import SwinTransformerBlock
+from timm.models.vision_transformer import Block as ViTBlock
+
+try:  # open_clip is optional
+    from open_clip.transformer import ResidualAttentionBlock as ClipBlock
+except Exception:  # pragma: no cover - depends on the environment
+    ClipBlock = None
+
+
+class TextMaskContext:
+    """Holds the text key padding mask of the forward pass in flight (set by a pre-hook on the text
+    tower's token embedding, cleared by a hook after the text transformer)."""
+
+    def __init__(self):
+        self.mask = None
+
+
+def set_text_mask(ctx: TextMaskContext, pad_id: int, module, args):
+    text = args[0]
+    ctx.mask = (text == pad_id) if isinstance(text, torch.Tensor) and not text.is_floating_point() else None
+
+
+def clear_text_mask(ctx: TextMaskContext, module, args, output):
+    ctx.mask = None
+
+
+def _mlp_branch(block, x: torch.Tensor, norm, mlp, post) -> torch.Tensor:
+    """``x + post(mlp(norm(x)))`` with the block's adapter (``block.adapter_kind``) applied."""
+    adapter = getattr(block, "adapter", None)
+    if adapter is None or not block.adapter_enabled:
+        return x + post(mlp(norm(x)))
+    kind = block.adapter_kind
+    n = norm(x)
+    if kind == "parallel":
+        # x + mlp-path + adapter(n): the adapter adds its delta to the residual sum in its epilogue
+        return adapter(n, base=x + post(mlp(n)))
+    y = mlp(n)
+    if kind == "serial":
+        y = adapter(y, base=y)
+    elif kind == "mga":
+        # HarMA: y = b*MGA(y) + (1-b)*y, written as y + b*(MGA(y) - y) (same maths; exactly y at init)
+        b = torch.sigmoid(block.adapter_gate).to(y.dtype)
+        mask = None
+        ctx = getattr(block, "adapter_text_ctx", None)
+        if ctx is not None and ctx.mask is not None:
+            mask = ctx.mask
+        seq_first = getattr(block, "adapter_seq_first", False)
+        yb = y.transpose(0, 1) if seq_first else y
+        if mask is not None and mask.shape != yb.shape[:2]:
+            raise RuntimeError(
+                f"MGA text padding mask of shape {tuple(mask.shape)} does not match the text tokens {tuple(yb.shape[:2])}; "
+                "inject with MGAConfig(text_padding_mask=False) for this model"
+            )
+        m = adapter(yb, key_padding_mask=mask)
+        m = m.transpose(0, 1) if seq_first else m
+        y = y + b * (m - y)
+    else:  # pragma: no cover - guarded at injection
+        raise RuntimeError(f"unknown adapter kind {kind!r}")
+    return x + post(y)
+
+
+class AdaptedViTBlock(ViTBlock):
+    """timm ``vision_transformer.Block`` with an adapter on its MLP branch."""
+
+    def forward(self, x: torch.Tensor, attn_mask=None, is_causal: bool = False) -> torch.Tensor:
+        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), attn_mask=attn_mask, is_causal=is_causal)))
+        return _mlp_branch(self, x, self.norm2, self.mlp, lambda y: self.drop_path2(self.ls2(y)))
+
+
+class AdaptedSwinBlock(SwinTransformerBlock):
+    """timm ``SwinTransformerBlock`` with an adapter on its MLP branch."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, H, W, C = x.shape
+        x = x + self.drop_path1(self._attn(self.norm1(x)))
+        x = x.reshape(B, -1, C)
+        x = _mlp_branch(self, x, self.norm2, self.mlp, self.drop_path2)
+        return x.reshape(B, H, W, C)
+
+
+class AdaptedConvNeXtBlock(ConvNeXtBlock):
+    """timm ``ConvNeXtBlock`` with EQAM parallel to its MLP on the channels-last normalised features:
+    ``out = block(x) + EQAM(norm(conv_dw(x)))`` (the delta is added outside the layer scale ``gamma``)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        adapter = getattr(self, "adapter", None)
+        active = adapter is not None and self.adapter_enabled
+        shortcut = x
+        x = self.conv_dw(x)
+        if self.use_conv_mlp:
+            n = self.norm(x)
+            x = self.mlp(n)
+            n_cl = n.permute(0, 2, 3, 1) if active else None
+        else:
+            x = x.permute(0, 2, 3, 1)
+            n = self.norm(x)
+            n_cl = n
+            x = self.mlp(n)
+            x = x.permute(0, 3, 1, 2)
+        if self.gamma is not None:
+            x = x.mul(self.gamma.reshape(1, -1, 1, 1))
+        x = self.drop_path(x) + self.shortcut(shortcut)
+        if active:
+            x = x + adapter(n_cl).permute(0, 3, 1, 2)
+        return x
+
+
+class AdaptedConvNeXtStage(ConvNeXtStage):
+    """timm ``ConvNeXtStage`` followed by CAPM on its output feature map ``(B, C, H, W)``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = super().forward(x)
+        capm = getattr(self, "capm", None)
+        if capm is not None and self.adapter_enabled:
+            x = capm(x)
+        return x
+
+
+if ClipBlock is not None:
+
+    class AdaptedClipBlock(ClipBlock):
+        """open_clip ``ResidualAttentionBlock`` with HarMA's gated MGA after its MLP."""
+
+        def forward(self, q_x: torch.Tensor, k_x=None, v_x=None, attn_mask=None):
+            k_x = self.ln_1_kv(k_x) if hasattr(self, "ln_1_kv") and k_x is not None else None
+            v_x = self.ln_1_kv(v_x) if hasattr(self, "ln_1_kv") and v_x is not None else None
+            x = q_x + self.ls_1(self.attention(q_x=self.ln_1(q_x), k_x=k_x, v_x=v_x, attn_mask=attn_mask))
+            return _mlp_branch(self, x, self.ln_2, self.mlp, self.ls_2)
+
+else:  # pragma: no cover
+    AdaptedClipBlock = None
+
+
+class LoRALinear(nn.Linear):
+    """``nn.Linear`` plus a low-rank update: ``x Wᵀ + b + scaling * (x Aᵀ) Bᵀ`` (``B`` zero-init)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.linear(x, self.weight, self.bias)
+        if not self.adapter_enabled:
+            return out
+        return out + F.linear(F.linear(x, self.lora_A), self.lora_B) * self.lora_scaling
+
+
+def make_lora(lin: nn.Linear, rank: int, alpha: float) -> LoRALinear:
+    if type(lin) is not nn.Linear:
+        raise TypeError(f"LoRA adapts plain nn.Linear modules, got {type(lin).__name__}")
+    dd = {"device": lin.weight.device, "dtype": lin.weight.dtype}
+    lin.__class__ = LoRALinear
+    lin.lora_A = nn.Parameter(torch.empty(rank, lin.in_features, **dd))
+    lin.lora_B = nn.Parameter(torch.zeros(lin.out_features, rank, **dd))
+    nn.init.kaiming_uniform_(lin.lora_A, a=5**0.5)
+    lin.lora_scaling = float(alpha) / float(rank)
+    lin.adapter_enabled = True
+    return lin
+
+
+def merge_lora(lin: LoRALinear) -> nn.Linear:
+    with torch.no_grad():
+        delta = (lin.lora_B.float() @ lin.lora_A.float()) * lin.lora_scaling
+        lin.weight.add_(delta.to(lin.weight.dtype))
+    del lin.lora_A
+    del lin.lora_B
+    for a in ("lora_scaling", "adapter_enabled"):
+        lin.__dict__.pop(a, None)
+    lin.__class__ = nn.Linear
+    return lin
+
+
+# -- VPT on a timm VisionTransformer (forward hooks; the prompts are ``model.vpt_prompts (depth|1, n, d)``) --
+
+def vpt_insert(model, module, args, output):
+    """After ``norm_pre``: insert the (first) prompts after the prefix tokens."""
+    if not model.adapter_enabled:
+        return output
+    p = model.vpt_prompts[0].to(output.dtype).expand(output.shape[0], -1, -1)
+    k = model.num_prefix_tokens
+    return torch.cat([output[:, :k], p, output[:, k:]], dim=1)
+
+
+def vpt_replace(model, layer: int, module, args):
+    """Before block ``layer`` (deep VPT): replace the prompt tokens with that layer's prompts."""
+    if not model.adapter_enabled:
+        return None
+    x = args[0]
+    n = model.vpt_prompts.shape[1]
+    k = model.num_prefix_tokens
+    p = model.vpt_prompts[layer].to(x.dtype).expand(x.shape[0], -1, -1)
+    return (torch.cat([x[:, :k], p, x[:, k + n :]], dim=1),) + tuple(args[1:])
+
+
+def vpt_remove(model, module, args):
+    """Before the final norm: drop the prompt tokens."""
+    if not model.adapter_enabled:
+        return None
+    x = args[0]
+    n = model.vpt_prompts.shape[1]
+    k = model.num_prefix_tokens
+    return (torch.cat([x[:, :k], x[:, k + n :]], dim=1),) + tuple(args[1:])
+
+
+def partial(fn, *a):
+    return functools.partial(fn, *a)
