@@ -16,8 +16,9 @@ Kernels
   programs of the first ``dX`` column block also write ``dPre`` for the ``dW`` kernel.
 * ``_bwd_dw_kernel``: ``dW = dPreᵀ X`` and ``dbias = Σ dPre`` in one pass over the rows, split over
   the row axis (float32 partials summed afterwards; deterministic).
-* ``_weight_kernel``: materialises ``Wq`` (or dequantises packed codes) for *small* weights only
-  (the EQAM bottleneck path hands them to the shared bottleneck kernels of ``kernels/mufa.py``).
+* ``_quantize_rows_kernel`` (scales and ``Wq`` in one launch) and ``_weight_kernel`` (``Wq`` from given
+  scales, or dequantised packed codes): materialise *small* weights only (the EQAM bottleneck path hands
+  them to the shared bottleneck kernels of ``kernels/mufa.py``).
 
 Rounding: half to even is written out (floor and parity), and ``W / s`` uses ``div_rn`` (IEEE
 division; a plain ``/`` in Triton is an approximate division on NVIDIA GPUs), so the codes equal
@@ -119,6 +120,28 @@ def _weight_kernel(W, S, Q, N, K, stride_wn, stride_wk, stride_qn, W_MODE: tl.co
     s = tl.load(S + offs_n, mask=nmask, other=1.0)
     wq = _weight_tile(W, offs_n[:, None], offs_k[None, :], mask, s[:, None], stride_wn, stride_wk, W_MODE, QMAX)
     tl.store(Q + offs_n[:, None] * stride_qn + offs_k[None, :], wq.to(Q.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _quantize_rows_kernel(W, Q, S, N, K, stride_wn, stride_wk, stride_qn, QMAX: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Scales and ``Wq = q * s`` of ``BLOCK_N`` whole rows in one program (two passes over each row)."""
+    pid = tl.program_id(0)
+    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = offs_n < N
+    amax = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        m = nmask[:, None] & (offs_k[None, :] < K)
+        w = tl.load(W + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk, mask=m, other=0.0).to(tl.float32)
+        amax = tl.maximum(amax, tl.abs(w))
+    s = tl.math.div_rn(tl.max(amax, axis=1), tl.full([BLOCK_N], QMAX, tl.float32))
+    s = tl.maximum(s, 1e-8)
+    tl.store(S + offs_n, s, mask=nmask)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        m = nmask[:, None] & (offs_k[None, :] < K)
+        wq = _weight_tile(W, offs_n[:, None], offs_k[None, :], m, s[:, None], stride_wn, stride_wk, 0, QMAX)
+        tl.store(Q + offs_n[:, None] * stride_qn + offs_k[None, :], wq.to(Q.dtype.element_ty), mask=m)
 
 
 @triton.jit
@@ -290,6 +313,22 @@ def weight_values(weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype,
         W_MODE=mode, QMAX=qmax, BLOCK_N=bn, BLOCK_K=bk,
     )
     return out
+
+
+def fake_quant(weight: torch.Tensor, bits: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(Wq (out, in) in dtype, s (out,) float32)`` of a float weight in ONE launch (small weights only)."""
+    _check_2d("weight", weight)
+    qmax = qmax_of(bits)
+    n, k = weight.shape
+    out = torch.empty(n, k, device=weight.device, dtype=dtype)
+    s = torch.empty(n, device=weight.device, dtype=torch.float32)
+    if n == 0:
+        return out, s
+    bn, bk = _pow2(n, 1, 16), _pow2(k, 16, 256)
+    _quantize_rows_kernel[(triton.cdiv(n, bn),)](
+        weight, out, s, n, k, weight.stride(0), weight.stride(1), out.stride(0), QMAX=qmax, BLOCK_N=bn, BLOCK_K=bk,
+    )
+    return out, s
 
 
 def _fwd_blocks(m: int, n: int, k: int) -> tuple[int, int, int, int]:

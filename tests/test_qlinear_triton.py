@@ -63,6 +63,8 @@ def test_ties_round_half_to_even(bits, device):
     wq = (q_ref * s_ref[:, None]).cpu()
     # materialising kernel, forward matmul kernel (x = identity) and dX kernel (dy = identity) all see the same Wq
     assert torch.equal(K.weight_values(w, scale, torch.float32, bits).cpu(), wq)
+    wq1, s1 = K.fake_quant(w, bits, torch.float32)
+    assert torch.equal(wq1.cpu(), wq) and torch.equal(s1.cpu(), s_ref.cpu())
     eye = torch.eye(w.shape[1], device=device)
     y, _ = K.qlinear_fwd(eye, w, scale, None, bits)
     assert torch.equal(y.t().cpu(), wq)
@@ -78,6 +80,8 @@ def test_row_scales_bitwise(bits, device):
     s = K.row_scales(w, bits)
     assert torch.equal(s, s_ref)
     assert torch.equal(K.weight_values(w, s, torch.float32, bits), q_ref * s_ref[:, None])
+    wq1, s1 = K.fake_quant(w, bits, torch.float32)
+    assert torch.equal(wq1, q_ref * s_ref[:, None]) and torch.equal(s1, s_ref)
 
 
 # ----------------------------------------------------------------------------- Q-Linear forward / STE backward

@@ -157,7 +157,7 @@ def qlinear(x: Tensor, weight: Tensor, bias: Optional[Tensor], bits: int, gelu: 
 # ----------------------------------------------------------------------------- EQAM (training)
 #
 # Fused path: the two small weights are fake-quantised into (R, d) / (d, R) tensors in the compute dtype
-# (a tiny kernel each, ``kernels.qlinear.weight_values``), then ONE launch of the shared bottleneck kernel
+# (one tiny launch each, ``kernels.qlinear.fake_quant``), then ONE launch of the shared bottleneck kernel
 # of ``kernels/mufa.py`` (``col_scale = 1``, ``scale = 1``) computes ``(GELU(x Wdqᵀ + bd)) Wuqᵀ + bu``
 # keeping the bottleneck on chip. Its backward (``bottleneck_bwd``) gives gradients with respect to the
 # quantised weights, which the straight-through estimator passes on unchanged to the master weights.
@@ -168,8 +168,8 @@ FUSED_MAX_RANK = 256
 
 def _eqam_weights(down_w, down_b, up_w, up_b, bits, dtype):
     r, d = down_w.shape
-    wdq = K.weight_values(down_w, K.row_scales(down_w, bits), dtype, bits)
-    wuq = K.weight_values(up_w, K.row_scales(up_w, bits), dtype, bits)
+    wdq, _ = K.fake_quant(down_w, bits, dtype)
+    wuq, _ = K.fake_quant(up_w, bits, dtype)
     bd = down_b.to(dtype) if down_b is not None else down_w.new_zeros(r, dtype=dtype)
     bu = up_b if up_b is not None else up_w.new_zeros(up_w.shape[0], dtype=torch.float32)
     ones = torch.ones(r, device=down_w.device, dtype=torch.float32)
