@@ -157,7 +157,10 @@ class MuFAFunction(torch.autograd.Function):
         dgate = torch.stack([c.sum() for c in dcs.split(ctx.sizes)])
         dbase = None
         if ctx.base_meta is not None:
-            dbase = dy.reshape(ctx.base_meta[0]).to(ctx.base_meta[1])
+            # dy itself (as eager's AddBackward), never a fresh view of it: autograd may steal a view with a
+            # use count of 1 as base.grad, which would then share storage with the caller's dy
+            shape, dtype = ctx.base_meta
+            dbase = (dy if dy.shape == shape else dy.reshape(shape)).to(dtype)
         return (
             dx.view(x_shape).to(x_dtype),
             dwd.to(wd_t),
