@@ -29,6 +29,23 @@ def _truthy(name: str) -> bool:
     return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
 
 
+def _cuda_library_dirs(cuda_home: str) -> list[str]:
+    """A link directory holding ``libcudart.so``, added when torch's own choice would not find it.
+
+    torch.utils.cpp_extension links ``-lcudart`` from ``CUDA_HOME/lib64`` (``lib`` only when ``lib64`` is
+    missing); toolkits unpacked from the ``nvidia-*`` wheels keep an empty ``lib64`` and the library in
+    ``lib``, and where ``CUDA_HOME`` is not set torch guesses it from ``which nvcc`` (``/usr/local`` for a
+    ``/usr/local/bin/nvcc`` wrapper). Either way the link fails with ``cannot find -lcudart``.
+    """
+    homes = [cuda_home, os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH") or "", "/usr/local/cuda"]
+    for home in homes:
+        for sub in ("lib64", "lib"):
+            d = os.path.join(home, sub) if home else ""
+            if d and os.path.exists(os.path.join(d, "libcudart.so")):
+                return [d]
+    return []
+
+
 def _extensions():
     import torch
     from torch.utils.cpp_extension import CUDA_HOME, CppExtension, CUDAExtension
@@ -51,6 +68,7 @@ def _extensions():
                 "rspeft_fast._C",
                 cpp + cu,
                 include_dirs=include_dirs,
+                library_dirs=_cuda_library_dirs(CUDA_HOME),
                 define_macros=[("RSPEFT_WITH_CUDA", "1")],
                 extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "--use_fast_math"]},
             )

@@ -12,6 +12,16 @@ def focal_weighted(c: torch.Tensor, gamma: float) -> torch.Tensor:
     return (1 - torch.exp(-c)).pow(gamma) * c
 
 
+def _max_first(cost: torch.Tensor, dim: int) -> torch.Tensor:
+    """``cost.max(dim)`` values, selected at the lowest index among ties (so autograd routes the gradient
+    there, whatever the device's ``max`` kernel would pick)."""
+    top = cost.amax(dim=dim, keepdim=True)
+    n = cost.shape[dim]
+    idx = torch.arange(n, device=cost.device).view([-1 if k == dim else 1 for k in range(cost.dim())])
+    first = torch.where(cost == top, idx, n).amin(dim=dim, keepdim=True)
+    return cost.gather(dim, first).squeeze(dim)
+
+
 def weighted_triplet_ref(
     img: torch.Tensor,
     txt: torch.Tensor,
@@ -27,6 +37,10 @@ def weighted_triplet_ref(
     ``ids[i] == ids[j]``); each cost ``c`` becomes ``(1 - e^-c)^gamma · c``; with ``max_violation`` only
     the largest cost of each row of ``Cs`` and each column of ``Ci`` counts;
     ``loss = (Σ Cs + Σ Ci) / 2``. Computed in float32 at least.
+
+    Hard-mining ties (several entries equal to a row's or column's maximum, e.g. the zeros of a row with
+    no violating negative, or duplicated captions) are broken explicitly: the **lowest index** wins, so
+    the gradient goes to the first arg-max (the C++/CUDA kernels follow the same rule).
     """
     dt = torch.promote_types(img.dtype, torch.float32)
     S = img.to(dt) @ txt.to(dt).t()
@@ -41,6 +55,6 @@ def weighted_triplet_ref(
     cost_s = focal_weighted(cost_s.masked_fill(pos, 0), gamma)
     cost_i = focal_weighted(cost_i.masked_fill(pos, 0), gamma)
     if max_violation:
-        cost_s = cost_s.max(dim=1)[0]
-        cost_i = cost_i.max(dim=0)[0]
+        cost_s = _max_first(cost_s, dim=1)
+        cost_i = _max_first(cost_i, dim=0)
     return (cost_s.sum() + cost_i.sum()) / 2
