@@ -65,9 +65,9 @@ def e2e_cases(size: str) -> list[E2ECase]:
         return [
             E2ECase("vit_tiny_mufa", "miniature timm ViT (d=96, depth 2, 32², patch 8) + MuFA, batch 4", "timm", "vit_base_patch16_224", "mufa", 4, 32,
                     dict(img_size=32, patch_size=8, embed_dim=96, depth=2, num_heads=2)),
-            E2ECase("swin_tiny_mufa", "miniature timm Swin (d=32, depths 1/1/1/1, 64², window 4) + MuFA, batch 2", "timm", "swin_tiny_patch4_window7_224", "mufa", 2, 64,
-                    dict(img_size=64, window_size=4, embed_dim=32, depths=(1, 1, 1, 1), num_heads=(1, 2, 4, 8))),
-            E2ECase("convnext_tiny_eqam_capm", "miniature timm ConvNeXt (dims 32..256, depths 1/1/1/1, 32²) + EQAM + CAPM, batch 4", "timm", "convnext_base", "eqam+capm", 4, 32,
+            E2ECase("swin_tiny_mufa", "miniature timm Swin (d=32, depths 1/1/1/1, 32², window 4) + MuFA, batch 2", "timm", "swin_tiny_patch4_window7_224", "mufa", 2, 32,
+                    dict(img_size=32, window_size=4, embed_dim=32, depths=(1, 1, 1, 1), num_heads=(1, 2, 4, 8))),
+            E2ECase("convnext_tiny_eqam_capm", "miniature timm ConvNeXt (dims 32..256, depths 1/1/1/1, 32²) + EQAM + CAPM, batch 2", "timm", "convnext_base", "eqam+capm", 2, 32,
                     dict(dims=(32, 64, 128, 256), depths=(1, 1, 1, 1))),
             E2ECase("clip_tiny_mga", "miniature open_clip CLIP (width 64, 2 layers per tower) + MGA (hidden 32, 2 heads) + weighted triplet + contrastive, batch 6",
                     "clip", "tiny", "mga", 6, 32, inject_kwargs=dict(hidden=32, heads=2), text_len=16),
