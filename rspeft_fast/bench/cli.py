@@ -44,7 +44,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--e2e-cases", default=None, help="comma list of e2e case names (default: all for the device)")
     p.add_argument("--parity-steps", type=int, default=None, help="fine-tuning steps of the parity check (default 200 GPU, 6 CPU, 2 quick CPU)")
     p.add_argument("--rep-ms", type=float, default=None, help="timing budget per measurement in ms (default 100 GPU, 50 quick)")
+    p.add_argument("--merge", nargs="+", metavar="DIR", default=None,
+                   help="run nothing: merge the results.json of these folders (ops, e2e, parity of separate runs) into --out, "
+                        "with one table and one chart")
     return p
+
+
+def merge(dirs: list[str], out: Path) -> dict:
+    """Combine results of separate runs (later folders win per section)."""
+    data: dict = {"schema": 1, "merged_from": [str(d) for d in dirs]}
+    for d in dirs:
+        p = Path(d) / "results.json"
+        if not p.exists():
+            data.setdefault("missing", []).append(str(p))
+            continue
+        part = json.loads(p.read_text())
+        for key in ("env", "copy_bandwidth", "ops", "e2e", "parity"):
+            if key in part:
+                data[key] = part[key]
+        data.setdefault("args", part.get("args", {}))
+    return data
 
 
 def _repo_root() -> Path | None:
@@ -102,6 +121,18 @@ def main(argv: list[str] | None = None) -> int:
     from .suite import run_op_case
     from .timing import copy_bandwidth, device_slug, environment
 
+    if args.merge:
+        if not args.out:
+            print("--merge needs --out", file=sys.stderr)
+            return 2
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        data = merge(args.merge, out)
+        data["errors"] = _errors(data)
+        _write(out, data, final=True)
+        print(f"merged {len(args.merge)} runs into {out / 'results.json'}, {out / 'results.md'} (plot: {data.get('plot')})")
+        parity_failed = bool(data.get("parity")) and data["parity"].get("passed") is False
+        return 1 if data["errors"] or parity_failed else 0
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         print("--device cuda requested but no CUDA device is available", file=sys.stderr)
