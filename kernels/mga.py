@@ -367,7 +367,7 @@ def _bwd_msa1_kernel(
     HPRE, G1, DU, DQKV, O, Z0, DPRE,
     L, D, H, NH, DH, scale,
     LP: tl.constexpr, HP: tl.constexpr, DHP: tl.constexpr, BD: tl.constexpr,
-    HAS_MASK: tl.constexpr, PREC: tl.constexpr,
+    HAS_MASK: tl.constexpr, FUSE_DX: tl.constexpr, PREC: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     rows = tl.arange(0, LP)
@@ -387,16 +387,16 @@ def _bwd_msa1_kernel(
     dpre = dz0 * gelu_grad(hpre)
     _store_tile(DPRE + off, dpre, rows, hc, L, H, H, PREC)
 
-    # dx = dy + dpre Wd  (Wd: (H, D))
-    DYb = DY + b * sdb
-    DXb = DX + b * L * D
-    for n0 in range(0, D, BD):
-        nc = n0 + tl.arange(0, BD)
-        m = rmask[:, None] & (nc[None, :] < D)
-        w = tl.load(Wd + hc[:, None] * D + nc[None, :], mask=(hc[:, None] < H) & (nc[None, :] < D), other=0.0)
-        t = _round_to(_dot(dpre, w, Wd, PREC), Wd, PREC).to(tl.float32)
-        dyt = tl.load(DYb + rows[:, None] * sdl + nc[None, :] * sdd, mask=m, other=0.0).to(tl.float32)
-        tl.store(DXb + rows[:, None] * D + nc[None, :], _round_to(dyt + t, DX, PREC), mask=m)
+    if FUSE_DX:  # dx = dy + dpre Wd  (Wd: (H, D)); for LP > 128 the caller does it (shared memory)
+        DYb = DY + b * sdb
+        DXb = DX + b * L * D
+        for n0 in range(0, D, BD):
+            nc = n0 + tl.arange(0, BD)
+            m = rmask[:, None] & (nc[None, :] < D)
+            w = tl.load(Wd + hc[:, None] * D + nc[None, :], mask=(hc[:, None] < H) & (nc[None, :] < D), other=0.0)
+            t = _round_to(_dot(dpre, w, Wd, PREC), Wd, PREC).to(tl.float32)
+            dyt = tl.load(DYb + rows[:, None] * sdl + nc[None, :] * sdd, mask=m, other=0.0).to(tl.float32)
+            tl.store(DXb + rows[:, None] * D + nc[None, :], _round_to(dyt + t, DX, PREC), mask=m)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -499,6 +499,9 @@ def mga_backward(dy, x_dtype, down_weight, up_weight, in_w, in_b, out_w, out_b, 
     nw = _warps(LP, HP)
     BD = 32 if HP > 128 or LP > 64 else 64
     has_mask = mask_u8 is not None
+    # the dx epilogue (dpre Wd) in the same kernel as the attention backward needs > 227 KB of shared
+    # memory at LP = 256 on sm_90 (ptxas: 290 KB): above 128 rows it is one GEMM after the kernel
+    fuse_dx = LP <= 128
     new = lambda *s: torch.empty(s, device=dev, dtype=cdt)  # noqa: E731
     dqkv, o, g = new(2, B, L, 3 * H), new(2, B, L, H), new(2, B, L, H)
     u, du, z0, dpre = new(B, L, H), new(B, L, H), new(B, L, H), new(B, L, H)
@@ -533,6 +536,9 @@ def mga_backward(dy, x_dtype, down_weight, up_weight, in_w, in_b, out_w, out_b, 
         dy, dy.stride(0), dy.stride(1), dy.stride(2), dx, mask, down_weight, in_w, in_b, out_w, out_b, gate,
         hpre, g[0], du, dqkv[0], o[0], z0, dpre,
         L, D, H, NH, DH, scale,
-        LP=LP, HP=HP, DHP=DHP, BD=BD, HAS_MASK=has_mask, PREC=prec, num_warps=nw,
+        LP=LP, HP=HP, DHP=DHP, BD=BD, HAS_MASK=has_mask, FUSE_DX=fuse_dx, PREC=prec, num_warps=nw,
     )
+    if not fuse_dx:
+        t = dpre.reshape(B * L, H).mm(down_weight).reshape(B, L, D).to(x_dtype)
+        torch.add(dy, t, out=dx)
     return res
