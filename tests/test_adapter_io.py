@@ -1,0 +1,191 @@
+"""save_adapters / load_adapters: only trainable tensors, config in the metadata, bit-for-bit round trips,
+clear errors that leave the model untouched."""
+import pytest
+import torch
+
+timm = pytest.importorskip("timm")
+pytest.importorskip("safetensors")
+
+import rspeft_fast as rf  # noqa: E402
+from safetensors import safe_open  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
+
+VIT_KW = {"img_size": 32, "depth": 3}
+
+
+def _vit(name="vit_tiny_patch16_224", **kw):
+    return timm.create_model(name, pretrained=False, **{**VIT_KW, **kw}).eval()
+
+
+def _randomise_trainable(model, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * 0.05)
+
+
+def _snapshot(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _same(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("method,opts", [("mufa", {}), ("lora", {"rank": 4}), ("vpt", {"num_tokens": 2, "deep": True}), ("bitfit", {})])
+def test_round_trip_onto_fresh_uninjected_model_is_bit_exact(tmp_path, method, opts):
+    torch.manual_seed(0)
+    model = rf.inject(_vit(), method, num_classes=5, **opts)
+    _randomise_trainable(model)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ref = model(x)
+    path = tmp_path / "a.safetensors"
+    rf.save_adapters(model, path)
+
+    # only the trainable tensors, with the config in the metadata
+    with safe_open(str(path), framework="pt") as f:
+        keys = set(f.keys())
+        meta = f.metadata()
+    assert keys == {n for n, p in model.named_parameters() if p.requires_grad}
+    assert "rspeft_fast.config" in meta
+    cfg = rf.integration.read_adapter_config(path)
+    assert cfg == model.rspeft_config and cfg.num_classes == 5
+
+    torch.manual_seed(0)  # same backbone weights, default 1000-class head
+    fresh = _vit()
+    rf.load_adapters(fresh, path)
+    assert fresh.num_classes == 5 and type(fresh.rspeft_config) is type(model.rspeft_config)
+    with torch.no_grad():
+        assert torch.equal(fresh(x), ref)
+
+
+def test_round_trip_into_injected_model_and_impl_override(tmp_path):
+    model = rf.inject(_vit(), "mufa", num_classes=3)
+    _randomise_trainable(model)
+    path = tmp_path / "m.safetensors"
+    rf.save_adapters(model, path)
+    other = rf.inject(_vit(), "mufa", num_classes=3)
+    other.load_state_dict({k: v for k, v in model.state_dict().items() if "adapter" not in k and "head" not in k}, strict=False)
+    rf.load_adapters(other, path)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(other(x), model(x))
+    fresh = _vit()
+    rf.load_adapters(fresh, path, impl="reference")
+    assert all(m.impl == "reference" for m in fresh.modules() if isinstance(m, rf.MuFAAdapter))
+
+
+def test_round_trip_convnext_eqam_capm(tmp_path):
+    torch.manual_seed(0)
+    model = rf.inject(timm.create_model("convnext_atto", pretrained=False, depths=(1, 1, 1, 1)).eval(), "eqam+capm", bits=4, num_classes=4)
+    _randomise_trainable(model)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ref = model(x)
+    path = tmp_path / "c.safetensors"
+    rf.save_adapters(model, path)
+    torch.manual_seed(0)
+    fresh = timm.create_model("convnext_atto", pretrained=False, depths=(1, 1, 1, 1)).eval()
+    rf.load_adapters(fresh, path)
+    with torch.no_grad():
+        assert torch.equal(fresh(x), ref)
+
+
+def test_round_trip_open_clip_mga(tmp_path):
+    open_clip = pytest.importorskip("open_clip")
+
+    def make():
+        torch.manual_seed(0)
+        return open_clip.CLIP(
+            embed_dim=32,
+            vision_cfg=dict(layers=2, width=64, patch_size=16, image_size=32, head_width=32),
+            text_cfg=dict(context_length=12, vocab_size=500, width=64, heads=4, layers=2),
+        ).eval()
+
+    model = rf.inject(make(), "mga", hidden=32, heads=4, share_across_towers=True)
+    _randomise_trainable(model)
+    img, txt = torch.randn(2, 3, 32, 32), torch.randint(1, 500, (2, 12))
+    txt[1, 5:] = 0
+    with torch.no_grad():
+        ri, rt = model.encode_image(img), model.encode_text(txt)
+    path = tmp_path / "clip.safetensors"
+    rf.save_adapters(model, path)
+    fresh = make()
+    rf.load_adapters(fresh, path)
+    with torch.no_grad():
+        assert torch.equal(fresh.encode_image(img), ri)
+        assert torch.equal(fresh.encode_text(txt), rt)
+
+
+def test_wrong_method_is_refused_and_model_untouched(tmp_path):
+    src = rf.inject(_vit(), "mufa", num_classes=3)
+    path = tmp_path / "mufa.safetensors"
+    rf.save_adapters(src, path)
+    dst = rf.inject(_vit(), "adaptformer", num_classes=3)
+    before = _snapshot(dst)
+    with pytest.raises(ValueError, match="different configuration"):
+        rf.load_adapters(dst, path)
+    assert _same(before, _snapshot(dst))
+    # same method, other options (head size) also differ
+    dst2 = rf.inject(_vit(), "mufa", num_classes=7)
+    with pytest.raises(ValueError, match="num_classes"):
+        rf.load_adapters(dst2, path)
+
+
+def test_wrong_shape_is_refused_before_anything_changes(tmp_path):
+    src = rf.inject(_vit(), "mufa", num_classes=3)
+    path = tmp_path / "tiny.safetensors"
+    rf.save_adapters(src, path)
+
+    # an un-injected model of another width: nothing is injected, nothing copied
+    dst = _vit("vit_small_patch16_224")
+    before = _snapshot(dst)
+    classes = [type(m) for m in dst.modules()]
+    with pytest.raises(ValueError, match="does not fit"):
+        rf.load_adapters(dst, path)
+    assert getattr(dst, "rspeft_config", None) is None
+    assert [type(m) for m in dst.modules()] == classes
+    assert dst.num_classes == 1000
+    assert _same(before, _snapshot(dst))
+
+    # an injected model of another width, same config
+    dst = rf.inject(_vit("vit_small_patch16_224"), "mufa", num_classes=3)
+    before = _snapshot(dst)
+    with pytest.raises(ValueError, match="shape"):
+        rf.load_adapters(dst, path)
+    assert _same(before, _snapshot(dst))
+
+    # a file whose tensor set was tampered with: one tensor missing
+    tensors = {}
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+        for k in f.keys():
+            tensors[k] = f.get_tensor(k)
+    tensors.pop("blocks.0.adapter.gate")
+    bad = tmp_path / "bad.safetensors"
+    save_file(tensors, str(bad), metadata=meta)
+    dst = rf.inject(_vit(), "mufa", num_classes=3)
+    before = _snapshot(dst)
+    with pytest.raises(ValueError, match="missing from the file"):
+        rf.load_adapters(dst, bad)
+    assert _same(before, _snapshot(dst))
+
+    # a model of an incompatible family
+    convnext = timm.create_model("convnext_atto", pretrained=False, depths=(1, 1, 1, 1))
+    with pytest.raises(ValueError, match="cannot be injected"):
+        rf.load_adapters(convnext, path)
+
+
+def test_clear_errors(tmp_path):
+    with pytest.raises(RuntimeError, match="no injected adapters"):
+        rf.save_adapters(_vit(), tmp_path / "x.safetensors")
+    plain = tmp_path / "plain.safetensors"
+    save_file({"w": torch.zeros(2)}, str(plain))
+    with pytest.raises(ValueError, match="not an rspeft_fast adapter file"):
+        rf.load_adapters(_vit(), plain)
+    model = rf.inject(_vit(), "lora", rank=2)
+    rf.merge_adapters(model)
+    with pytest.raises(RuntimeError, match="merged"):
+        rf.save_adapters(model, tmp_path / "y.safetensors")
