@@ -5,8 +5,8 @@ Written for triton >= 3.0 (the GPU machine has 3.6, CI's interpreter 3.8): no ne
 import triton
 import triton.language as tl
 
-_INV_SQRT2 = 0.7071067811865476
-_INV_SQRT_2PI = 0.3989422804014327
+_INV_SQRT2 = tl.constexpr(0.7071067811865476)
+_INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
 
 
 @triton.jit
