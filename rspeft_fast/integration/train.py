@@ -76,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (default %(default)s)")
     p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--warmup-steps", type=int, default=None, help="linear warm-up steps (default: 5%% of all steps)")
+    p.add_argument("--model-arg", action="append", type=_parse_option, default=[], metavar="KEY=VALUE",
+                   help="extra timm.create_model argument, e.g. --model-arg depth=6 --model-arg drop_path_rate=0.1 (repeatable)")
+    p.add_argument("--global-pool", default=None, help="timm global_pool (e.g. avg, token); default: the model's")
     p.add_argument("--img-size", type=int, default=None, help="input size (default: the model's on CUDA, 64 on CPU)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--impl", default="auto", choices=["auto", "reference", "triton"], help="adapter kernels (default %(default)s)")
@@ -178,7 +181,10 @@ def build_model(args, num_classes: int, img_size: int) -> nn.Module:
     from . import inject
     from .config import config_for
 
-    kw = {"num_classes": num_classes}
+    kw = dict(args.model_arg)
+    kw["num_classes"] = num_classes
+    if args.global_pool is not None:
+        kw["global_pool"] = args.global_pool
     if img_size is not None and any(k in args.model for k in ("vit", "swin", "deit", "eva")):
         kw["img_size"] = img_size  # ViT / Swin take the input size at creation (pos-embed resampled when loading)
     try:
