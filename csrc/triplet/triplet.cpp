@@ -18,8 +18,12 @@ namespace rspeft {
 namespace triplet {
 namespace {
 
-constexpr int64_t kDefaultChunkCpu = int64_t(1) << 18;   // 1 MiB of fp32 per (rows × N) buffer
-constexpr int64_t kDefaultChunkCuda = int64_t(1) << 24;  // 64 MiB of fp32 per (rows × N) buffer
+// Default chunk: rows = max(kMinRows, elems / N) (capped by the band): a buffer of at most max(4 MiB,
+// kMinRows·N) fp32 on CPU (64 MiB, kMinRows·N on CUDA), i.e. O(B) memory, never B×B for large B; the
+// row floor keeps the GEMMs large enough to run near their peak (small-M GEMMs are slow on CPU).
+constexpr int64_t kDefaultChunkCpu = int64_t(1) << 20;
+constexpr int64_t kDefaultChunkCuda = int64_t(1) << 24;
+constexpr int64_t kMinRows = 256;
 
 bool on_cuda(const at::Tensor& t) { return t.device().is_cuda(); }
 
@@ -82,8 +86,11 @@ BandResult run_band(const at::Tensor& A, const at::Tensor& O, const at::Tensor& 
   const int64_t R = A.size(0), N = O.size(0), D = A.size(1);
   const auto fopt = A.options();
   const auto iopt = A.options().dtype(at::kLong);
-  if (chunk_elems <= 0) chunk_elems = on_cuda(A) ? kDefaultChunkCuda : kDefaultChunkCpu;
-  const int64_t rows = std::max<int64_t>(1, std::min<int64_t>(R, chunk_elems / std::max<int64_t>(N, 1)));
+  const bool by_default = chunk_elems <= 0;
+  if (by_default) chunk_elems = on_cuda(A) ? kDefaultChunkCuda : kDefaultChunkCpu;
+  int64_t rows = chunk_elems / std::max<int64_t>(N, 1);
+  if (by_default) rows = std::max(rows, kMinRows);  // an explicit chunk_elems is taken as given (tests)
+  rows = std::max<int64_t>(1, std::min<int64_t>(R, rows));
   const bool sum_grad = p.need_grad && !p.max_violation;
 
   at::Tensor Sbuf = at::empty({rows, N}, fopt);

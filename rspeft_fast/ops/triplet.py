@@ -13,7 +13,8 @@ Implementations (``impl``): ``"cuda"`` / ``"cpu"`` (the extension ``rspeft_fast.
 matrices), ``"auto"`` (the extension for the tensors' device when built, else the reference).
 
 How the extension computes it (memory O(B·D + B), never a B×B matrix): it walks the rows of ``S`` in
-chunks of ``max(1, chunk_elems // B)`` rows (default 2^18 elements on CPU, 2^24 on CUDA), computing each
+chunks of ``max(1, chunk_elems // B)`` rows (default: 2^20 elements on CPU, 2^24 on CUDA, but at least
+256 rows, so the buffers are O(B), at most max(4 MiB, 256·B·4 bytes) on CPU), computing each
 chunk with one GEMM (MKL / cuBLAS, fp32 accumulation; bf16/fp16 inputs are upcast, as the reference
 does), then fused passes reduce it: per-row sums (or max + arg-max) of ``f(Cs)`` and running per-column
 sums (or max + arg-max) of ``f(Ci)``, so every tile of ``S`` is computed once for both terms.
