@@ -69,14 +69,18 @@ def _pattern(cls: str, size: int, g: torch.Generator) -> torch.Tensor:
     raise ValueError(f"unknown texture class {cls!r}")
 
 
-def make_textures(per_class: int = 40, size: int = 64, seed: int = 0, noise: float = 0.08, classes=CLASSES):
+def make_textures(per_class: int = 40, size: int = 64, seed: int = 0, noise: float = 0.06, classes=CLASSES):
     """``(images uint8 (N, 3, size, size), labels int64 (N,), class names)``, N = per_class * len(classes)."""
     g = torch.Generator().manual_seed(int(seed))
     imgs, labels = [], []
     for k, cls in enumerate(classes):
         for _ in range(per_class):
             p = _pattern(cls, size, g)[None]  # (1, H, W)
-            fg, bg = torch.rand(3, 1, 1, generator=g), torch.rand(3, 1, 1, generator=g)
+            # random colours (colour carries no class information) with a guaranteed contrast
+            bg = 0.45 * torch.rand(3, 1, 1, generator=g)
+            fg = (bg + 0.35 + 0.2 * torch.rand(3, 1, 1, generator=g)).clamp(max=1.0)
+            if _rand(g) < 0.5:
+                fg, bg = bg, fg
             img = bg + (fg - bg) * p + noise * torch.randn(3, size, size, generator=g)
             imgs.append((img.clamp(0, 1) * 255).round().to(torch.uint8))
             labels.append(k)
