@@ -400,6 +400,129 @@ def _bwd_msa1_kernel(
 
 
 # ----------------------------------------------------------------------------------------------------
+# long sequences (padded L > 128): flash-attention-style attention backward, one (sequence, head, block)
+# per program, so no (L, L) tile is ever whole on chip
+# ----------------------------------------------------------------------------------------------------
+@triton.jit
+def _block_key_bias(MASK, b, cols, L, HAS_MASK: tl.constexpr):
+    """Additive score bias of the keys ``cols``: 0 valid, -inf padded or out of range."""
+    valid = cols < L
+    if HAS_MASK:
+        pad = tl.load(MASK + b * L + cols, mask=valid, other=1)
+        valid = valid & (pad == 0)
+    return tl.where(valid, 0.0, float("-inf"))
+
+
+@triton.jit
+def _attn_bwd_dq_kernel(
+    QKV, DO, MASK, DQKV, O, STATS,
+    L, H, NH, DH, scale,
+    BQ: tl.constexpr, BK: tl.constexpr, DHP: tl.constexpr, HAS_MASK: tl.constexpr, PREC: tl.constexpr,
+):
+    """Query block ``program_id(1)`` of head ``h`` of sequence ``b`` (``program_id(0) = b·NH + h``).
+
+    ``QKV (B, L, 3H)`` the in-projection ``[q | k | v]`` of the attention input, ``DO (B, L, H)`` the gradient
+    of the concatenated head outputs (``g Wo``). Pass 1 over the key blocks: online softmax → ``o`` (stored
+    at ``O (B, L, H)``), ``lse``; ``delta = rowsum(do ∘ o)``; pass 2: ``dq = Σ_keys dS k`` (stored in the q
+    columns of ``DQKV``). ``lse`` and ``delta`` go to ``STATS (B, NH, 2, L)`` fp32 for the key-block kernel.
+    A query with every key padded gets NaN (``0/0``), as ``msa_ref``.
+    """
+    pid = tl.program_id(0)
+    b = (pid // NH).to(tl.int64)
+    h = pid % NH
+    rows = tl.program_id(1) * BQ + tl.arange(0, BQ)
+    rmask = rows < L
+    dd = tl.arange(0, DHP)
+    m2 = rmask[:, None] & (dd[None, :] < DH)
+    H3 = 3 * H
+    qkv = QKV + b * L * H3 + h * DH
+    q = tl.load(qkv + rows[:, None] * H3 + dd[None, :], mask=m2, other=0.0).to(tl.float32)
+    do = tl.load(DO + b * L * H + h * DH + rows[:, None] * H + dd[None, :], mask=m2, other=0.0).to(tl.float32)
+
+    m_i = tl.full((BQ,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((BQ,), dtype=tl.float32)
+    acc = tl.zeros((BQ, DHP), dtype=tl.float32)
+    for k0 in range(0, L, BK):
+        cols = k0 + tl.arange(0, BK)
+        km = (cols[:, None] < L) & (dd[None, :] < DH)
+        k = tl.load(qkv + H + cols[:, None] * H3 + dd[None, :], mask=km, other=0.0)
+        v = tl.load(qkv + 2 * H + cols[:, None] * H3 + dd[None, :], mask=km, other=0.0)
+        s = _dot(q, tl.trans(k), QKV, PREC) * scale + _block_key_bias(MASK, b, cols, L, HAS_MASK)[None, :]
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # no key seen yet: keep exp() finite
+        alpha = tl.exp(m_i - m_safe)
+        p = tl.exp(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + _dot(p, v, QKV, PREC)
+        m_i = m_new
+    o = acc / l_i[:, None]
+    lse = tl.where(m_i == float("-inf"), 0.0, m_i) + tl.log(l_i)  # -inf for a fully padded row → NaN grads
+    o_st = _round_to(o, O, PREC)
+    delta = tl.sum(do * o_st.to(tl.float32), 1)
+
+    dq = tl.zeros((BQ, DHP), dtype=tl.float32)
+    for k0 in range(0, L, BK):
+        cols = k0 + tl.arange(0, BK)
+        km = (cols[:, None] < L) & (dd[None, :] < DH)
+        k = tl.load(qkv + H + cols[:, None] * H3 + dd[None, :], mask=km, other=0.0)
+        v = tl.load(qkv + 2 * H + cols[:, None] * H3 + dd[None, :], mask=km, other=0.0)
+        s = _dot(q, tl.trans(k), QKV, PREC) * scale + _block_key_bias(MASK, b, cols, L, HAS_MASK)[None, :]
+        p = tl.exp(s - lse[:, None])
+        dp = _dot(do, tl.trans(v), QKV, PREC)
+        ds = p * (dp - delta[:, None]) * scale
+        dq += _dot(ds, k, QKV, PREC)
+    tl.store(DQKV + b * L * H3 + h * DH + rows[:, None] * H3 + dd[None, :], _round_to(dq, DQKV, PREC), mask=m2)
+    tl.store(O + b * L * H + h * DH + rows[:, None] * H + dd[None, :], o_st, mask=m2)
+    st = STATS + (b * NH + h) * 2 * L + rows
+    tl.store(st, lse, mask=rmask)
+    tl.store(st + L, delta, mask=rmask)
+
+
+@triton.jit
+def _attn_bwd_dkdv_kernel(
+    QKV, DO, MASK, DQKV, STATS,
+    L, H, NH, DH, scale,
+    BQ: tl.constexpr, BK: tl.constexpr, DHP: tl.constexpr, HAS_MASK: tl.constexpr, PREC: tl.constexpr,
+):
+    """Key block ``program_id(1)`` of head ``h`` of sequence ``b``: ``dv = Σ_queries Pᵀ do``,
+    ``dk = Σ_queries dSᵀ q`` (the transposed scores are computed directly: no transpose of a big tile),
+    from ``lse``/``delta`` of :func:`_attn_bwd_dq_kernel`; stored in the k/v columns of ``DQKV``."""
+    pid = tl.program_id(0)
+    b = (pid // NH).to(tl.int64)
+    h = pid % NH
+    cols = tl.program_id(1) * BK + tl.arange(0, BK)
+    cmask = cols < L
+    dd = tl.arange(0, DHP)
+    m2 = cmask[:, None] & (dd[None, :] < DH)
+    H3 = 3 * H
+    qkv = QKV + b * L * H3 + h * DH
+    k = tl.load(qkv + H + cols[:, None] * H3 + dd[None, :], mask=m2, other=0.0)
+    v = tl.load(qkv + 2 * H + cols[:, None] * H3 + dd[None, :], mask=m2, other=0.0)
+    kbias = _block_key_bias(MASK, b, cols, L, HAS_MASK)
+    st = STATS + (b * NH + h) * 2 * L
+
+    dk = tl.zeros((BK, DHP), dtype=tl.float32)
+    dv = tl.zeros((BK, DHP), dtype=tl.float32)
+    for q0 in range(0, L, BQ):
+        rows = q0 + tl.arange(0, BQ)
+        rmask = rows < L
+        qm = rmask[:, None] & (dd[None, :] < DH)
+        q = tl.load(qkv + rows[:, None] * H3 + dd[None, :], mask=qm, other=0.0)
+        do = tl.load(DO + b * L * H + h * DH + rows[:, None] * H + dd[None, :], mask=qm, other=0.0)
+        lse = tl.load(st + rows, mask=rmask, other=0.0)
+        delta = tl.load(st + L + rows, mask=rmask, other=0.0)
+        s_t = _dot(k, tl.trans(q), QKV, PREC) * scale + kbias[:, None]  # (BK, BQ)
+        p_t = tl.where(rmask[None, :], tl.exp(s_t - lse[None, :]), 0.0)
+        dv += _dot(p_t, do, QKV, PREC)
+        dp_t = _dot(v, tl.trans(do), QKV, PREC)
+        ds_t = p_t * (dp_t - delta[None, :]) * scale
+        dk += _dot(ds_t, q, QKV, PREC)
+    base = DQKV + b * L * H3 + h * DH + cols[:, None] * H3 + dd[None, :]
+    tl.store(base + H, _round_to(dk, DQKV, PREC), mask=m2)
+    tl.store(base + 2 * H, _round_to(dv, DQKV, PREC), mask=m2)
+
+
+# ----------------------------------------------------------------------------------------------------
 # launchers (plain functions: tensors in, tensors out)
 # ----------------------------------------------------------------------------------------------------
 def _p2(n: int) -> int:
@@ -499,9 +622,9 @@ def mga_backward(dy, x_dtype, down_weight, up_weight, in_w, in_b, out_w, out_b, 
     nw = _warps(LP, HP)
     BD = 32 if HP > 128 or LP > 64 else 64
     has_mask = mask_u8 is not None
-    # the dx epilogue (dpre Wd) in the same kernel as the attention backward needs > 227 KB of shared
-    # memory at LP = 256 on sm_90 (ptxas: 290 KB): above 128 rows it is one GEMM after the kernel
-    fuse_dx = LP <= 128
+    # above LONG_LP padded rows the attention backward is blocked (_mga_backward_long); the per-sequence
+    # kernels below always fuse the dx epilogue (FUSE_DX=False is kept for callers of the kernel)
+    fuse_dx = True
     new = lambda *s: torch.empty(s, device=dev, dtype=cdt)  # noqa: E731
     dqkv, o, g = new(2, B, L, 3 * H), new(2, B, L, H), new(2, B, L, H)
     u, du, z0, dpre = new(B, L, H), new(B, L, H), new(B, L, H), new(B, L, H)
@@ -518,6 +641,10 @@ def mga_backward(dy, x_dtype, down_weight, up_weight, in_w, in_b, out_w, out_b, 
         res.update(s_dz2=dz2, s_z1=z1, s_w=ws, s_dw=new(B, L, H2), s_vs=new(B, L, H2), s_dqkv=new(B, L, 3 * H2),
                    s_o=new(B, L, H2), s_g=new(B, L, H2), s_gate_partial=torch.empty((B,), device=dev, dtype=torch.float32))
     if B == 0:
+        return res
+    if LP > LONG_LP:
+        _mga_backward_long(dy, res, du, down_weight, up_weight, in_w, in_b, out_w, out_b, gate, NH, hpre, z2, share,
+                           mask_u8, prec)
         return res
     _bwd_msa2_kernel[(B,)](
         dy, dy.stride(0), dy.stride(1), dy.stride(2), mask, up_weight, in_w, in_b, out_w, out_b, gate,
@@ -538,7 +665,109 @@ def mga_backward(dy, x_dtype, down_weight, up_weight, in_w, in_b, out_w, out_b, 
         L, D, H, NH, DH, scale,
         LP=LP, HP=HP, DHP=DHP, BD=BD, HAS_MASK=has_mask, FUSE_DX=fuse_dx, PREC=prec, num_warps=nw,
     )
-    if not fuse_dx:
-        t = dpre.reshape(B * L, H).mm(down_weight).reshape(B, L, D).to(x_dtype)
-        torch.add(dy, t, out=dx)
     return res
+
+
+# ----------------------------------------------------------------------------------------------------
+# long sequences: blocked attention backward + plain GEMMs / element-wise maths
+# ----------------------------------------------------------------------------------------------------
+LONG_LP = 128  # padded L above which the backward takes the blocked path (the per-sequence kernels need
+#                > 227 KB of shared memory at LP = 256 on sm_90: (L, L) tiles transposed through shared memory)
+LONG_BQ = 64
+LONG_BK = 64
+_SQRT1_2 = 0.7071067811865476
+_INV_SQRT_2PI = 0.3989422804014327
+
+
+def _gelu_f32(x):
+    return 0.5 * x * (1.0 + torch.erf(x * _SQRT1_2))
+
+
+def _gelu_grad_f32(x):
+    return 0.5 * (1.0 + torch.erf(x * _SQRT1_2)) + x * torch.exp(-0.5 * x * x) * _INV_SQRT_2PI
+
+
+def attention_backward_blocked(qkv, do, heads, mask_u8, dqkv, o, prec):
+    """Blocked multi-head attention backward of one batch of sequences (any L, no (L, L) tile on chip).
+
+    ``qkv (B, L, 3H)`` = ``[q | k | v]`` (the in-projection of the attention input), ``do (B, L, H)`` the
+    gradient of the concatenated head outputs; writes ``dqkv (B, L, 3H)`` and the head outputs ``o (B, L, H)``
+    (all contiguous, one dtype). Two launches: query blocks (``o``, ``lse``, ``delta``, ``dq``), then key
+    blocks (``dk``, ``dv``); deterministic, no atomics.
+    """
+    B, L, H3 = qkv.shape
+    H = H3 // 3
+    NH = int(heads)
+    DH = H // NH
+    stats = torch.empty((B, NH, 2, L), device=qkv.device, dtype=torch.float32)
+    mask = mask_u8 if mask_u8 is not None else stats
+    common = dict(BQ=LONG_BQ, BK=LONG_BK, DHP=_p2(DH), HAS_MASK=mask_u8 is not None, PREC=prec, num_warps=4)
+    scale = 1.0 / math.sqrt(DH)
+    _attn_bwd_dq_kernel[(B * NH, triton.cdiv(L, LONG_BQ))](
+        qkv, do, mask, dqkv, o, stats, L, H, NH, DH, scale, **common)
+    _attn_bwd_dkdv_kernel[(B * NH, triton.cdiv(L, LONG_BK))](
+        qkv, do, mask, dqkv, stats, L, H, NH, DH, scale, **common)
+
+
+def _msa_backward_long(z, g, in_w, in_b, out_w, out_b, heads, mask_u8, dqkv, o, prec, need_out):
+    """Backward of ``out = MSA(z)`` (``z``, ``g = d out`` ``(B, L, H)`` in the compute dtype): returns ``dz``
+    (and ``out`` when ``need_out``) as ``(B·L, H)``; fills ``dqkv``/``o`` for the weight gradients."""
+    B, L, H = z.shape
+    z2d = z.reshape(B * L, H)
+    qkv = torch.addmm(in_b, z2d, in_w.t()).reshape(B, L, 3 * H)
+    do = g.reshape(B * L, H).mm(out_w).reshape(B, L, H)
+    attention_backward_blocked(qkv, do, heads, mask_u8, dqkv, o, prec)
+    dz = dqkv.reshape(B * L, 3 * H).mm(in_w)
+    out = torch.addmm(out_b, o.reshape(B * L, H), out_w.t()) if need_out else None
+    return dz, out
+
+
+def _mga_backward_long(dy, res, du_buf, down_weight, up_weight, in_w, in_b, out_w, out_b, gate, heads, hpre, z2,
+                       share, mask_u8, prec):
+    """The three backward stages of :func:`mga_backward` for long sequences: the attention parts by
+    :func:`attention_backward_blocked`, the projections as GEMMs in the compute dtype (fp32 accumulation),
+    the element-wise maths in fp32 (stored in the compute dtype like the per-sequence kernels)."""
+    B, L, D = dy.shape
+    H = down_weight.shape[0]
+    cdt = down_weight.dtype
+    f32 = torch.float32
+    BL = B * L
+    dqkv, o, g = res["dqkv"], res["o"], res["g"]
+    a = torch.sigmoid(gate.to(f32).reshape(()))
+    # stage 2 (second MSA call): du = dy Wu, g2 = (1 - a) du
+    du = du_buf.view(BL, H)
+    torch.mm(dy.reshape(BL, D).to(cdt), up_weight, out=du)
+    duf = du.to(f32)
+    g[1].view(BL, H).copy_((1.0 - a) * duf)
+    dz2, z3 = _msa_backward_long(z2, g[1], in_w, in_b, out_w, out_b, heads, mask_u8, dqkv[1], o[1], prec, True)
+    hf = hpre.reshape(BL, H).to(f32)
+    z0f = _gelu_f32(hf)
+    z3f = z3.to(f32)
+    res["u"].view(BL, H).copy_(a * z0f + (1.0 - a) * z3f)
+    res["gate_partial"].copy_((duf * (z0f - z3f)).view(B, L * H).sum(1) * (a * (1.0 - a)))
+    if share is not None:
+        sdw, _sdb, suw, _sub, siw, sib, sow, sob, sgate, sheads = share
+        H2 = sdw.shape[0]
+        res["s_dz2"].view(BL, H).copy_(dz2)
+        a_s = torch.sigmoid(sgate.to(f32).reshape(()))
+        dvf = dz2.mm(suw).to(f32)  # (BL, H2)
+        res["s_g"].view(BL, H2).copy_(a_s * dvf)
+        ws = res["s_w"]
+        dwa, ms = _msa_backward_long(ws, res["s_g"], siw, sib, sow, sob, sheads, mask_u8, res["s_dqkv"],
+                                     res["s_o"], prec, True)
+        wsf, msf = ws.reshape(BL, H2).to(f32), ms.to(f32)
+        dw = res["s_dw"].view(BL, H2)
+        dw.copy_(dwa.to(f32) + (1.0 - a_s) * dvf)
+        res["s_vs"].view(BL, H2).copy_(a_s * msf + (1.0 - a_s) * wsf)
+        res["s_gate_partial"].copy_((dvf * (msf - wsf)).view(B, L * H2).sum(1) * (a_s * (1.0 - a_s)))
+        g[0].view(BL, H).copy_(dz2.to(f32) + dw.mm(sdw).to(f32))  # dz1
+    else:
+        g[0].view(BL, H).copy_(dz2)
+    # stage 1 (first MSA call)
+    z0 = res["z0"]
+    z0.view(BL, H).copy_(z0f)
+    dza, _ = _msa_backward_long(z0, g[0], in_w, in_b, out_w, out_b, heads, mask_u8, dqkv[0], o[0], prec, False)
+    dpre = res["dpre"].view(BL, H)
+    dpre.copy_((dza.to(f32) + a * duf) * _gelu_grad_f32(hf))
+    t = dpre.mm(down_weight).reshape(B, L, D).to(res["dx"].dtype)
+    torch.add(dy, t, out=res["dx"])

@@ -107,10 +107,77 @@ def test_forward_and_all_grads_fp32(device, B, L, dim, hidden, heads, share_head
     _compare_fp32(m, x, mask)
 
 
-def test_long_sequence_fp32(device):
-    m = _make(32, 32, 2, None, device)
-    x = torch.randn(1, 200, 32, device=device)
-    _compare_fp32(m, x, _padding_mask(1, 200).to(device))
+# padded L > 128 (ViT-B/16's L = 197, the maximum 256): the backward takes the blocked attention path
+LONG_CASES = [
+    pytest.param(2, 197, 16, 16, 1, 1, True, id="L197-share-mask"),
+    pytest.param(2, 197, 20, 16, 1, None, False, id="L197"),
+    pytest.param(2, 256, 20, 16, 1, 1, False, id="L256-share"),
+    pytest.param(2, 256, 20, 32, 2, None, True, id="L256-mask"),
+]
+
+
+def _spy_long_path(monkeypatch):
+    """Counts the calls of the blocked attention backward (so a test knows which path ran)."""
+    from rspeft_fast.kernels import mga as K
+
+    calls = []
+    real = K.attention_backward_blocked
+
+    def spy(*a, **k):
+        calls.append(a[0].shape)
+        return real(*a, **k)
+
+    monkeypatch.setattr(K, "attention_backward_blocked", spy)
+    return calls
+
+
+@pytest.mark.parametrize("B,L,dim,hidden,heads,share_heads,use_mask", LONG_CASES)
+def test_long_sequence_forward_and_all_grads_fp32(device, monkeypatch, B, L, dim, hidden, heads, share_heads, use_mask):
+    calls = _spy_long_path(monkeypatch)
+    m = _make(dim, hidden, heads, share_heads, device)
+    x = torch.randn(B, L, dim, device=device)
+    mask = _padding_mask(B, L).to(device) if use_mask else None
+    _compare_fp32(m, x, mask)
+    assert len(calls) == (3 if share_heads else 2)  # MSA call 2, (BiShare MSA), MSA call 1
+
+
+SHORT_AS_LONG = [
+    pytest.param(2, 13, 48, 32, 4, None, True, id="L13-dh8-mask"),
+    pytest.param(2, 77, 48, 64, 2, 2, True, id="L77-dh32-share-dh16-mask"),
+    pytest.param(1, 20, 32, 128, 2, 1, False, id="L20-dh64-share-dh64"),
+    pytest.param(3, 65, 33, 32, 2, None, False, id="L65-ragged-blocks"),
+]
+
+
+@pytest.mark.parametrize("B,L,dim,hidden,heads,share_heads,use_mask", SHORT_AS_LONG)
+def test_blocked_backward_at_short_lengths(device, monkeypatch, B, L, dim, hidden, heads, share_heads, use_mask):
+    """The blocked path forced at short L: every head dim, ragged last blocks, one and several blocks."""
+    from rspeft_fast.kernels import mga as K
+
+    monkeypatch.setattr(K, "LONG_LP", 0)
+    calls = _spy_long_path(monkeypatch)
+    m = _make(dim, hidden, heads, share_heads, device)
+    x = torch.randn(B, L, dim, device=device)
+    mask = _padding_mask(B, L).to(device) if use_mask else None
+    _compare_fp32(m, x, mask)
+    assert len(calls) == (3 if share_heads else 2)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+def test_blocked_backward_fully_padded_row_nan_like_reference(device, monkeypatch):
+    from rspeft_fast.kernels import mga as K
+
+    monkeypatch.setattr(K, "LONG_LP", 0)
+    m = _make(32, 32, 2, 2, device)
+    x = torch.randn(2, 13, 32, device=device)
+    mask = torch.zeros(2, 13, dtype=torch.bool, device=device)
+    mask[1] = True
+    dy = torch.randn_like(x)
+    y, g = _run(mga, m, x, mask, dy)
+    yr, gr = _run(mga_ref, m, x, mask, dy)
+    assert torch.isnan(gr["x"][1]).all() and torch.isfinite(gr["x"][0]).all()
+    assert torch.equal(torch.isnan(g["x"]), torch.isnan(gr["x"]))
+    assert_close(g["x"][0], gr["x"][0], *_fp32_tol(gr["x"][0]), name="dx of the valid sequence")
 
 
 def test_max_length_256_forward(device):
@@ -329,6 +396,13 @@ def test_gpu_fp32_and_vit_b16_length():
     m = _make(768, 128, 8, None, "cuda")
     x = torch.randn(8, 197, 768, device="cuda")
     _compare_fp32(m, x)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("L", [197, 256])
+def test_gpu_bf16_long_sequence_bishare(L):
+    """Padded L = 256 (blocked backward): bf16 against the float32 reference, as the SPEC-shape checks."""
+    _lowp_check(512, L, 8, torch.bfloat16, use_mask=True, B=16)
 
 
 @pytest.mark.gpu
