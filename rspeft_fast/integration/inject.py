@@ -337,8 +337,6 @@ def _inject_vpt(model, cfg: VPTConfig) -> None:
     if cfg.target is not None:
         raise ValueError("VPT adds prompts at the input (and every block when deep); target= is not supported for vpt")
     _check_free(model, "model", "vpt_prompts")
-    if getattr(model, "dynamic_img_size", False) is None:  # pragma: no cover
-        pass
     depth = len(model.blocks) if cfg.deep else 1
     dim = model.embed_dim
     model.vpt_prompts = nn.Parameter(torch.randn(depth, int(cfg.num_tokens), dim, **_dd(model)) * cfg.init_std)
