@@ -5,9 +5,10 @@ PY ?= python3
 setup:
 	bash scripts/setup.sh
 
-# main job: fine-tune ViT-B/16 + MuFA on the embedded scene-classification set (CPU: about a minute)
+# main job: fine-tune a ViT + MuFA on the embedded scene-classification set (CPU: about a minute;
+# on a GPU with real data: python -m rspeft_fast train --model vit_base_patch16_224 --method mufa --data DIR --pretrained)
 train: setup
-	$(PY) -m rspeft_fast train --model vit_base_patch16_224 --method mufa --epochs 2
+	$(PY) -m rspeft_fast train --model vit_tiny_patch16_224 --method mufa --global-pool avg --img-size 32 --epochs 4 --lr 1e-2
 
 # the test suite (CPU: Triton kernels through TRITON_INTERPRET=1, C++ extension, references, integration)
 test: setup
