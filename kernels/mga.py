@@ -315,15 +315,18 @@ def _bwd_msa2_kernel(
     g = (1.0 - a) * du
 
     off = b * L * H
+    # du is stored now and read back after the attention backward (fewer live (LP, HP) tiles: spills)
+    _store_tile(DU + off, du, rows, hc, L, H, H, PREC)
+    _store_tile(G + off, g, rows, hc, L, H, H, PREC)
     z2 = _load_tile(Z2 + off, rows, hc, L, H, H)
     dz2, z3 = _msa_bwd(z2, g, kbias, Win, bin, Wo, bo, DQKV + b * L * 3 * H, O + off, L, H, DH, NH, scale,
                        LP, HP, DHP, True, PREC)
+    _store_tile(DZ2 + off, dz2, rows, hc, L, H, H, PREC)
     z0 = gelu(_load_tile(HPRE + off, rows, hc, L, H, H))
     u = a * z0 + (1.0 - a) * z3
     _store_tile(U + off, u, rows, hc, L, H, H, PREC)
-    _store_tile(G + off, g, rows, hc, L, H, H, PREC)
-    _store_tile(DU + off, du, rows, hc, L, H, H, PREC)
-    _store_tile(DZ2 + off, dz2, rows, hc, L, H, H, PREC)
+    tl.debug_barrier()  # the DU tile was written by other threads of this program
+    du = _load_tile(DU + off, rows, hc, L, H, H)
     gp = tl.sum(tl.sum(du * (z0 - z3), axis=1), axis=0) * a * (1.0 - a)
     tl.store(GP + b, gp)
 
@@ -376,12 +379,12 @@ def _bwd_msa1_kernel(
     kbias = _key_bias(MASK, b, L, LP, HAS_MASK)
     off = b * L * H
 
-    hpre = _load_tile(HPRE + off, rows, hc, L, H, H)
-    z0 = gelu(hpre)
+    z0 = gelu(_load_tile(HPRE + off, rows, hc, L, H, H))
     _store_tile(Z0 + off, z0, rows, hc, L, H, H, PREC)
     g = _load_tile(G1 + off, rows, hc, L, H, H)
     dza, _unused = _msa_bwd(z0, g, kbias, Win, bin, Wo, bo, DQKV + b * L * 3 * H, O + off, L, H, DH, NH, scale,
                             LP, HP, DHP, False, PREC)
+    hpre = _load_tile(HPRE + off, rows, hc, L, H, H)  # read again, not held across the attention (spills)
     a = tl.sigmoid(tl.load(GATE).to(tl.float32))
     dz0 = dza + a * _load_tile(DU + off, rows, hc, L, H, H)
     dpre = dz0 * gelu_grad(hpre)

@@ -8,7 +8,11 @@ Registered with ``torch.library`` so ``torch.compile`` sees single ops, no graph
 * ``rspeft_fast::mga_fwd``: one Triton launch; returns ``y`` and the small activations autograd needs
   (``hpre``, ``z1``, ``z2``, ``w``: ``(B, L, hidden)``/``(B, L, hidden/2)``, empty when nothing needs grad);
 * ``rspeft_fast::mga_bwd``: 2 Triton launches (3 with BiShare) that recompute the attention per sequence,
-  then deterministic GEMMs / row sums for the weight gradients (no atomics).
+  then deterministic GEMMs / row sums for the weight gradients (no atomics). For long sequences (padded
+  ``L > 128``, e.g. ViT-B/16's 197, up to 256) the per-sequence kernels would need more shared memory than
+  an H100 has: the backward then runs a blocked (flash-attention-style) attention backward per MSA call
+  (query-block and key-block kernels, ``lse``/``delta`` saved between them) with the projections as GEMMs
+  (``rspeft_fast.kernels.mga.LONG_LP``). Same results, still deterministic.
 
 Key padding mask: ``(B, L)`` bool, True = padded key, as ``nn.MultiheadAttention``. A sequence whose
 keys are ALL padded yields NaN in its output (softmax over only ``-inf``), exactly as the reference and
