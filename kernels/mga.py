@@ -354,9 +354,13 @@ def _bwd_share_kernel(
     w_s = _load_tile(WS + off2, rows, h2c, L, H2, H2)
     dwa, ms = _msa_bwd(w_s, g, kbias, SWin, Sbin, SWo, Sbo, DQKV + b * L * 3 * H2, O + off2, L, H2, DH2, NH2,
                        scale2, LP, H2P, DH2P, True, PREC)
+    _store_tile(G + off2, g, rows, h2c, L, H2, H2, PREC)
+    # dz2, dv and w_s are read back / recomputed (exactly) instead of held across the attention (spills)
+    dz2 = _load_tile(DZ2 + off, rows, hc, L, H, H)
+    dv = _linear_t(dz2, SWu, H2, H, H2P, HP, PREC)
+    w_s = _load_tile(WS + off2, rows, h2c, L, H2, H2)
     dw = dwa + (1.0 - a_s) * dv
     _store_tile(DW + off2, dw, rows, h2c, L, H2, H2, PREC)
-    _store_tile(G + off2, g, rows, h2c, L, H2, H2, PREC)
     _store_tile(VS + off2, a_s * ms + (1.0 - a_s) * w_s, rows, h2c, L, H2, H2, PREC)
     gp = tl.sum(tl.sum(dv * (ms - w_s), axis=1), axis=0) * a_s * (1.0 - a_s)
     tl.store(GP + b, gp)
