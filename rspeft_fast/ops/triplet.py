@@ -197,7 +197,8 @@ def weighted_triplet_local_ref(img, txt, row_start, row_count, margin=0.2, gamma
         cost = focal_weighted(cost, gamma)
         if max_violation:
             top = cost.amax(dim=1, keepdim=True)
-            first = torch.where(cost == top, idx, n).amin(dim=1, keepdim=True)
+            hit = (cost == top) | (cost.isnan() & top.isnan())
+            first = torch.where(hit, idx, n).amin(dim=1, keepdim=True)
             cost = cost.gather(1, first)
         total = total + cost.sum()
     return total / 2

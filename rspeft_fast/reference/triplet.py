@@ -18,7 +18,8 @@ def _max_first(cost: torch.Tensor, dim: int) -> torch.Tensor:
     top = cost.amax(dim=dim, keepdim=True)
     n = cost.shape[dim]
     idx = torch.arange(n, device=cost.device).view([-1 if k == dim else 1 for k in range(cost.dim())])
-    first = torch.where(cost == top, idx, n).amin(dim=dim, keepdim=True)
+    hit = (cost == top) | (cost.isnan() & top.isnan())  # NaN propagates like max: the first NaN is the max
+    first = torch.where(hit, idx, n).amin(dim=dim, keepdim=True)
     return cost.gather(dim, first).squeeze(dim)
 
 
