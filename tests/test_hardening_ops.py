@@ -583,7 +583,7 @@ def test_dynamic_compile_once_across_row_counts(op):
     counters.clear()
     w, _ = _wrapped(op)
     cw = torch.compile(w, backend="aot_eager", dynamic=True)
-    rows = (1, 2, 3) if op == "mga" else (5, 11, 23)
+    rows = (2, 3, 4) if op == "mga" else (5, 11, 23)  # not 1: dynamo specialises sizes 0 and 1
     for n in rows:
         xs = H.inputs(op, w.adapter, n)
         y_c, g_c = H.fwd_bwd(cw, w, xs)
