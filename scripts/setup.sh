@@ -10,4 +10,4 @@ if ! $PY -c "import torch, torchvision" 2>/dev/null || [ -n "${CI:-}" ]; then
 fi
 $PY -m pip install -q -r requirements-ci.txt
 $PY -m pip install -q --no-build-isolation -e .
-$PY -c "import torch, rspeft_fast._native as n; print('torch', torch.__version__, '| rspeft_fast._C cpu:', n.has('cpu')[0], 'cuda:', n.has('cuda')[0])"
+$PY -c "import torch, rspeft_fast._native as n; C = n.extension(); print('torch', torch.__version__, '| rspeft_fast._C built with CUDA sources:', C.with_cuda(), '| CUDA device:', torch.cuda.is_available())"
