@@ -57,7 +57,9 @@ def _mlp_branch(block, x: torch.Tensor, norm, mlp, post) -> torch.Tensor:
         return adapter(n, base=x + post(mlp(n)))
     y = mlp(n)
     if kind == "serial":
-        y = adapter(y, base=y)
+        # base: a view, not y itself (same values, free): Dynamo graph-breaks on an autograd.Function given
+        # the same tensor twice ("duplicate tensor input"), which the fused MuFA op would otherwise get
+        y = adapter(y, base=y.view_as(y))
     elif kind == "mga":
         # HarMA: y = b*MGA(y) + (1-b)*y, written as y + b*(MGA(y) - y) (same maths; exactly y at init)
         b = torch.sigmoid(block.adapter_gate).to(y.dtype)
