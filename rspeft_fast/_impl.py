@@ -12,7 +12,6 @@
 """
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
@@ -36,14 +35,20 @@ def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").strip() == "1"
 
 
-@functools.lru_cache(maxsize=None)
+# Cached in a plain dict (not functools.lru_cache) so torch.compile traces the lookup without warnings.
+_TRITON_IMPORT: dict[str, str | None] = {}
+
+
 def _triton_import_error() -> str | None:
-    try:
-        import triton  # noqa: F401
-        import triton.language  # noqa: F401
-    except Exception as e:  # pragma: no cover - depends on the machine
-        return f"{type(e).__name__}: {e}"
-    return None
+    if "error" not in _TRITON_IMPORT:
+        try:
+            import triton  # noqa: F401
+            import triton.language  # noqa: F401
+
+            _TRITON_IMPORT["error"] = None
+        except Exception as e:  # pragma: no cover - depends on the machine
+            _TRITON_IMPORT["error"] = f"{type(e).__name__}: {e}"
+    return _TRITON_IMPORT["error"]
 
 
 def triton_available(device: torch.device | str) -> tuple[bool, str]:

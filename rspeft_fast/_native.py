@@ -1,20 +1,23 @@
 """Loading the C++/CUDA extension ``rspeft_fast._C``; a missing build is reported when an op needs it."""
 from __future__ import annotations
 
-import functools
-
 REBUILD = "rebuild with `pip install --no-build-isolation -e .`"
 
+# Cached in a plain dict (not functools.lru_cache) so torch.compile traces the lookup without warnings.
+_LOADED: dict[str, tuple] = {}
 
-@functools.lru_cache(maxsize=None)
+
 def _load():
-    import torch  # noqa: F401  (loads libc10/libtorch that _C links against)
+    if "C" not in _LOADED:
+        import torch  # noqa: F401  (loads libc10/libtorch that _C links against)
 
-    try:
-        from . import _C  # type: ignore[attr-defined]
-    except ImportError as e:
-        return None, f"the extension rspeft_fast._C is not built or failed to load ({e}); {REBUILD}"
-    return _C, ""
+        try:
+            from . import _C  # type: ignore[attr-defined]
+
+            _LOADED["C"] = (_C, "")
+        except ImportError as e:
+            _LOADED["C"] = (None, f"the extension rspeft_fast._C is not built or failed to load ({e}); {REBUILD}")
+    return _LOADED["C"]
 
 
 def extension():
