@@ -66,9 +66,14 @@ def read_adapter_config(path: str | os.PathLike) -> AdapterConfig:
 def _read_meta(path):
     from safetensors import safe_open
 
-    with safe_open(os.fspath(path), framework="pt") as f:
-        meta = f.metadata() or {}
-        keys = list(f.keys())
+    try:
+        with safe_open(os.fspath(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            keys = list(f.keys())
+    except (OSError, ValueError):
+        raise
+    except Exception as e:  # safetensors' own error type: truncated, empty or non-safetensors files
+        raise ValueError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e})") from e
     if META_CONFIG not in meta:
         raise ValueError(f"{path}: not an rspeft_fast adapter file (no {META_CONFIG!r} in its metadata)")
     return AdapterConfig.from_json(meta[META_CONFIG]), meta, keys
@@ -111,7 +116,10 @@ def load_adapters(model: nn.Module, path: str | os.PathLike, impl: Optional[obje
             raise ValueError(f"load_adapters: the adapters in {path} ({cfg.to_dict()['method']}) cannot be injected into this model: {e}") from e
 
     want = {n: p for n, p in plan.named_parameters() if n in set(plan.rspeft_trainable)}
-    tensors = load_file(os.fspath(path), device="cpu")
+    try:
+        tensors = load_file(os.fspath(path), device="cpu")
+    except Exception as e:
+        raise ValueError(f"load_adapters: cannot read the tensors of {path} ({type(e).__name__}: {e}); nothing was loaded") from e
     problems = []
     missing = sorted(set(want) - set(tensors))
     extra = sorted(set(tensors) - set(want))
@@ -133,7 +141,16 @@ def load_adapters(model: nn.Module, path: str | os.PathLike, impl: Optional[obje
     if current is None:
         inject(model, cfg)
     params = dict(model.named_parameters())
+    backup = {n: params[n].detach().clone() for n in tensors} if current is not None else None
+    done = []
     with torch.no_grad():
-        for n, t in tensors.items():
-            params[n].copy_(t)
+        try:
+            for n, t in tensors.items():
+                params[n].copy_(t)
+                done.append(n)
+        except BaseException:
+            if backup is not None:  # all or nothing: restore the tensors already overwritten
+                for n in done + [n for n in tensors if n not in done][:1]:
+                    params[n].copy_(backup[n])
+            raise
     return model
