@@ -26,7 +26,7 @@ import _helpers as H
 from rspeft_fast._impl import ImplUnavailableError
 from rspeft_fast.testing import TOLERANCES, rel_err
 
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::RuntimeWarning")
 
 ROWS = {"mufa": 9, "qlinear": 9, "eqam": 9, "mga": 2, "triplet": 9}
 FUSED_OPS = {  # (forward op, backward op) the compiled graphs must show, once each
