@@ -250,6 +250,128 @@ def test_local_bands_sum_to_global(mv):
         assert_close(a, r, atol=1e-12, rtol=1e-10, name=f"sum of bands {name}")
 
 
+# ----------------------------------------------------------------------------- non-finite inputs
+NONFINITE = {"nan": float("nan"), "inf": float("inf"), "-inf": float("-inf")}
+
+
+def planted(B, D, where, bad, ids=None, dtype=torch.float32, device="cpu", seed=3, at=((5, 3), (0, 0))):
+    """Fresh random features with `bad` planted at `at` (row, col) entries of img or txt (rows mod B)."""
+    img, txt, ids_t = make(B, D, dtype, device, ids, seed=seed)
+    img, txt = img.detach().clone(), txt.detach().clone()
+    target = img if where == "img" else txt
+    for r, c in at:
+        target[r % B, c % D] = NONFINITE[bad]
+    return img.requires_grad_(), txt.requires_grad_(), ids_t
+
+
+def check_nonfinite(impl, img, txt, ids, mv, gamma, chunk=None, exact_nan=True, atol=2e-5, rtol=2e-4):
+    """The kernel's loss and gradients against eager autograd of the reference on the same (planted)
+    inputs: identical NaN positions (assert_close), equal infinities, close finite values."""
+    kw = dict(gamma=gamma, max_violation=mv, ids=ids)
+    out = loss_and_grads(lambda a, b: weighted_triplet_loss(a, b, impl=impl, chunk_elems=chunk, **kw), img, txt)
+    ref = loss_and_grads(lambda a, b: weighted_triplet_ref(a, b, **kw), img, txt)
+    assert not torch.isfinite(ref[0]), "the planted value should reach the reference's loss"
+    for name, a, r in zip(("loss", "grad_img", "grad_txt"), out, ref):
+        assert torch.equal(torch.isfinite(a), torch.isfinite(r)), (
+            f"{name}: non-finite pattern differs ({int((~torch.isfinite(a)).sum())} vs {int((~torch.isfinite(r)).sum())})")
+        if exact_nan:
+            assert_close(a, r, atol=atol, rtol=rtol, name=name)  # NaN positions identical, inf == inf
+        else:
+            fin = torch.isfinite(r)
+            assert_close(a[fin], r[fin], atol=atol, rtol=rtol, name=f"{name} (finite part)")
+    return out, ref
+
+
+@pytest.mark.parametrize("bad", ["nan", "inf", "-inf"])
+@pytest.mark.parametrize("where", ["img", "txt"])
+@pytest.mark.parametrize("gamma", [2.0, 0.5])
+@pytest.mark.parametrize("mv", [False, True], ids=["sum", "max"])
+@pytest.mark.parametrize("ids,chunk", [(None, None), ("dup", 250)], ids=["noids", "ids-chunked"])
+def test_cpu_nonfinite_like_eager(bad, where, gamma, mv, ids, chunk):
+    """NaN / ±Inf in img or txt: the loss is NaN / inf as eager's (a NaN cost is never zeroed, NaN wins the
+    hard-mining max) and the gradients have exactly eager autograd's NaN pattern: clamp's backward gates a
+    NaN cost to 0, an unmasked +inf cost has a NaN gradient (exp's backward 0·inf) even off the arg-max,
+    and the dense dS·features of eager spreads a NaN/inf feature over its whole column."""
+    img, txt, ids_t = planted(37, 24, where, bad, ids)
+    check_nonfinite("cpu", img, txt, ids_t, mv, gamma, chunk)
+
+
+@pytest.mark.parametrize("bad", ["nan", "inf"])
+@pytest.mark.parametrize("mv", [False, True], ids=["sum", "max"])
+def test_cpu_nonfinite_gamma0(bad, mv):
+    """gamma = 0 (plain hinge): NaN plants give eager's exact NaN pattern. With an inf plant the
+    non-finite pattern is eager's, but a few entries may be NaN where eager has ±inf: eager multiplies
+    the inf feature by the exact dS coefficient (diagonal included) in one dense GEMM, the kernel by the
+    masked diagonal's 0 or, under hard mining, by a zero column term (documented in ops/triplet.py)."""
+    for where in ("img", "txt"):
+        img, txt, ids = planted(29, 16, where, bad, "dup")
+        check_nonfinite("cpu", img, txt, ids, mv, 0.0, exact_nan=bad == "nan")
+
+
+@pytest.mark.parametrize("mv", [False, True], ids=["sum", "max"])
+def test_cpu_nonfinite_float64_exact_values(mv):
+    """float64, NaN in img then in txt, several plants: NaN pattern identical and the finite entries agree
+    to rounding, so the finite part of the maths is untouched by the NaN handling."""
+    for where in ("img", "txt"):
+        img, txt, ids = planted(41, 12, where, "nan", "dup", torch.float64, at=((3, 1), (17, 5), (40, 11)))
+        check_nonfinite("cpu", img, txt, ids, mv, 2.0, chunk=300, atol=1e-12, rtol=1e-10)
+
+
+@pytest.mark.parametrize("mv", [False, True], ids=["sum", "max"])
+def test_cpu_nonfinite_forward_no_grad(mv):
+    for bad in ("nan", "inf"):
+        img, txt, _ = planted(20, 8, "txt", bad)
+        with torch.no_grad():
+            a = weighted_triplet_loss(img, txt, max_violation=mv, impl="cpu")
+            r = weighted_triplet_ref(img, txt, max_violation=mv)
+        assert_close(a, r, atol=1e-5, rtol=1e-5, name=f"loss ({bad})")
+        assert not torch.isfinite(a)
+
+
+def test_cpu_hard_mining_nan_wins_first():
+    """A NaN cost in a row (column) is its max and the first NaN is the arg-max, as torch.max: the row of
+    a NaN image is all NaN, so the loss is NaN; one NaN entry in an otherwise finite row is picked over a
+    larger finite cost. With only a NaN *similarity* (not a NaN feature), the row's arg-max is that entry
+    and its gradient (clamp gate: 0) is what the reference gives: the gradients stay finite."""
+    img, txt, _ = make(6, 4, torch.float64)
+    S = (img @ txt.t()).detach()
+
+    def patched(a, b, mv, impl):
+        # S[1, 4] = NaN through a custom similarity: feed the kernel and the reference the same NaN S by
+        # making img a one-hot basis and txt = S^T (img @ txt^T = S)
+        return weighted_triplet_loss(a, b, max_violation=mv, impl=impl) if impl != "ref" else \
+            weighted_triplet_ref(a, b, max_violation=mv)
+
+    eye = torch.eye(6, dtype=torch.float64)
+    S_nan = S.clone()
+    S_nan[1, 4] = float("nan")
+    a = eye.clone().requires_grad_()
+    b = S_nan.t().contiguous().requires_grad_()  # (6, 6): img @ b^T = S_nan
+    for mv in (False, True):
+        out = loss_and_grads(lambda x, y: patched(x, y, mv, "cpu"), a, b)
+        ref = loss_and_grads(lambda x, y: patched(x, y, mv, "ref"), a, b)
+        for name, o, r in zip(("loss", "grad_img", "grad_txt"), out, ref):
+            assert_close(o, r, atol=1e-12, rtol=1e-10, name=f"{name} mv={mv}")
+        assert torch.isnan(out[0])
+
+
+@pytest.mark.parametrize("bad", ["nan", "inf"])
+@pytest.mark.parametrize("mv", [False, True], ids=["sum", "max"])
+def test_local_bands_nonfinite(bad, mv):
+    """gather=True maths (one rank's rows/columns) with a non-finite feature inside or outside the band:
+    exactly the eager local oracle's NaN pattern and values."""
+    N, D = 30, 8
+    for where in ("img", "txt"):
+        for plant_row in (12, 27):  # inside / outside the band [10, 22)
+            img, txt, ids = planted(N, D, where, bad, "dup", torch.float64, at=((plant_row, 2),))
+            out = _triplet_fwd(img.detach(), txt.detach(), ids, 10, 12, 0.2, 2.0, mv, True, 100)
+            ref = loss_and_grads(
+                lambda a, b: weighted_triplet_local_ref(a, b, 10, 12, max_violation=mv, ids=ids), img, txt)
+            for name, a, r in zip(("loss", "grad_img", "grad_txt"), out, ref):
+                assert torch.equal(torch.isfinite(a), torch.isfinite(r)), f"{name} {where} row {plant_row}"
+                assert_close(a, r, atol=1e-12, rtol=1e-10, name=f"{name} {where} row {plant_row}")
+
+
 # ----------------------------------------------------------------------------- errors, build
 def test_errors():
     img, txt, _ = make(8, 4)
@@ -345,3 +467,16 @@ def test_cuda_b16384(mv):
     ref = loss_and_grads(lambda a, b: weighted_triplet_ref(a, b, max_violation=mv), img, txt)
     for name, a, r in zip(("loss", "grad_img", "grad_txt"), out, ref):
         assert_close(a, r, atol=1e-4 * max(1.0, float(r.abs().max())), rtol=1e-3, name=name)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("bad", ["nan", "inf", "-inf"])
+@pytest.mark.parametrize("where", ["img", "txt"])
+@pytest.mark.parametrize("mv", [False, True], ids=["sum", "max"])
+def test_cuda_nonfinite_like_eager(bad, where, mv):
+    """The CPU non-finite checks on the CUDA kernels (NaN-aware tree max, poison flags from all blocks)."""
+    for B, chunk, ids in ((37, None, None), (300, 20_000, "dup")):
+        img, txt, ids_t = planted(B, 24, where, bad, ids, device="cuda", at=((5, 3), (0, 0), (B - 1, 7)))
+        check_nonfinite("cuda", img, txt, ids_t, mv, 2.0, chunk)
+        check_nonfinite("cuda", img.detach().double().requires_grad_(), txt.detach().double().requires_grad_(),
+                        ids_t, mv, 2.0, chunk, atol=1e-12, rtol=1e-10)

@@ -11,10 +11,23 @@
 //     f'(0) = 1 for gamma == 0 (f(c) = c; this is also what eager autograd gives, clamp passes c >= 0);
 //   * 1 - e^-c rounding to 0 for a tiny c > 0 with gamma < 1: the second term is taken as its limit 0.
 // The reference's autograd gives NaN in those two cases when 0 < gamma < 1; we give the limit.
+//
+// Non-finite costs (NaN / Inf features) follow the eager reference and its autograd exactly:
+//   * c NaN (unmasked): f = NaN (clamp(min=0) and the focal weight propagate it); f' = 0, because
+//     clamp's backward is where(c >= 0, grad, 0) and NaN >= 0 is false;
+//   * c = -inf: clamped, f = 0, f' = 0;
+//   * c = +inf: f = inf; f' = NaN for gamma > 0 (eager: exp's backward at -inf is inf·0) and 1 for
+//     gamma == 0 (torch's pow backward is exactly 0 for a zero exponent). The formula below gives both.
+//     Eager's NaN there reaches the gradients even where the entry is not a hard-mining arg-max (its
+//     zero upstream gradient times inf is NaN): the driver adds that (see triplet.h, "poison").
+//   * masked entries are 0 whatever c is (masked_fill comes first).
+// Hard-mining max: NaN wins, the first NaN (lowest index) is the arg-max, as torch.max (max_takes).
 #pragma once
 
 #include <c10/macros/Macros.h>
 #include <math.h>
+
+#include <cmath>
 
 namespace rspeft {
 namespace triplet {
@@ -25,6 +38,35 @@ C10_HOST_DEVICE inline float fpow(float x, float y) { return ::powf(x, y); }
 C10_HOST_DEVICE inline double fpow(double x, double y) { return ::pow(x, y); }
 C10_HOST_DEVICE inline float fsqrt(float x) { return ::sqrtf(x); }
 C10_HOST_DEVICE inline double fsqrt(double x) { return ::sqrt(x); }
+
+template <typename acc_t>
+C10_HOST_DEVICE inline bool is_nan(acc_t x) {
+#ifdef __CUDA_ARCH__
+  return ::isnan(x);
+#else
+  return std::isnan(x);
+#endif
+}
+
+template <typename acc_t>
+C10_HOST_DEVICE inline acc_t pos_inf() {
+  return acc_t(INFINITY);
+}
+
+// Does candidate value `a` replace the current maximum `b` when candidates come in increasing index
+// order? Strictly larger, or the first NaN: NaN beats everything, an earlier NaN beats a later one.
+template <typename acc_t>
+C10_HOST_DEVICE inline bool max_takes(acc_t a, acc_t b) {
+  return a > b || (is_nan(a) && !is_nan(b));
+}
+
+// Same for two (value, index) candidates in any order (tree reductions): does (va, ia) beat (vb, ib)?
+template <typename acc_t>
+C10_HOST_DEVICE inline bool max_beats(acc_t va, int64_t ia, acc_t vb, int64_t ib) {
+  const bool na = is_nan(va), nb = is_nan(vb);
+  if (na || nb) return na && (!nb || ia < ib);
+  return va > vb || (va == vb && ia < ib);
+}
 
 // u^g for the focal weight; the common exponents avoid pow (and match pow(x, 2) == x*x as torch does).
 template <typename acc_t>
@@ -38,12 +80,16 @@ C10_HOST_DEVICE inline acc_t upow(acc_t u, acc_t g) {
 }
 
 // Focal hinge of one raw cost `c` (before the clamp): returns f and writes f' to *df.
-// Invalid entries (masked or c < 0) give f = 0, f' = 0.
+// Invalid entries (masked or c < 0) give f = 0, f' = 0; a NaN cost gives f = NaN, f' = 0 (see above).
 template <typename acc_t>
 C10_HOST_DEVICE inline acc_t focal(acc_t c, bool masked, acc_t gamma, acc_t* df) {
-  if (masked || !(c >= acc_t(0))) {
+  if (masked || c < acc_t(0)) {
     *df = acc_t(0);
     return acc_t(0);
+  }
+  if (is_nan(c)) {
+    *df = acc_t(0);
+    return c;
   }
   if (gamma == acc_t(0)) {  // W == 1 (torch: 0^0 == 1): f = c, f' = 1 including c == 0
     *df = acc_t(1);

@@ -14,6 +14,8 @@
 
 #include <ATen/ATen.h>
 
+#include <limits>
+
 namespace rspeft {
 namespace triplet {
 namespace {
@@ -29,16 +31,16 @@ bool on_cuda(const at::Tensor& t) { return t.device().is_cuda(); }
 
 void rows_pass(const at::Tensor& S, at::Tensor& G, const at::Tensor& d_a, const at::Tensor& a_ids,
                const at::Tensor& o_ids, const PassArgs& p, at::Tensor& v, at::Tensor& gs, at::Tensor& arg,
-               at::Tensor& coef) {
+               at::Tensor& coef, const at::Tensor& d_o, Poison* poison) {
   if (on_cuda(S)) {
 #ifdef RSPEFT_WITH_CUDA
-    rows_pass_cuda(S, G, d_a, a_ids, o_ids, p, v, gs, arg, coef);
+    rows_pass_cuda(S, G, d_a, a_ids, o_ids, p, v, gs, arg, coef, d_o, poison);
     return;
 #else
     TORCH_CHECK(false, "rspeft_fast._C was built without CUDA kernels (RSPEFT_FAST_CPU_ONLY or no nvcc)");
 #endif
   }
-  rows_pass_cpu(S, G, d_a, a_ids, o_ids, p, v, gs, arg, coef);
+  rows_pass_cpu(S, G, d_a, a_ids, o_ids, p, v, gs, arg, coef, d_o, poison);
 }
 
 void cols_pass(const at::Tensor& S, at::Tensor& G, const at::Tensor& d_o, const at::Tensor& a_ids,
@@ -101,11 +103,21 @@ BandResult run_band(const at::Tensor& A, const at::Tensor& O, const at::Tensor& 
   at::Tensor row_coef = p.max_violation ? at::empty({R}, fopt) : at::empty({0}, fopt);
   at::Tensor col_val, col_gsum, col_arg, col_coef;
   if (col_terms) {
-    // max mode: every value is >= 0, so -1 is below all of them and the first row always replaces it
+    // max mode: every value is >= 0 or NaN, so -1 is below all of them and the first row always replaces it
     col_val = p.max_violation ? at::full({N}, -1.0, fopt) : at::zeros({N}, fopt);
     col_gsum = p.max_violation ? at::empty({0}, fopt) : at::zeros({N}, fopt);
     col_arg = p.max_violation ? at::zeros({N}, iopt) : at::empty({0}, iopt);
     col_coef = p.max_violation ? at::zeros({N}, fopt) : at::empty({0}, fopt);
+  }
+  // hard mining with gradients: flags of the unmasked +inf costs (see triplet.h); all zero for finite inputs
+  const bool poisoned = p.max_violation && p.need_grad && p.gamma > 0;
+  Poison flags;
+  if (poisoned) {
+    const auto i32 = A.options().dtype(at::kInt);
+    flags.row_own = at::zeros({R}, i32);
+    flags.row_any = at::zeros({R}, i32);
+    flags.col_any = at::zeros({N}, i32);
+    if (col_terms) flags.col_own = at::zeros({N}, i32);
   }
   BandResult res;
   if (sum_grad) {
@@ -124,7 +136,13 @@ BandResult run_band(const at::Tensor& A, const at::Tensor& O, const at::Tensor& 
     at::Tensor rg = p.max_violation ? row_gsum : row_gsum.narrow(0, r0, rc);
     at::Tensor ra = p.max_violation ? row_arg.narrow(0, r0, rc) : row_arg;
     at::Tensor rk = p.max_violation ? row_coef.narrow(0, r0, rc) : row_coef;
-    rows_pass(S, G, d_a.narrow(0, r0, rc), a_ids_c, o_ids, p, rv, rg, ra, rk);
+    Poison chunk_flags;
+    if (poisoned) {
+      chunk_flags = flags;
+      chunk_flags.row_own = flags.row_own.narrow(0, r0, rc);
+      chunk_flags.row_any = flags.row_any.narrow(0, r0, rc);
+    }
+    rows_pass(S, G, d_a.narrow(0, r0, rc), a_ids_c, o_ids, p, rv, rg, ra, rk, d_o, poisoned ? &chunk_flags : nullptr);
     if (col_terms) {
       cols_pass(S, G, d_o, a_ids_c, o_ids, r0, p, col_val, col_gsum, col_arg, col_coef);
     }
@@ -153,6 +171,18 @@ BandResult run_band(const at::Tensor& A, const at::Tensor& O, const at::Tensor& 
     res.gO.addcmul_(col_coef.unsqueeze(1), A.index_select(0, col_arg));
     scatter_rows(res.gA, col_arg, col_coef, O);
     res.g_do = col_coef.neg();
+  }
+  // What eager's dense dS·O and dSᵀ·A add for non-finite inputs (see triplet.h); no-ops for finite ones:
+  // (a) a NaN/inf feature makes its column of the other side's gradient NaN (Σ_j 0·x_j is NaN exactly then);
+  res.gA.add_(O.mul(0).sum(0, /*keepdim=*/true));
+  res.gO.add_(A.mul(0).sum(0, /*keepdim=*/true));
+  // (b) the rows and columns of dS holding an unmasked +inf cost are NaN, and so is d's gradient there.
+  if (poisoned) {
+    const double nan = std::numeric_limits<double>::quiet_NaN();
+    res.gA.masked_fill_(flags.row_any.ne(0).unsqueeze(1), nan);
+    res.gO.masked_fill_(flags.col_any.ne(0).unsqueeze(1), nan);
+    res.g_da.masked_fill_(flags.row_own.ne(0), nan);
+    if (col_terms) res.g_do.masked_fill_(flags.col_own.ne(0), nan);
   }
   return res;
 }

@@ -15,10 +15,19 @@ namespace {
 
 constexpr int64_t kColBlock = 256;  // columns per cols-pass task (contiguous inner loop)
 
+// Sets a column poison flag that several row tasks may set at once (always to the same value).
+inline void set_flag(int32_t* f) {
+#if defined(__GNUC__) || defined(__clang__)
+  __atomic_store_n(f, 1, __ATOMIC_RELAXED);
+#else
+  *reinterpret_cast<volatile int32_t*>(f) = 1;
+#endif
+}
+
 template <typename acc_t>
 void rows_impl(const at::Tensor& S, at::Tensor& G, const at::Tensor& d_a, const at::Tensor& a_ids,
                const at::Tensor& o_ids, const PassArgs& p, at::Tensor& row_val, at::Tensor& row_gsum,
-               at::Tensor& row_arg, at::Tensor& row_coef) {
+               at::Tensor& row_arg, at::Tensor& row_coef, const at::Tensor& d_o, Poison* poison) {
   const int64_t R = S.size(0), N = S.size(1);
   const acc_t* s = S.data_ptr<acc_t>();
   const acc_t* da = d_a.data_ptr<acc_t>();
@@ -52,6 +61,14 @@ void rows_impl(const at::Tensor& S, at::Tensor& G, const at::Tensor& d_a, const 
   }
   int64_t* ra = row_arg.data_ptr<int64_t>();
   acc_t* rk = row_coef.data_ptr<acc_t>();
+  // poison flags (see triplet.h): row flags are this task's own; column flags are shared (set_flag)
+  int32_t* p_row_own = poison ? poison->row_own.data_ptr<int32_t>() : nullptr;
+  int32_t* p_row_any = poison ? poison->row_any.data_ptr<int32_t>() : nullptr;
+  int32_t* p_col_any = poison ? poison->col_any.data_ptr<int32_t>() : nullptr;
+  const bool with_cols = poison && poison->col_own.defined();
+  int32_t* p_col_own = with_cols ? poison->col_own.data_ptr<int32_t>() : nullptr;
+  const acc_t* dd = with_cols ? d_o.data_ptr<acc_t>() : nullptr;
+  const acc_t inf = pos_inf<acc_t>();
   at::parallel_for(0, R, 1, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const acc_t* sr = s + r * N;
@@ -59,13 +76,25 @@ void rows_impl(const at::Tensor& S, at::Tensor& G, const at::Tensor& d_a, const 
       const int64_t ar = aid[r];
       acc_t best = acc_t(-1), best_df = acc_t(0);
       int64_t arg = 0;
-      for (int64_t j = 0; j < N; ++j) {  // ascending j, strict '>': the lowest index wins ties
+      for (int64_t j = 0; j < N; ++j) {  // ascending j, strict '>' (or first NaN): lowest index wins ties
         acc_t df;
-        const acc_t f = focal<acc_t>((m + sr[j]) - dr, oid[j] == ar, gamma, &df);
-        if (f > best) {
+        const bool masked = oid[j] == ar;
+        const acc_t c = (m + sr[j]) - dr;
+        const acc_t f = focal<acc_t>(c, masked, gamma, &df);
+        if (max_takes(f, best)) {
           best = f;
           best_df = df;
           arg = j;
+        }
+        if (p_row_any && !masked) {
+          const bool own = c == inf;
+          const bool other = dd != nullptr && (m + sr[j]) - dd[j] == inf;
+          if (own || other) {
+            if (own) p_row_own[r] = 1;
+            p_row_any[r] = 1;
+            if (other) set_flag(p_col_own + j);
+            set_flag(p_col_any + j);
+          }
         }
       }
       rv[r] = best;
@@ -122,13 +151,13 @@ void cols_impl(const at::Tensor& S, at::Tensor& G, const at::Tensor& d_o, const 
   at::parallel_for(0, nblk, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t j0 = b * kColBlock, j1 = std::min(N, j0 + kColBlock);
-      for (int64_t r = 0; r < R; ++r) {  // increasing rows, strict '>': the lowest row wins ties
+      for (int64_t r = 0; r < R; ++r) {  // increasing rows, strict '>' (or first NaN): lowest row wins ties
         const acc_t* sr = s + r * N;
         const int64_t ar = aid[r];
         for (int64_t j = j0; j < j1; ++j) {
           acc_t df;
           const acc_t f = focal<acc_t>((m + sr[j]) - dd[j], oid[j] == ar, gamma, &df);
-          if (f > cv[j]) {
+          if (max_takes(f, cv[j])) {
             cv[j] = f;
             ca[j] = row_offset + r;
             ck[j] = df;
@@ -172,11 +201,12 @@ void check_pass(const at::Tensor& S, const at::Tensor& G) {
 
 void rows_pass_cpu(const at::Tensor& S, at::Tensor& G, const at::Tensor& d_a, const at::Tensor& a_ids,
                    const at::Tensor& o_ids, const PassArgs& p, at::Tensor& row_val, at::Tensor& row_gsum,
-                   at::Tensor& row_arg, at::Tensor& row_coef) {
+                   at::Tensor& row_arg, at::Tensor& row_coef, const at::Tensor& d_o, Poison* poison) {
   check_pass(S, G);
+  const at::Tensor dd = poison && poison->col_own.defined() ? d_o.contiguous() : d_o;
   AT_DISPATCH_FLOATING_TYPES(S.scalar_type(), "triplet_rows_pass_cpu", [&] {
     rows_impl<scalar_t>(S, G, d_a.contiguous(), a_ids.contiguous(), o_ids.contiguous(), p, row_val, row_gsum,
-                        row_arg, row_coef);
+                        row_arg, row_coef, dd, poison);
   });
 }
 

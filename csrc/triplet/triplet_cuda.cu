@@ -3,7 +3,8 @@
 // and every reduction has a fixed order (no atomics), so the results are bitwise reproducible:
 //   * rows pass: one block per chunk row; each thread walks j = tid, tid + 256, ... (ascending) and
 //     the block combines the 256 partials with a fixed shared-memory tree. Max: (value, index) pairs,
-//     the larger value wins and equal values keep the lower index, i.e. the lowest j of the row max.
+//     the larger value wins and equal values keep the lower index, i.e. the lowest j of the row max;
+//     NaN beats every number and the lowest-index NaN wins (focal.h: max_takes / max_beats).
 //   * cols pass: thread per column j and row segment; each thread walks its segment's rows in
 //     increasing order and writes a partial; a second kernel folds the partials in segment order into
 //     the running column state (earlier chunks = lower rows; strict '>' keeps the lowest row on ties).
@@ -64,11 +65,14 @@ __global__ void rows_sum_kernel(const acc_t* __restrict__ S, acc_t* __restrict__
   }
 }
 
+// Poison flags (triplet.h; nullptr when not wanted, p_col_own/d_o also without column terms): every
+// writer stores the same value 1, so concurrent stores from several threads/blocks are harmless.
 template <typename acc_t>
 __global__ void rows_max_kernel(const acc_t* __restrict__ S, const acc_t* __restrict__ d_a,
                                 const int64_t* __restrict__ a_ids, const int64_t* __restrict__ o_ids, int64_t N,
                                 acc_t margin, acc_t gamma, acc_t* __restrict__ row_val, int64_t* __restrict__ row_arg,
-                                acc_t* __restrict__ row_coef) {
+                                acc_t* __restrict__ row_coef, const acc_t* __restrict__ d_o, int32_t* p_row_own,
+                                int32_t* p_row_any, int32_t* p_col_own, int32_t* p_col_any) {
   __shared__ acc_t sh_v[kThreads];
   __shared__ acc_t sh_k[kThreads];
   __shared__ int64_t sh_i[kThreads];
@@ -79,13 +83,26 @@ __global__ void rows_max_kernel(const acc_t* __restrict__ S, const acc_t* __rest
   const int64_t ar = a_ids[r];
   acc_t best = acc_t(-1), best_df = 0;
   int64_t arg = N;  // larger than every index: loses every tie (only kept by threads with no column)
-  for (int64_t j = tid; j < N; j += kThreads) {  // ascending j, strict '>'
+  const acc_t inf = pos_inf<acc_t>();
+  for (int64_t j = tid; j < N; j += kThreads) {  // ascending j, strict '>' (or first NaN)
     acc_t df;
-    const acc_t f = focal<acc_t>((margin + sr[j]) - dr, o_ids[j] == ar, gamma, &df);
-    if (f > best) {
+    const bool masked = o_ids[j] == ar;
+    const acc_t c = (margin + sr[j]) - dr;
+    const acc_t f = focal<acc_t>(c, masked, gamma, &df);
+    if (max_takes(f, best)) {
       best = f;
       best_df = df;
       arg = j;
+    }
+    if (p_row_any != nullptr && !masked) {
+      const bool own = c == inf;
+      const bool other = d_o != nullptr && (margin + sr[j]) - d_o[j] == inf;
+      if (own || other) {
+        if (own) p_row_own[r] = 1;
+        p_row_any[r] = 1;
+        if (other) p_col_own[j] = 1;
+        p_col_any[j] = 1;
+      }
     }
   }
   sh_v[tid] = best;
@@ -96,7 +113,7 @@ __global__ void rows_max_kernel(const acc_t* __restrict__ S, const acc_t* __rest
     if (tid < s) {
       const acc_t vb = sh_v[tid + s];
       const int64_t ib = sh_i[tid + s];
-      if (vb > sh_v[tid] || (vb == sh_v[tid] && ib < sh_i[tid])) {
+      if (max_beats(vb, ib, sh_v[tid], sh_i[tid])) {  // larger, first NaN, or equal with a lower index
         sh_v[tid] = vb;
         sh_i[tid] = ib;
         sh_k[tid] = sh_k[tid + s];
@@ -164,10 +181,10 @@ __global__ void cols_max_kernel(const acc_t* __restrict__ S, const acc_t* __rest
   const int64_t oj = o_ids[j];
   acc_t best = acc_t(-1), best_df = 0;
   int64_t arg = row_offset + r0;
-  for (int64_t r = r0; r < r1; ++r) {  // increasing rows, strict '>'
+  for (int64_t r = r0; r < r1; ++r) {  // increasing rows, strict '>' (or first NaN)
     acc_t df;
     const acc_t f = focal<acc_t>((margin + S[r * N + j]) - dj, oj == a_ids[r], gamma, &df);
-    if (f > best) {
+    if (max_takes(f, best)) {
       best = f;
       best_df = df;
       arg = row_offset + r;
@@ -190,7 +207,7 @@ __global__ void cols_max_fold_kernel(const acc_t* __restrict__ part_v, const int
   acc_t k = col_coef[j];
   for (int64_t s = 0; s < nseg; ++s) {  // segments hold increasing rows, after all earlier chunks
     const acc_t v = part_v[s * N + j];
-    if (v > best) {
+    if (max_takes(v, best)) {
       best = v;
       arg = part_i[s * N + j];
       k = part_k[s * N + j];
@@ -246,13 +263,19 @@ void check_pass(const at::Tensor& S, const at::Tensor& G) {
 
 void rows_pass_cuda(const at::Tensor& S, at::Tensor& G, const at::Tensor& d_a, const at::Tensor& a_ids,
                     const at::Tensor& o_ids, const PassArgs& p, at::Tensor& row_val, at::Tensor& row_gsum,
-                    at::Tensor& row_arg, at::Tensor& row_coef) {
+                    at::Tensor& row_arg, at::Tensor& row_coef, const at::Tensor& d_o, Poison* poison) {
   check_pass(S, G);
   const c10::cuda::CUDAGuard guard(S.device());
   const int64_t R = S.size(0), N = S.size(1);
   if (R == 0) return;
   const auto stream = c10::cuda::getCurrentCUDAStream();
   const at::Tensor da = d_a.contiguous(), ai = a_ids.contiguous(), oi = o_ids.contiguous();
+  const bool with_cols = poison != nullptr && poison->col_own.defined();
+  const at::Tensor dd = with_cols ? d_o.contiguous() : d_o;
+  int32_t* p_row_own = poison ? poison->row_own.data_ptr<int32_t>() : nullptr;
+  int32_t* p_row_any = poison ? poison->row_any.data_ptr<int32_t>() : nullptr;
+  int32_t* p_col_any = poison ? poison->col_any.data_ptr<int32_t>() : nullptr;
+  int32_t* p_col_own = with_cols ? poison->col_own.data_ptr<int32_t>() : nullptr;
   AT_DISPATCH_FLOATING_TYPES(S.scalar_type(), "triplet_rows_pass_cuda", [&] {
     const scalar_t m = static_cast<scalar_t>(p.margin), g = static_cast<scalar_t>(p.gamma);
     if (!p.max_violation) {
@@ -264,7 +287,8 @@ void rows_pass_cuda(const at::Tensor& S, at::Tensor& G, const at::Tensor& d_a, c
     } else {
       rows_max_kernel<scalar_t><<<R, kThreads, 0, stream>>>(
           S.data_ptr<scalar_t>(), da.data_ptr<scalar_t>(), ai.data_ptr<int64_t>(), oi.data_ptr<int64_t>(), N, m, g,
-          row_val.data_ptr<scalar_t>(), row_arg.data_ptr<int64_t>(), row_coef.data_ptr<scalar_t>());
+          row_val.data_ptr<scalar_t>(), row_arg.data_ptr<int64_t>(), row_coef.data_ptr<scalar_t>(),
+          with_cols ? dd.data_ptr<scalar_t>() : nullptr, p_row_own, p_row_any, p_col_own, p_col_any);
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });

@@ -46,6 +46,23 @@ Conventions that pin the result down where the reference leaves freedom:
 * determinism: no atomics; every sum has a fixed order, so the same inputs give bitwise the same loss
   and gradients (for a given device, thread count and chunk size).
 
+Non-finite inputs (NaN / ±Inf features) propagate as in the eager reference, never silently zeroed:
+
+* forward: a NaN cost gives ``f = NaN`` (clamp and the focal weight propagate it), ``-inf`` is clamped to
+  0, ``+inf`` gives ``inf``; in the hard-mining max NaN wins and the **first** NaN is the arg-max (as
+  ``torch.max`` and the reference's ``_max_first``), so the loss is NaN wherever eager's is;
+* gradients follow eager autograd: ``f'`` of a NaN cost is 0 (clamp's backward ``where(c >= 0, g, 0)``
+  gates it), ``f'(+inf)`` is NaN for ``gamma > 0`` (exp's backward ``inf·0``; 1 for ``gamma == 0``) and,
+  as in eager, that NaN reaches the gradients even off the hard-mining arg-max; eager's dense
+  ``dS·txt`` / ``dSᵀ·img`` makes a NaN/inf feature's whole column of the other input's gradient NaN, which
+  the sparse hard-mining path reproduces explicitly. Result: NaN plants give exactly eager's NaN
+  positions (and its finite values elsewhere), in both modes, with or without ids, and for the local
+  bands of ``gather=True``; inf plants too for ``gamma > 0``. For ``gamma == 0`` with an inf feature
+  the finite/non-finite pattern is eager's but a few entries can be NaN where eager has ±inf (eager
+  multiplies the inf by the exact dense coefficient in one GEMM; the kernel adds the masked diagonal's
+  ``0·inf`` and, under hard mining, a ``0·inf`` column term). The extra work for all this is O(B·D) and
+  happens without a device sync; finite inputs give the same values as before.
+
 Distributed (``gather=True``): the features (and ids) of every rank are all-gathered with
 ``torch.distributed.nn.functional.all_gather`` (gradients flow back to each rank's shard, as open_clip's
 gather-with-grad), and each rank computes only the terms of its own rows (its images against every
