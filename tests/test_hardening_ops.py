@@ -218,9 +218,6 @@ def test_autocast_returns_eager_dtypes(op, x_dtype, ac_dtype):
         y, g = H.fwd_bwd(m, m, xs)
         with _ref_ctx(m):
             y_r, g_r = H.fwd_bwd(m, m, xs)
-    if op == "triplet" and y.dtype != y_r.dtype:
-        pytest.xfail(f"triplet under autocast returns {y.dtype}, eager reference {y_r.dtype} "
-                     "(ops/triplet.py documents float32 on purpose)")
     assert y.dtype == y_r.dtype
     bound = 4e-2 if ac_dtype == torch.bfloat16 else 6e-3
     assert rel_err(y.float(), y_r.float()) < bound
@@ -328,18 +325,11 @@ def test_fp16_triplet_large_costs(max_violation):
 
 
 # ===================================================================================== 6. bad input
-_TRIPLET_NONFINITE = pytest.mark.xfail(strict=True, reason=(
-    "csrc/triplet/focal.h focal(): `if (masked || !(c >= 0)) return 0` turns a NaN cost into 0, so the C++ loss "
-    "is finite (or +inf) where eager's is NaN; max_violation also skips NaN (`f > best`); and the reference's "
-    "_max_first crashes on NaN (index B out of bounds). Reported in issue 9."))
-
-
 def _nonfinite_params():
     out = []
     for op in H.OPS + ("triplet_max",):
         for bad in ("nan", "inf"):
-            marks = [_TRIPLET_NONFINITE] if op.startswith("triplet") and (bad == "nan" or op == "triplet_max") else []
-            out.append(pytest.param(op, float(bad), id=f"{op}-{bad}", marks=marks))
+            out.append(pytest.param(op, float(bad), id=f"{op}-{bad}"))
     return out
 
 

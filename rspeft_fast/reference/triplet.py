@@ -37,12 +37,18 @@ def weighted_triplet_ref(
     ``Ci[i,j] = max(0, margin + S[i,j] - d[j])`` (column j), both zero where ``i == j`` (or
     ``ids[i] == ids[j]``); each cost ``c`` becomes ``(1 - e^-c)^gamma · c``; with ``max_violation`` only
     the largest cost of each row of ``Cs`` and each column of ``Ci`` counts;
-    ``loss = (Σ Cs + Σ Ci) / 2``. Computed in float32 at least.
+    ``loss = (Σ Cs + Σ Ci) / 2``. Computed in float32 at least, with autocast switched off inside (as
+    PyTorch's autocast policy does for losses): under autocast the loss is float32, like the fused op's.
 
     Hard-mining ties (several entries equal to a row's or column's maximum, e.g. the zeros of a row with
     no violating negative, or duplicated captions) are broken explicitly: the **lowest index** wins, so
     the gradient goes to the first arg-max (the C++/CUDA kernels follow the same rule).
     """
+    with torch.autocast(img.device.type, enabled=False):
+        return _weighted_triplet(img, txt, margin, gamma, max_violation, ids)
+
+
+def _weighted_triplet(img, txt, margin, gamma, max_violation, ids):
     dt = torch.promote_types(img.dtype, torch.float32)
     S = img.to(dt) @ txt.to(dt).t()
     d = S.diagonal()
