@@ -456,7 +456,10 @@ def qlinear_bwd(
             m, n, k if needs_dx else 1,
             dy.stride(0), weight.stride(0), weight.stride(1), dx_t.stride(0),
             QMAX=qmax, GELU=bool(gelu), WRITE_DPRE=write_dpre, PRECISION=_precision(dy.dtype),
-            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=8 if bm * bk >= 128 * 128 else 4, num_stages=3,
+            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=8 if bm * bk >= 128 * 128 else 4,
+            # fp32 tiles: 3 stages need 262656 B of shared memory at 1024->256 with GELU (> sm_90's 232448 B,
+            # OutOfResources at launch; benchmarks/aot_compile.py); 2 stages need 164096 B
+            num_stages=2 if dy.dtype == torch.float32 else 3,
         )
         if needs_dx:
             dx = dx_t
