@@ -1,0 +1,71 @@
+"""The test contract itself (``rspeft_fast.testing``): the fused rule catches errors and the runner is faithful."""
+import pytest
+import torch
+
+from rspeft_fast.testing import assert_fused_close, run_fwd_bwd, ulp
+
+
+def _matmul_case(dtype, n=37, k=29, m=13):
+    a, b = torch.randn(n, k), torch.randn(k, m)
+    ref = a.to(dtype).double() @ b.to(dtype).double()
+    eager = a.to(dtype) @ b.to(dtype)
+    return a, b, ref, eager
+
+
+def test_ulp_values():
+    assert ulp(torch.bfloat16) == 2.0 ** -7 and ulp(torch.float16) == 2.0 ** -10
+    assert ulp(torch.float32) == 2.0 ** -23 and ulp(torch.float64) == 2.0 ** -52
+    with pytest.raises(TypeError):
+        ulp(torch.int32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_rule_passes_eager_itself_and_fails_a_wrong_result(dtype):
+    a, b, ref, eager = _matmul_case(dtype)
+    assert_fused_close(eager, eager.clone(), ref, name="same")
+    # a fused result off by 3x eager's own error everywhere, in the worst direction, must fail
+    err = float((eager.double() - ref).abs().max())
+    bad = (ref + 8 * max(err, ulp(dtype) * float(ref.abs().max()))).to(dtype)
+    with pytest.raises(AssertionError, match="max\\|fused-ref\\|"):
+        assert_fused_close(bad, eager, ref, name="bad")
+    # a single flipped element is enough to fail
+    one = eager.clone()
+    one[3, 4] = -one[3, 4] + 1
+    with pytest.raises(AssertionError, match="1/"):
+        assert_fused_close(one, eager, ref, name="one")
+
+
+def test_rule_structures_none_and_nonfinite():
+    a, b, ref, eager = _matmul_case(torch.float16)
+    assert_fused_close({"y": eager, "g": [eager, None]}, {"y": eager, "g": [eager, None]}, {"y": ref, "g": [ref, None]})
+    with pytest.raises(AssertionError, match="missing"):
+        assert_fused_close([eager, None], [eager, eager], [ref, ref])
+    with pytest.raises(AssertionError, match="structures differ"):
+        assert_fused_close([eager], [eager, eager], [ref, ref])
+    with pytest.raises(AssertionError, match="same low dtype"):
+        assert_fused_close(eager.float(), eager, ref)
+    nan = eager.clone()
+    nan[0, 0] = float("nan")
+    with pytest.raises(AssertionError, match="non-finite"):
+        assert_fused_close(nan, eager, ref)
+    assert_fused_close(nan, nan.clone(), ref)  # NaN where eager has it: excluded from the error
+
+
+def test_run_fwd_bwd_grads_of_inputs_and_module_params_and_restores_grads():
+    lin = torch.nn.Linear(6, 5)
+    sentinel = torch.full_like(lin.weight, 7.0)
+    lin.weight.grad = sentinel
+    x = torch.randn(4, 6)
+    ids = torch.arange(4)
+    out, grads = run_fwd_bwd(lambda t, i: lin(t)[i], x, ids, module=lin, seed=3)
+    assert len(grads) == 3 and not out.requires_grad
+    dy = torch.randn(out.shape, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(grads[0], dy @ lin.weight.detach())
+    torch.testing.assert_close(grads[1], dy.T @ x)
+    torch.testing.assert_close(grads[2], dy.sum(0))
+    assert lin.weight.grad is sentinel and x.grad is None
+    out2, grads2 = run_fwd_bwd(lin, x, seed=3)  # a module as fn: its parameters are collected too
+    torch.testing.assert_close(out2, out)
+    assert all(torch.equal(g, h) for g, h in zip(grads, grads2))
+    _, g_other = run_fwd_bwd(lin, x, seed=4)
+    assert not torch.equal(g_other[0], grads[0])
