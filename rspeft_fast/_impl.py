@@ -5,20 +5,34 @@
   kernels on CUDA tensors, the C++ extension for the triplet loss on CPU, otherwise the reference.
   Setting ``RSPEFT_FAST_IMPL=reference`` in the environment makes every ``"auto"`` resolve to the
   reference (a global kill switch for debugging); explicit requests are still honoured.
-* An explicit request that cannot run raises :class:`ImplUnavailableError` saying why; nothing falls
-  back silently.
+* An explicit request that cannot run raises :class:`ImplUnavailableError` saying why, before any
+  kernel launch; nothing falls back silently.
+* Inputs outside a fused kernel's limits (shared memory of the device, a bottleneck too wide, ...): the
+  op passes ``limits=``, a zero-argument callable returning None or a one-line reason naming the limit
+  (the kernel files' ``why_unsupported``). ``"auto"`` then runs the reference and warns once per
+  ``(op, reason)``; an explicit request raises :class:`ImplUnavailableError` with the reason.
+* An unknown name raises ``ValueError`` listing the op's choices: at the construction of every module
+  (:func:`check_impl`) and at the call of every functional (:func:`resolve_impl`).
+
+The one dispatch rule: the functionals (``rspeft_fast.ops``) call :func:`resolve_impl` and run the chosen
+implementation; modules validate ``impl`` at construction and pass it to their functional.
 * ``"triton"`` on CPU tensors runs the kernels through Triton's interpreter, which must be switched on
   with ``TRITON_INTERPRET=1`` *before* triton is imported (this is how CI checks the kernels).
 """
 from __future__ import annotations
 
 import os
+import warnings
+from typing import Callable, Optional
 
 import torch
 
 __all__ = [
     "ImplUnavailableError",
+    "IMPLS",
+    "check_impl",
     "resolve_impl",
+    "kernel_limits",
     "triton_available",
     "triton_interpret",
     "force_reference",
@@ -75,15 +89,52 @@ def force_reference() -> bool:
     return os.environ.get(ENV_FORCE, "").strip().lower() == "reference"
 
 
-def resolve_impl(op: str, impl: str, device: torch.device | str, choices: tuple[str, ...]) -> str:
-    """Resolve ``impl`` for ``op`` on ``device`` to one concrete name out of ``choices``.
+# The implementations of each op besides "reference", fastest first (what "auto" tries, in order).
+IMPLS: dict[str, tuple[str, ...]] = {
+    "mufa": ("triton",),
+    "qlinear": ("triton",),
+    "eqam": ("triton",),
+    "mga": ("triton",),
+    "weighted_triplet_loss": ("cuda", "cpu"),
+}
+
+# (op, reason) pairs "auto" has already warned about (one warning each per process).
+_WARNED: set[tuple[str, str]] = set()
+
+
+def _choices_of(op: str, choices: Optional[tuple[str, ...]]) -> tuple[str, ...]:
+    if choices is not None:
+        return tuple(choices)
+    if op not in IMPLS:
+        raise KeyError(f"unknown op {op!r}: pass choices= (known ops: {sorted(IMPLS)})")
+    return IMPLS[op]
+
+
+def check_impl(op: str, impl: str, choices: Optional[tuple[str, ...]] = None) -> str:
+    """Validate ``impl`` for ``op`` (its choices from :data:`IMPLS` unless given); returns it.
+
+    Raises ``ValueError`` listing the valid names; used by every module's constructor so that a typo fails
+    where it is made, not at the first forward.
+    """
+    valid = ("auto", "reference") + _choices_of(op, choices)
+    if not isinstance(impl, str) or impl not in valid:
+        raise ValueError(f"{op}: impl={impl!r} is not one of {valid}")
+    return impl
+
+
+def resolve_impl(op: str, impl: str, device: torch.device | str, choices: Optional[tuple[str, ...]] = None,
+                 limits: Optional[Callable[[], Optional[str]]] = None) -> str:
+    """Resolve ``impl`` for ``op`` on ``device`` to one concrete name: ``"reference"`` or one of ``choices``.
 
     ``choices`` lists the op's implementations besides ``"reference"``, fastest first, each one of
-    ``"triton"``, ``"cuda"`` (the C++/CUDA extension on CUDA tensors), ``"cpu"`` (the extension on CPU).
+    ``"triton"``, ``"cuda"`` (the C++/CUDA extension on CUDA tensors), ``"cpu"`` (the extension on CPU);
+    default: ``IMPLS[op]``. ``limits``: optional zero-argument callable returning None when the inputs are
+    inside the fused implementation's limits, else a one-line reason naming the limit; ``"auto"`` then
+    resolves to ``"reference"`` with one ``warnings.warn`` per ``(op, reason)``, an explicit request raises
+    :class:`ImplUnavailableError` (before any kernel runs).
     """
-    valid = ("auto", "reference") + tuple(choices)
-    if impl not in valid:
-        raise ValueError(f"{op}: impl={impl!r} is not one of {valid}")
+    choices = _choices_of(op, choices)
+    check_impl(op, impl, choices)
     device = torch.device(device)
     if impl == "reference":
         return impl
@@ -91,6 +142,10 @@ def resolve_impl(op: str, impl: str, device: torch.device | str, choices: tuple[
         ok, why = available(impl, device)
         if not ok:
             raise ImplUnavailableError(f"{op}: impl={impl!r} cannot run here: {why}")
+        reason = limits() if limits is not None else None
+        if reason:
+            raise ImplUnavailableError(f"{op}: impl={impl!r} cannot run these inputs: {reason}; use impl='reference' "
+                                       "(or 'auto', which falls back to it with a warning)")
         return impl
     if force_reference():
         return "reference"
@@ -98,8 +153,35 @@ def resolve_impl(op: str, impl: str, device: torch.device | str, choices: tuple[
         if name == "triton" and device.type != "cuda":
             continue  # the interpreter is for checking, never picked by "auto"
         if available(name, device)[0]:
+            reason = limits() if limits is not None else None
+            if reason:
+                if (op, reason) not in _WARNED:
+                    _WARNED.add((op, reason))
+                    warnings.warn(f"{op}: impl='auto' runs the eager reference: the {name} implementation does not "
+                                  f"support these inputs ({reason})", stacklevel=3)
+                return "reference"
             return name
     return "reference"
+
+
+def kernel_limits(kernels: Callable[[], object], device: torch.device | str, dtype: torch.dtype,
+                  **shapes: int) -> Callable[[], Optional[str]]:
+    """A ``limits=`` callable for :func:`resolve_impl` from a kernel file's ``why_unsupported``.
+
+    ``kernels`` returns the kernel module (imported lazily: only called when a fused implementation is
+    considered); ``why_unsupported(*, dtype, props, **shapes)`` is called with the device's properties
+    (``kernels/_launch.device_props``). A kernel file without ``why_unsupported`` has no declared limits.
+    """
+    def limits() -> Optional[str]:
+        kmod = kernels()
+        why = getattr(kmod, "why_unsupported", None)
+        if why is None:
+            return None
+        from .kernels import _launch  # the one launch policy (kernels/_launch.py)
+
+        return why(dtype=dtype, props=_launch.device_props(torch.device(device)), **shapes)
+
+    return limits
 
 
 def available(name: str, device: torch.device) -> tuple[bool, str]:
