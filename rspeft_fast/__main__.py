@@ -1,4 +1,5 @@
-"""Command line: ``python -m rspeft_fast train ...`` (fine-tuning) and ``python -m rspeft_fast bench ...``."""
+"""Command line: ``python -m rspeft_fast train ...`` (classification fine-tuning), ``python -m rspeft_fast retrieval ...``
+(image-text retrieval fine-tuning / evaluation) and ``python -m rspeft_fast bench ...``."""
 from __future__ import annotations
 
 import sys
@@ -6,15 +7,20 @@ import sys
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    usage = "usage: python -m rspeft_fast {train,bench} [options]   (see `python -m rspeft_fast train --help`)"
+    usage = ("usage: python -m rspeft_fast {train,retrieval,bench} [options]   "
+             "(see `python -m rspeft_fast train --help`, `... retrieval --help`)")
     if not argv or argv[0] in ("-h", "--help"):
         print(usage)
         return 0 if argv else 2
     cmd, rest = argv[0], argv[1:]
     if cmd == "train":
-        from .integration.train import main as train_main
+        from .train.cli import main as train_main
 
         return int(train_main(rest) or 0)
+    if cmd == "retrieval":
+        from .retrieval.job import main as retrieval_main
+
+        return int(retrieval_main(rest) or 0)
     if cmd == "bench":
         from .bench.cli import main as bench_main
 

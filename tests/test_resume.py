@@ -18,7 +18,7 @@ import torch
 pytest.importorskip("timm")
 from safetensors.torch import load_file  # noqa: E402
 
-from rspeft_fast.integration.train import atomic_torch_save  # noqa: E402
+from rspeft_fast.train import atomic_torch_save  # noqa: E402
 
 # 8 classes x 6 images = 48 train images, batch 8: 6 steps per epoch, 2 epochs = 12 steps.
 # drop_path makes the run consume the global torch RNG (train mode), so RNG restoration is exercised.
@@ -110,7 +110,7 @@ def test_external_sigint_then_resume(tmp_path, reference_run):
 
 
 def test_resume_refuses_other_settings_and_bad_files(tmp_path):
-    from rspeft_fast.integration.train import main as train_main
+    from rspeft_fast.train import main as train_main
 
     out = tmp_path / "run"
     p = _run(["--stop-after-steps", "2"], out, check=False)

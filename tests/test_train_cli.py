@@ -10,7 +10,7 @@ timm = pytest.importorskip("timm")
 import rspeft_fast as rf  # noqa: E402
 from rspeft_fast.__main__ import main as dispatch  # noqa: E402
 from rspeft_fast.data import CLASSES, make_textures, write_image_folder  # noqa: E402
-from rspeft_fast.integration.train import main as train_main  # noqa: E402
+from rspeft_fast.train import main as train_main  # noqa: E402
 
 # 4 tokens per image, 2 blocks: each step is cheap on a CPU
 SMALL = ["--model", "vit_tiny_patch16_224", "--img-size", "32", "--no-progress", "--device", "cpu",
@@ -83,3 +83,80 @@ def test_cli_errors_are_clear(tmp_path, capsys):
         train_main(["--help"])
     assert e.value.code == 0
     assert "--method" in capsys.readouterr().out
+
+
+def _twelve_images(root, corrupt: int | None = None):
+    """2 classes x 6 PNGs (random pixels); ``corrupt``: index of one file truncated to half its bytes."""
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(3)
+    paths = []
+    for k, cls in enumerate(("forest", "river")):
+        os.makedirs(os.path.join(root, cls), exist_ok=True)
+        for i in range(6):
+            px = torch.randint(0, 256, (24, 24, 3), generator=g, dtype=torch.uint8).numpy()
+            p = os.path.join(root, cls, f"{i}.png")
+            Image.fromarray(px).save(p)
+            paths.append(p)
+    if corrupt is not None:
+        data = open(paths[corrupt], "rb").read()
+        with open(paths[corrupt], "wb") as f:
+            f.write(data[: len(data) // 2])
+    return paths
+
+
+def test_bad_image_stops_before_training_or_is_skipped(tmp_path, capsys):
+    """One truncated PNG among 12: the job stops before the first step with one error naming the file;
+    --skip-bad-images drops it with a warning and a count and trains on the other 11."""
+    root = str(tmp_path / "data")
+    paths = _twelve_images(root, corrupt=7)
+    args = SMALL + ["--method", "bitfit", "--data", root, "--epochs", "1", "--batch-size", "4", "--val-fraction", "0.34",
+                    "--out", str(tmp_path / "o")]
+    with pytest.raises(SystemExit) as e:
+        train_main(args)
+    msg = str(e.value)
+    assert "1 of 12" in msg and paths[7] in msg and "--skip-bad-images" in msg
+    assert "epoch 1/1" not in capsys.readouterr().out  # stopped before training
+    with pytest.warns(UserWarning, match=r"dropped 1 unreadable file\(s\) of 12"):
+        rc = train_main(args + ["--skip-bad-images"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    n_train, n_val = [int(t) for t in out.split("data ")[1].split(":")[1].split("val")[0].replace("train /", "").split()]
+    assert n_train + n_val == 11
+
+
+def test_timm_transforms_follow_the_model_config(tmp_path):
+    """Eval transform: the model's mean/std and crop (timm resolve_data_config); train: random crops/flips."""
+    import argparse
+
+    from rspeft_fast.train.data import timm_transforms
+
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, depth=1)
+    ns = argparse.Namespace(aa="rand-m9-mstd0.5", scale=(0.5, 1.0), hflip=0.5, vflip=0.5, color_jitter=0.4, reprob=0.0)
+    t_train, t_eval, cfg = timm_transforms(model, ns, 32)
+    assert cfg["input_size"] == (3, 32, 32) and tuple(cfg["mean"]) == tuple(model.pretrained_cfg["mean"])
+    assert "RandAugment" in repr(t_train) and "CenterCrop" in repr(t_eval)
+    from PIL import Image
+
+    im = Image.fromarray(torch.randint(0, 256, (40, 50, 3), dtype=torch.uint8).numpy())
+    assert t_eval(im).shape == (3, 32, 32) and t_train(im).shape == (3, 32, 32)
+
+
+def test_sampler_ranks_partition_the_global_batches():
+    """W ranks with batch B read exactly the samples of one process with batch B*W, step by step."""
+    from rspeft_fast.train.data import ResumableSampler
+
+    one = ResumableSampler(23, seed=4, batch_size=6)
+    one.begin_epoch(0)
+    full = [i for _, i in one][: (23 // 6) * 6]
+    ranks = []
+    for r in range(2):
+        s = ResumableSampler(23, seed=4, batch_size=3, rank=r, world=2)
+        s.begin_epoch(0)
+        ranks.append([i for _, i in s])
+        assert len(ranks[-1]) == len(s) == 9
+    merged = [i for g in range(3) for r in range(2) for i in ranks[r][g * 3:(g + 1) * 3]]
+    assert merged == full[:18]
+    s = ResumableSampler(23, seed=4, batch_size=3, rank=1, world=2)
+    s.begin_epoch(0, start_step=2)
+    assert [i for _, i in s] == ranks[1][6:]

@@ -1,0 +1,377 @@
+"""The one training engine of both jobs (``train``: classification, ``retrieval``: image-text).
+
+:class:`Trainer` runs epochs of ``loss_fn(batch) -> (loss, n_items)`` with AdamW over the trainable
+parameters (:func:`build_optim`: weight decay on matrices only, linear warm-up then cosine, stepped per
+batch), autocast (:func:`autocast`), optional gradient clipping, a tqdm progress bar, per-epoch running
+metrics, atomic checkpoints every N steps and on SIGINT/SIGTERM (:class:`StopRequest`), and bit-exact
+``--resume`` (:mod:`rspeft_fast.train.checkpoint`). Under ``torchrun`` (:func:`setup_distributed`) the model
+is wrapped in DDP, or sharded with FSDP2 ``fully_shard`` (``--fsdp``), by :func:`wrap_model`; the stop
+decision is all-reduced so every rank stops after the same step, and rank 0 writes the checkpoint (with
+every rank's RNG states).
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import resource
+import signal
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from .checkpoint import (FORMAT, TrainState, atomic_torch_save, backbone_checksum, fresh_acc, rng_state, run_fingerprint,
+                         set_rng_state)
+
+__all__ = ["Trainer", "build_optim", "amp_dtype", "autocast", "peak_memory", "resolve_device", "StopRequest",
+           "DistInfo", "setup_distributed", "wrap_model", "unwrap"]
+
+
+# --------------------------------------------------------------------------------------------------
+# devices, precision, memory
+
+
+def resolve_device(name: str, dist: Optional["DistInfo"] = None) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", dist.local_rank if dist is not None and dist.world > 1 else torch.cuda.current_device())
+        return torch.device("cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {name}: CUDA is not available here")
+    return dev
+
+
+def amp_dtype(args):
+    mode = args.amp
+    if mode == "auto":
+        mode = "bf16" if args._device.type == "cuda" else "off"
+    return {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[mode]
+
+
+def autocast(args):
+    dt = amp_dtype(args)
+    if dt is None:
+        return torch.autocast(args._device.type, enabled=False)
+    return torch.autocast(args._device.type, dtype=dt)
+
+
+def peak_memory(device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB (CUDA allocated)"
+    rss_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    return f"{rss_kib / 2**20:.2f} GiB (process RSS)"
+
+
+def build_optim(model: nn.Module, args, total_steps: int, betas=(0.9, 0.999)):
+    """AdamW (weight decay on ≥2-D tensors only) + LambdaLR: linear warm-up (``args.warmup_steps``, default
+    5 % of ``total_steps``) then cosine to 0 at ``total_steps``."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=args.lr, betas=tuple(betas),
+        fused=args._device.type == "cuda" or None,
+    )
+    warm = args.warmup_steps if args.warmup_steps is not None else max(1, int(0.05 * total_steps))
+
+    def lr_at(step):  # linear warm-up then cosine to 0
+        if step < warm:
+            return (step + 1) / warm
+        t = (step - warm) / max(1, total_steps - warm)
+        return 0.5 * (1.0 + math.cos(math.pi * min(t, 1.0)))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    return opt, sched
+
+
+# --------------------------------------------------------------------------------------------------
+# distributed
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    initialised_here: bool = False
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def active(self) -> bool:
+        return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def setup_distributed(fsdp: bool = False) -> DistInfo:
+    """Join the ``torchrun`` process group (``WORLD_SIZE`` > 1: gloo on CPU, nccl on CUDA). ``fsdp`` in a
+    single process makes a one-rank gloo group (``fully_shard`` needs one)."""
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    if dist.is_initialized():
+        return DistInfo(dist.get_rank(), dist.get_world_size(), local)
+    if world > 1:
+        backend = "nccl" if torch.cuda.is_available() and dist.is_nccl_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(local)
+        dist.init_process_group(backend)
+        return DistInfo(dist.get_rank(), dist.get_world_size(), local, True)
+    if fsdp:
+        store = tempfile.mktemp(prefix="rspeft_fast_pg_")
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", init_method=f"file://{store}", rank=0, world_size=1)
+        return DistInfo(0, 1, 0, True)
+    return DistInfo()
+
+
+def wrap_model(model: nn.Module, args, dist: DistInfo, shard_modules: Callable[[nn.Module], list] | None = None) -> nn.Module:
+    """DDP (world > 1) or FSDP2 (``args.fsdp``: ``fully_shard`` on each module of ``shard_modules(model)``,
+    e.g. the transformer blocks, then on the root) of the injected model; the model itself otherwise.
+    FSDP2 shards in place: the returned module is ``model``, now with DTensor parameters."""
+    if getattr(args, "fsdp", False):
+        from torch.distributed.fsdp import fully_shard
+
+        for m in (shard_modules(model) if shard_modules is not None else []):
+            fully_shard(m)
+        fully_shard(model)
+        return model
+    if dist.world > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        dev = args._device
+        return DDP(model, device_ids=[dev.index] if dev.type == "cuda" else None)
+    return model
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    return model.module if hasattr(model, "module") and isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+# --------------------------------------------------------------------------------------------------
+# signals
+
+
+class StopRequest:
+    """SIGINT/SIGTERM handler: the first signal asks the loop to stop after the step in flight; a second
+    one restores the default action and re-raises the signal (abort at once)."""
+
+    def __init__(self):
+        self.signum = None
+
+    def __call__(self, signum, frame):
+        if self.signum is not None:
+            signal.signal(signum, signal.SIG_DFL if signum != signal.SIGINT else signal.default_int_handler)
+            os.kill(os.getpid(), signum)
+            return
+        self.signum = signum
+        print(f"\nreceived {signal.Signals(signum).name}: finishing the current step and writing a checkpoint "
+              "(send it again to abort without saving)", file=sys.stderr, flush=True)
+
+    @contextlib.contextmanager
+    def installed(self):
+        if threading.current_thread() is not threading.main_thread():  # signals can only be handled there
+            yield self
+            return
+        old = {s: signal.signal(s, self) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield self
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+
+
+# --------------------------------------------------------------------------------------------------
+# the loop
+
+
+def _gpu_sync(dev):
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+class Trainer:
+    """The training loop with its checkpointable state.
+
+    ``model``: the (unwrapped) injected model whose trainable tensors a checkpoint holds; ``loss_fn(batch)
+    -> (loss, n_items)`` runs the (wrapped) model's forward under autocast itself; ``run_keys``: the
+    argument names of the run fingerprint (``epochs`` excluded: a resume may extend it).
+    """
+
+    def __init__(self, model, train_loader, opt, sched, scaler, args, steps_per_epoch: int, progress, stop: StopRequest,
+                 ckpt_path: str, loss_fn: Callable, run_keys, dist: DistInfo | None = None):
+        self.model, self.loader, self.opt, self.sched, self.scaler = model, train_loader, opt, sched, scaler
+        self.sampler = train_loader.sampler
+        self.args, self.steps_per_epoch, self.progress, self.stop, self.ckpt_path = args, steps_per_epoch, progress, stop, ckpt_path
+        self.loss_fn, self.run_keys, self.dist = loss_fn, tuple(run_keys), dist or DistInfo()
+        self.state = TrainState(epoch_acc=fresh_acc())
+        self._sampler_state = None  # generator state to start the epoch in flight from (set by resume)
+
+    def _stop_now(self) -> bool:
+        """Whether any rank received a signal (all-reduced under torch.distributed: all stop together)."""
+        flag = self.stop.signum is not None
+        if self.dist.world > 1:
+            import torch.distributed as dist
+
+            t = torch.tensor([int(self.stop.signum or 0)], device=self.args._device if dist.get_backend() == "nccl" else "cpu")
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            if t.item() and self.stop.signum is None:
+                self.stop.signum = int(t.item())
+            flag = bool(t.item())
+        return flag
+
+    # -- one epoch -------------------------------------------------------------------------------------
+    def train_epoch(self) -> bool:
+        """Runs (the rest of) the epoch in flight; returns False when a signal stopped it part-way."""
+        args, st, dev = self.args, self.state, self.args._device
+        self.sampler.begin_epoch(st.epoch, start_step=st.epoch_step, generator_state=self._sampler_state)
+        self._sampler_state = None
+        if st.epoch_step >= self.steps_per_epoch:
+            return True
+        params = [p for g in self.opt.param_groups for p in g["params"]]
+        acc = st.epoch_acc
+        _gpu_sync(dev)
+        t0 = time.perf_counter()
+        bar = self.progress(self.loader, desc=f"epoch {st.epoch + 1}/{args.epochs}", leave=False)
+        for batch in bar:
+            loss, n = self.loss_fn(batch)
+            self.opt.zero_grad(set_to_none=True)
+            clip = getattr(args, "clip_grad", None)
+            if self.scaler is not None:
+                self.scaler.scale(loss).backward()
+                if clip:
+                    self.scaler.unscale_(self.opt)
+                    torch.nn.utils.clip_grad_norm_(params, clip)
+                self.scaler.step(self.opt)
+                self.scaler.update()
+            else:
+                loss.backward()
+                if clip:
+                    torch.nn.utils.clip_grad_norm_(params, clip)
+                self.opt.step()
+            self.sched.step()
+            st.step += 1
+            st.epoch_step += 1
+            li = loss.item()
+            if not math.isfinite(li):
+                raise FloatingPointError(f"non-finite loss {li} at step {st.step}")
+            acc["first_loss"] = li if acc["first_loss"] is None else acc["first_loss"]
+            acc["total_loss"] += li * n
+            acc["n_seen"] += n
+            if hasattr(bar, "set_postfix"):
+                bar.set_postfix(loss=f"{li:.3f}", lr=f"{self.sched.get_last_lr()[0]:.2e}")
+            done = st.epoch_step >= self.steps_per_epoch
+            if args.stop_after_steps is not None and st.step == args.stop_after_steps:
+                os.kill(os.getpid(), signal.SIGTERM)  # test hook: the handler runs before the next line
+            stopping = self._stop_now()
+            if stopping or (args.ckpt_every and st.step % args.ckpt_every == 0):
+                _gpu_sync(dev)
+                acc["train_s"] += time.perf_counter() - t0
+                t0 = time.perf_counter()
+                self.save_checkpoint()
+                if stopping:
+                    return False
+            if done:
+                break
+        _gpu_sync(dev)
+        acc["train_s"] += time.perf_counter() - t0
+        return True
+
+    def epoch_metrics(self) -> dict:
+        acc, n = self.state.epoch_acc, self.state.epoch_acc["n_seen"]
+        return {"train_loss": acc["total_loss"] / max(n, 1), "first_loss": acc["first_loss"],
+                "images_per_s": n / max(acc["train_s"], 1e-9), "train_s": acc["train_s"], "steps": self.state.epoch_step}
+
+    def end_epoch(self, metrics: dict) -> None:
+        self.state.history.append(metrics)
+        self.state.epoch += 1
+        self.state.epoch_step = 0
+        self.state.epoch_acc = fresh_acc()
+
+    # -- checkpoints -----------------------------------------------------------------------------------
+    def _trainable(self) -> dict:
+        out = {}
+        for n, p in self.model.named_parameters():
+            if p.requires_grad:
+                t = p.detach()
+                t = t.full_tensor() if hasattr(t, "full_tensor") else t  # FSDP2: a collective on every rank
+                out[n] = t.to("cpu", copy=True)
+        return out
+
+    def checkpoint(self) -> dict:
+        dev = self.args._device
+        rng = rng_state(dev)
+        if self.dist.world > 1:
+            import torch.distributed as dist
+
+            rngs = [None] * self.dist.world
+            dist.all_gather_object(rngs, rng)
+        else:
+            rngs = [rng]
+        return {
+            "format": FORMAT,
+            "run": run_fingerprint(self.args, self.run_keys),
+            "epochs": int(self.args.epochs),
+            "world": self.dist.world,
+            "backbone_checksum": backbone_checksum(self.model),
+            "trainable": self._trainable(),
+            "optimizer": self.opt.state_dict(),
+            "scheduler": self.sched.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "state": asdict(self.state),
+            "sampler": {"epoch": self.sampler.epoch, "epoch_start_state": self.sampler.epoch_start_state},
+            "rng": rngs,
+        }
+
+    def save_checkpoint(self) -> None:
+        if getattr(self.args, "fsdp", False):
+            raise SystemExit("--fsdp: checkpoints are not supported yet (train without --ckpt-every / signals, or use DDP)")
+        ck = self.checkpoint()
+        if self.dist.is_main:
+            atomic_torch_save(ck, self.ckpt_path)
+        if self.dist.world > 1:
+            torch.distributed.barrier()
+
+    def load_checkpoint(self, path: str) -> None:
+        try:
+            ck = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise SystemExit(f"--resume {path}: cannot read the checkpoint ({type(e).__name__}: {e})") from None
+        if not isinstance(ck, dict) or ck.get("format") != FORMAT:
+            raise SystemExit(f"--resume {path}: not an rspeft_fast training checkpoint")
+        now, then = run_fingerprint(self.args, self.run_keys), ck["run"]
+        diff = {k: (then.get(k), now.get(k)) for k in sorted(set(now) | set(then)) if now.get(k) != then.get(k)}
+        if diff:
+            raise SystemExit(f"--resume {path}: the checkpoint was written by a run with other settings; differing "
+                             f"(checkpoint, now): {diff}")
+        if int(self.args.epochs) < int(ck["epochs"]):
+            raise SystemExit(f"--resume {path}: --epochs {self.args.epochs} is fewer than the checkpointed run's "
+                             f"{ck['epochs']} (a resume may extend --epochs, not shorten it)")
+        if int(ck.get("world", 1)) != self.dist.world:
+            raise SystemExit(f"--resume {path}: written by {ck.get('world', 1)} process(es), resumed with {self.dist.world}")
+        if ck["backbone_checksum"] != backbone_checksum(self.model):
+            raise SystemExit(f"--resume {path}: the frozen backbone weights differ from the checkpointed run's "
+                             "(another --checkpoint file or library version?)")
+        params = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+        saved = ck["trainable"]
+        if set(saved) != set(params) or any(tuple(saved[n].shape) != tuple(params[n].shape) for n in params):
+            raise SystemExit(f"--resume {path}: the checkpoint's trainable tensors do not match the model's")
+        with torch.no_grad():
+            for n, p in params.items():
+                p.copy_(saved[n])
+        self.opt.load_state_dict(ck["optimizer"])
+        self.sched.load_state_dict(ck["scheduler"])
+        if self.scaler is not None and ck["scaler"] is not None:
+            self.scaler.load_state_dict(ck["scaler"])
+        self.state = TrainState(**ck["state"])
+        self._sampler_state = ck["sampler"]["epoch_start_state"]
+        set_rng_state(ck["rng"][self.dist.rank], self.args._device)
