@@ -7,13 +7,11 @@ triplet loss's C++ kernel) and once with ``impl="reference"`` on the very same p
 from __future__ import annotations
 
 import contextlib
-import functools
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from rspeft_fast._impl import ImplUnavailableError
 from rspeft_fast.modules.mga import BiShareAdapter, MGAdapter
 from rspeft_fast.modules.mufa import MuFAAdapter
 from rspeft_fast.modules.qlinear import EQAM, QLinear
@@ -72,29 +70,23 @@ def make_mga(dim: int = 48, hidden: int = 32, heads: int = 2, share: bool = True
     return randomize(m).to(dtype)
 
 
-@functools.lru_cache(maxsize=None)
-def triplet_fused_impl() -> str | None:
-    """The fused (C++ CPU) triplet implementation's impl name, or None while it is not wired in."""
-    from rspeft_fast.ops.triplet import weighted_triplet_loss
-
-    a = F.normalize(torch.randn(4, 8), dim=1)
-    try:
-        weighted_triplet_loss(a, a.flip(0), impl="cpu")
-    except (ValueError, ImplUnavailableError, ImportError, NotImplementedError):
-        return None
+def triplet_fused_impl() -> str:
+    """The fused triplet implementation on CPU: the C++ kernel of ``rspeft_fast._C`` (``impl="cpu"``)."""
     return "cpu"
 
 
 def require_triplet_fused() -> str:
-    impl = triplet_fused_impl()
-    if impl is None:
-        pytest.skip("the C++ CPU triplet kernel is not wired into weighted_triplet_loss (impl='cpu') yet")
-    return impl
+    """``"cpu"``, after checking the C++ extension is built: a missing or broken ``_C`` FAILS (never skips)."""
+    from rspeft_fast import _native
+
+    ok, why = _native.has("cpu")
+    if not ok:
+        pytest.fail(f"the C++ triplet kernel is unavailable: {why}", pytrace=False)
+    return "cpu"
 
 
 def make_triplet(max_violation: bool = False, margin: float = 0.2, gamma: float = 2.0) -> WeightedTripletLoss:
-    return WeightedTripletLoss(margin=margin, gamma=gamma, max_violation=max_violation,
-                               impl=triplet_fused_impl() or "auto")
+    return WeightedTripletLoss(margin=margin, gamma=gamma, max_violation=max_violation, impl=require_triplet_fused())
 
 
 def make(op: str, dtype=torch.float32, **kw) -> torch.nn.Module:

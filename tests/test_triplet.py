@@ -11,10 +11,16 @@ from rspeft_fast._impl import ImplUnavailableError
 from rspeft_fast.modules.triplet import WeightedTripletLoss
 from rspeft_fast.ops.triplet import _triplet_fwd, weighted_triplet_local_ref, weighted_triplet_loss
 from rspeft_fast.reference.triplet import weighted_triplet_ref
-from rspeft_fast.testing import TOLERANCES, assert_close
+from rspeft_fast.testing import TOLERANCES, assert_close, assert_fused_close
 
-HAS_CPU_EXT = _native.has("cpu")[0]
-pytestmark = pytest.mark.skipif(not HAS_CPU_EXT, reason=f"rspeft_fast._C not built: {_native.has('cpu')[1]}")
+FLOOR_ULPS = 4
+
+
+
+def test_extension_is_built():
+    """A missing or broken ``rspeft_fast._C`` fails the suite (every test below fails too, never skips)."""
+    ok, why = _native.has("cpu")
+    assert ok, why
 
 
 def make(B, D, dtype=torch.float32, device="cpu", ids=None, seed=0):
@@ -48,11 +54,9 @@ def check_vs_reference(impl, B, D, mv, ids, margin=0.2, gamma=2.0, chunk=None, d
     img64 = img.detach().double().requires_grad_()
     txt64 = txt.detach().double().requires_grad_()
     gold = loss_and_grads(lambda a, b: weighted_triplet_ref(a, b, **kw), img64, txt64)
-    atol, _ = TOLERANCES[dtype]
     for name, a, r, g in zip(("loss", "grad_img", "grad_txt"), out, ref, gold):
         assert a.dtype == r.dtype, f"{name}: dtype {a.dtype} != reference {r.dtype}"
-        eager_err = float((r.double() - g).abs().max())
-        assert_close(a, g.to(a.dtype), atol=2 * eager_err + atol * max(1.0, float(g.abs().max())), rtol=0, name=name)
+    assert_fused_close(list(out), list(ref), list(gold), factor=2.0, floor_ulps=FLOOR_ULPS, name=f"triplet {impl}")
     return out, ref
 
 
@@ -204,12 +208,6 @@ def test_cpu_torch_compile(backend):
     ref = loss_and_grads(fn, img, txt)
     for a, r in zip(out, ref):
         assert torch.equal(a, r)
-
-
-def test_opcheck():
-    img, txt, ids = make(20, 8, ids="dup")
-    args = (img, txt, ids, 0, 20, 0.2, 2.0, False, True, 0)
-    torch.library.opcheck(_triplet_fwd, args, test_utils=("test_schema", "test_faketensor"))
 
 
 def test_module():

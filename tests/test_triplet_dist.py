@@ -12,7 +12,6 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from rspeft_fast import _native
 from rspeft_fast.reference.triplet import weighted_triplet_ref
 from rspeft_fast.testing import assert_close
 
@@ -20,9 +19,10 @@ WORLD = 2
 B_LOCAL, D = 23, 16
 CASES = [(impl, mv, use_ids) for impl in ("cpu", "reference") for mv in (False, True) for use_ids in (False, True)]
 
+# A torch build without distributed/gloo is a platform limit (skip); a missing rspeft_fast._C is a broken
+# build and fails (the "cpu" cases below raise naming the rebuild command).
 pytestmark = pytest.mark.skipif(
-    not (dist.is_available() and dist.is_gloo_available() and _native.has("cpu")[0]),
-    reason="needs torch.distributed with gloo and the built extension",
+    not (dist.is_available() and dist.is_gloo_available()), reason="needs torch.distributed with gloo"
 )
 
 
