@@ -296,3 +296,29 @@ def test_merge_lora_and_bitfit():
         rf.enable_adapters(model, False)
     with pytest.raises(NotImplementedError, match="not linear"):
         rf.merge_adapters(rf.inject(_model(VIT), "mufa"))
+
+
+def test_target_fullmatch_one_meaning_across_methods_and_report():
+    # a string is re.fullmatch-ed (HF peft's rule): "blocks.1" adapts block 1, not blocks 10 / 11
+    model = _model(("vit_tiny_patch16_224", {"img_size": 32, "depth": 12}))
+    rf.inject(model, "mufa", target="blocks.1")
+    assert model.rspeft_adapted == ("blocks.1",)
+    assert [n for n, m in model.named_modules() if isinstance(m, rf.MuFAAdapter)] == ["blocks.1.adapter"]
+    info = rf.trainable_parameters(model)
+    assert info.adapted == ("blocks.1",) and "adapted 1 modules: blocks.1" in str(info)
+    # the same target means the same place for LoRA (units inside the selected block) and BitFit
+    lora = rf.inject(_model(VIT), "lora", target="blocks.1")
+    assert lora.rspeft_adapted == ("blocks.1.attn.qkv",)
+    bitfit = rf.inject(_model(VIT), "bitfit", target="blocks.1", train_head=False)
+    assert bitfit.rspeft_adapted and all(n.startswith("blocks.1.") for n in bitfit.rspeft_adapted)
+    assert {n for n, p in bitfit.named_parameters() if p.requires_grad} == {
+        n for n, _ in bitfit.named_parameters() if n.startswith("blocks.1.") and n.endswith("bias")}
+    # a list: exact names or dotted suffixes
+    m = rf.inject(_model(VIT), "lora", target=["blocks.0", "3.attn.qkv"])
+    assert m.rspeft_adapted == ("blocks.0.attn.qkv", "blocks.3.attn.qkv")
+    assert rf.LoRAConfig(target=("blocks.0",)).to_dict()["target"] == ["blocks.0"]
+    # a name below the method's unit selects nothing: the error says so and how targets match
+    with pytest.raises(ValueError, match="matched none of the 4 transformer blocks.*fullmatch"):
+        rf.inject(_model(VIT), "mufa", target="blocks.1.mlp")
+    with pytest.raises(ValueError, match="non-empty strings"):
+        rf.MuFAConfig(target=["blocks.0", ""])

@@ -13,12 +13,14 @@ at initialisation returns exactly what the backbone returns.
 from __future__ import annotations
 
 import functools
+import weakref
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from timm.models.convnext import ConvNeXtBlock, ConvNeXtStage
+from timm.models.eva import EvaBlock
 from timm.models.swin_transformer import SwinTransformerBlock
 from timm.models.vision_transformer import Block as ViTBlock
 
@@ -30,10 +32,32 @@ except Exception:  # pragma: no cover - depends on the environment
 
 class TextMaskContext:
     """Holds the text key padding mask of the forward pass in flight (set by a pre-hook on the text
-    tower's token embedding, cleared by a hook after the text transformer)."""
+    tower's token embedding, cleared by a hook after the text transformer).
+
+    Each adapted block also keys the mask by its own input tensor (:meth:`for_input`): gradient
+    checkpointing recomputes a block in the backward pass, after the hook has cleared ``mask``, with the
+    same input tensor object (``use_reentrant=False``, open_clip's and timm's choice); the recomputation finds
+    the mask of the forward that produced that input. An entry lives as long as its input tensor."""
 
     def __init__(self):
         self.mask = None
+        self._by_input = {}
+
+    def for_input(self, x: torch.Tensor):
+        """The mask for the block input ``x``: the pass in flight's (remembered for ``x``), or the one
+        remembered when ``x`` was first seen (a checkpoint recomputation)."""
+        if torch.compiler.is_compiling():  # Dynamo cannot trace id()/weakref bookkeeping; no recompute there
+            return self.mask
+        key = id(x)
+        if self.mask is not None:
+            if key not in self._by_input:
+                weakref.finalize(x, self._by_input.pop, key, None)
+            self._by_input[key] = (weakref.ref(x), self.mask)
+            return self.mask
+        hit = self._by_input.get(key)
+        if hit is not None and hit[0]() is x:
+            return hit[1]
+        return None
 
 
 def set_text_mask(ctx: TextMaskContext, pad_id: int, module, args):
@@ -45,8 +69,29 @@ def clear_text_mask(ctx: TextMaskContext, module, args, output):
     ctx.mask = None
 
 
-def _mlp_branch(block, x: torch.Tensor, norm, mlp, post) -> torch.Tensor:
-    """``x + post(mlp(norm(x)))`` with the block's adapter (``block.adapter_kind``) applied."""
+def hf_layer_text_mask(ctx: TextMaskContext, module, args, kwargs):
+    """Pre-hook on an HF CLIP text encoder layer: the key padding mask ``(B, L)`` (True = padded) from the
+    layer's own ``attention_mask`` (additive float or bool, ``(B, 1, L, L)``, causal and padding combined).
+    The last query row of a causal mask sees every key, so a key masked there is padding. The hook runs at
+    every call of the layer, so a checkpoint recomputation sees the same mask."""
+    am = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+    mlp = getattr(module, "mlp", None)
+    if not isinstance(am, torch.Tensor) or am.dim() != 4:
+        mask = None
+    else:
+        row = am[:, 0, -1, :]
+        mask = ~row if row.dtype == torch.bool else row < torch.finfo(row.dtype).min / 2
+        if not bool(mask.any()):
+            mask = None
+    if mlp is not None:
+        mlp.adapter_text_mask = mask
+    return None
+
+
+def _mlp_branch(block, x: torch.Tensor, norm, mlp, post, x_in=None) -> torch.Tensor:
+    """``x + post(mlp(norm(x)))`` with the block's adapter (``block.adapter_kind``) applied; ``x_in``: the
+    block's input (the key of the MGA text mask under checkpoint recomputation; default ``x``)."""
+    x_in = x if x_in is None else x_in
     adapter = getattr(block, "adapter", None)
     if adapter is None or not block.adapter_enabled:
         return x + post(mlp(norm(x)))
@@ -61,25 +106,67 @@ def _mlp_branch(block, x: torch.Tensor, norm, mlp, post) -> torch.Tensor:
         # the same tensor twice ("duplicate tensor input"), which the fused MuFA op would otherwise get
         y = adapter(y, base=y.view_as(y))
     elif kind == "mga":
-        # HarMA: y = b*MGA(y) + (1-b)*y, written as y + b*(MGA(y) - y) (same maths; exactly y at init)
-        b = torch.sigmoid(block.adapter_gate).to(y.dtype)
-        mask = None
         ctx = getattr(block, "adapter_text_ctx", None)
-        if ctx is not None and ctx.mask is not None:
-            mask = ctx.mask
-        seq_first = getattr(block, "adapter_seq_first", False)
-        yb = y.transpose(0, 1) if seq_first else y
-        if mask is not None and mask.shape != yb.shape[:2]:
-            raise RuntimeError(
-                f"MGA text padding mask of shape {tuple(mask.shape)} does not match the text tokens {tuple(yb.shape[:2])}; "
-                "inject with MGAConfig(text_padding_mask=False) for this model"
-            )
-        m = adapter(yb, key_padding_mask=mask)
-        m = m.transpose(0, 1) if seq_first else m
-        y = y + b * (m - y)
+        y = _gated_mga(block, y, ctx.for_input(x_in) if ctx is not None else None)
     else:  # pragma: no cover - guarded at injection
         raise RuntimeError(f"unknown adapter kind {kind!r}")
     return x + post(y)
+
+
+def _gated_mga(holder, y: torch.Tensor, mask) -> torch.Tensor:
+    """HarMA: ``y = b*MGA(y) + (1-b)*y``, written as ``y + b*(MGA(y) - y)`` (same maths; exactly y at init);
+    ``b = sigmoid(holder.adapter_gate)``; ``mask (B, L)`` bool, True at padded text tokens, or None."""
+    b = torch.sigmoid(holder.adapter_gate).to(y.dtype)
+    seq_first = getattr(holder, "adapter_seq_first", False)
+    yb = y.transpose(0, 1) if seq_first else y
+    if mask is not None and mask.shape != yb.shape[:2]:
+        raise RuntimeError(
+            f"MGA text padding mask of shape {tuple(mask.shape)} does not match the text tokens {tuple(yb.shape[:2])}; "
+            "inject with MGAConfig(text_padding_mask=False) for this model"
+        )
+    m = holder.adapter(yb, key_padding_mask=mask)
+    m = m.transpose(0, 1) if seq_first else m
+    return y + b * (m - y)
+
+
+def adapt_mlp_output(holder, n: torch.Tensor, y: torch.Tensor, mask=None) -> torch.Tensor:
+    """The generic placement (families without a class-swapped block): ``n`` the MLP input, ``y`` its output;
+    returns the adapted MLP output (``holder`` carries ``adapter``, ``adapter_kind`` and, for MGA, the gate)."""
+    kind = holder.adapter_kind
+    if kind == "parallel":
+        return holder.adapter(n, base=y)
+    if kind == "serial":
+        return holder.adapter(y, base=y.view_as(y))  # a view: see _mlp_branch
+    if kind == "mga":
+        return _gated_mga(holder, y, mask)
+    raise RuntimeError(f"unknown adapter kind {kind!r}")  # pragma: no cover - guarded at injection
+
+
+def _adapted_mlp_forward(self, x, *args, **kwargs):
+    y = self._rspeft_base_cls.forward(self, x, *args, **kwargs)
+    if getattr(self, "adapter", None) is None or not self.adapter_enabled:
+        return y
+    mask = self.__dict__.get("adapter_text_mask") if getattr(self, "adapter_text_ctx", None) is not None else None
+    return adapt_mlp_output(self, x, y, mask)
+
+
+_ADAPTED_MLP_CLASSES: dict = {}
+
+
+def adapted_mlp_class(cls: type) -> type:
+    """A subclass of the MLP class ``cls`` whose forward adds the adapter (one class per ``cls``, cached;
+    state-dict keys unchanged: the MLP's own children stay where they are)."""
+    if cls not in _ADAPTED_MLP_CLASSES:
+        _ADAPTED_MLP_CLASSES[cls] = type(
+            f"Adapted{cls.__name__}", (cls,),
+            {"forward": _adapted_mlp_forward, "_rspeft_base_cls": cls, "__module__": __name__,
+             "__doc__": f"{cls.__name__} with an rspeft_fast adapter on its output (see _blocks.adapt_mlp_output)."},
+        )
+    return _ADAPTED_MLP_CLASSES[cls]
+
+
+def unadapted_class(cls: type) -> type:
+    return getattr(cls, "_rspeft_base_cls", cls)
 
 
 class AdaptedViTBlock(ViTBlock):
@@ -88,6 +175,20 @@ class AdaptedViTBlock(ViTBlock):
     def forward(self, x: torch.Tensor, attn_mask=None, is_causal: bool = False) -> torch.Tensor:
         x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), attn_mask=attn_mask, is_causal=is_causal)))
         return _mlp_branch(self, x, self.norm2, self.mlp, lambda y: self.drop_path2(self.ls2(y)))
+
+
+class AdaptedEvaBlock(EvaBlock):
+    """timm ``eva.EvaBlock`` (DINOv3, EVA-02: RoPE, SwiGLU / GluMlp, layer scale) with an adapter on its MLP
+    branch; the delta is added outside the layer scale ``gamma_2``, as on the other timm blocks."""
+
+    def forward(self, x: torch.Tensor, rope=None, attn_mask=None, is_causal: bool = False) -> torch.Tensor:
+        x_attn = self.attn(self.norm1(x), rope=rope, attn_mask=attn_mask, is_causal=is_causal)
+        if self.gamma_1 is not None:
+            x_attn = self.gamma_1 * x_attn
+        x = x + self.drop_path1(x_attn)
+        g2 = self.gamma_2
+        post = self.drop_path2 if g2 is None else (lambda y: self.drop_path2(g2 * y))
+        return _mlp_branch(self, x, self.norm2, self.mlp, post)
 
 
 class AdaptedSwinBlock(SwinTransformerBlock):
@@ -148,7 +249,7 @@ if ClipBlock is not None:
             k_x = self.ln_1_kv(k_x) if hasattr(self, "ln_1_kv") and k_x is not None else None
             v_x = self.ln_1_kv(v_x) if hasattr(self, "ln_1_kv") and v_x is not None else None
             x = q_x + self.ls_1(self.attention(q_x=self.ln_1(q_x), k_x=k_x, v_x=v_x, attn_mask=attn_mask))
-            return _mlp_branch(self, x, self.ln_2, self.mlp, self.ls_2)
+            return _mlp_branch(self, x, self.ln_2, self.mlp, self.ls_2, x_in=q_x)
 
 else:  # pragma: no cover
     AdaptedClipBlock = None
@@ -223,3 +324,14 @@ def vpt_remove(model, module, args):
 
 def partial(fn, *a):
     return functools.partial(fn, *a)
+
+
+# block class -> its class-swap subclass (the families with ``swap_block=True``)
+ADAPTED_BLOCKS = {
+    ViTBlock: AdaptedViTBlock,
+    SwinTransformerBlock: AdaptedSwinBlock,
+    EvaBlock: AdaptedEvaBlock,
+    ConvNeXtBlock: AdaptedConvNeXtBlock,
+}
+if ClipBlock is not None:
+    ADAPTED_BLOCKS[ClipBlock] = AdaptedClipBlock

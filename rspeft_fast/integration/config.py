@@ -3,8 +3,10 @@
 ``inject(model, config)`` takes one of these (or ``inject(model, "mufa", **options)`` builds it).
 Every config carries the options common to all methods:
 
-* ``target``: a regular expression matched (``re.search``) against the module names of the blocks /
-  layers / stages that would get an adapter; ``None`` adapts all of them.
+* ``target``: where the method applies (one meaning for every method, HF peft's rule): a string is a regular
+  expression ``re.fullmatch``ed against module names, a list names modules exactly or by dotted suffix; a
+  method's units (blocks, stages, attention projections, ...) that are selected or inside a selected module
+  are adapted; ``None`` adapts all of them (``integration.inject.Target``).
 * ``num_classes``: reset the classifier head to this many classes (timm models); ``None`` keeps it.
   At injection the actual head size is written back into the stored config, so a saved adapter
   file re-creates the same head on a fresh model.
@@ -63,7 +65,11 @@ class AdapterConfig:
 
     # -- validation ---------------------------------------------------------------------------
     def validate(self) -> None:
-        if self.target is not None:
+        if isinstance(self.target, (list, tuple)):  # names, exact or dotted suffix (integration.inject.Target)
+            if not all(isinstance(t, str) and t for t in self.target):
+                raise ValueError(f"{type(self).__name__}.target: a list of target names must hold non-empty strings, got {self.target!r}")
+            self.target = list(self.target)
+        elif self.target is not None:
             import re
 
             try:

@@ -1,46 +1,44 @@
-"""``inject(model, method, **options)``: a frozen backbone with trainable adapters, in one call.
+r"""``inject(model, method, **options)``: a frozen backbone with trainable adapters, in one call.
 
-Supported model families and methods (SPEC §1 for the maths and placements):
+The supported model families and their methods are one table, :data:`~rspeft_fast.integration.families.FAMILIES`
+(the block protocol: where each family's blocks, MLPs and norms are); the methods are one table too,
+:data:`INJECTORS` (method name -> injector). SPEC §1 gives the maths and placements; ``SUPPORTED`` maps family
+name -> methods.
 
-=============================  ==========================================================================
-family                         methods
-=============================  ==========================================================================
-timm VisionTransformer (vit)   mufa, adaptformer, adapter, lora, bitfit, layernorm, linear, vpt, full, mga
-timm SwinTransformer (swin)    mufa, adaptformer, adapter, lora, bitfit, layernorm, linear, full
-timm ConvNeXt (convnext)       eqam, capm, eqam+capm, bitfit, layernorm, linear, full
-open_clip CLIP (clip)          mga, bitfit, layernorm, full
-=============================  ==========================================================================
+``target=`` selects where a method applies, with one meaning for every method (HF peft's rule): a string is a
+regular expression ``re.fullmatch``ed against module names, a list names modules exactly or by dotted suffix
+(``["blocks.1", "attn.qkv"]``). A method adapts each of its units (transformer / ConvNeXt blocks for mufa,
+adaptformer, adapter, eqam and mga; stages for capm; attention ``nn.Linear`` for lora; the parameters of
+modules for bitfit / layernorm) that is selected or lies inside a selected module: ``target="blocks.1"``
+adapts block 1 and not block 10; ``target=r"blocks\.(0|1)\.attn\.qkv"`` gives LoRA on two projections.
 
 Everything that is not an adapter is frozen (``requires_grad=False``) except the classifier head when
 the method tunes it (``train_head``; ``linear`` tunes only the head, ``full`` everything). The model is
-modified in place and returned; its config is kept as ``model.rspeft_config``.
+modified in place and returned; its config is kept as ``model.rspeft_config``, the names of the modules
+it adapted as ``model.rspeft_adapted`` (also in :func:`trainable_parameters` and logged at INFO level).
 """
 from __future__ import annotations
 
 import contextlib
+import logging
 import re
 import warnings
-from typing import Iterator, NamedTuple, Union
+from typing import Callable, Iterator, NamedTuple, Optional, Sequence, Union
 
 import torch
 from torch import nn
 
 from ..modules import CAPM, EQAM, BiShareAdapter, MGAdapter, MuFAAdapter
-from . import _blocks as B
+from . import _blocks
 from .config import (
     AdapterConfig,
-    BitFitConfig,
-    CAPMConfig,
     EQAMConfig,
-    FullConfig,
-    LayerNormConfig,
-    LinearProbeConfig,
     LoRAConfig,
     MGAConfig,
     MuFAConfig,
-    VPTConfig,
     config_for,
 )
+from .families import FAMILIES, WHY_NOT, Family, family_of, supported_text
 
 __all__ = [
     "inject",
@@ -51,53 +49,98 @@ __all__ = [
     "model_family",
     "TrainableParams",
     "SUPPORTED",
+    "INJECTORS",
+    "Target",
 ]
 
-SUPPORTED = {
-    "vit": ("mufa", "adaptformer", "adapter", "lora", "bitfit", "layernorm", "linear", "vpt", "full", "mga"),
-    "swin": ("mufa", "adaptformer", "adapter", "lora", "bitfit", "layernorm", "linear", "full"),
-    "convnext": ("eqam", "capm", "eqam+capm", "bitfit", "layernorm", "linear", "full"),
-    "clip": ("mga", "bitfit", "layernorm", "full"),
-}
-_FAMILY_NAMES = {
-    "vit": "timm VisionTransformer",
-    "swin": "timm SwinTransformer",
-    "convnext": "timm ConvNeXt",
-    "clip": "open_clip CLIP / CustomTextCLIP",
-}
+log = logging.getLogger("rspeft_fast")
+
+SUPPORTED = {f.name: f.methods for f in FAMILIES}
 CONFIG_ATTR = "rspeft_config"
+ADAPTED_ATTR = "rspeft_adapted"
 _ADAPTER_MODULES = (MuFAAdapter, EQAM, CAPM, MGAdapter, BiShareAdapter)
 _ADAPTER_PARAM_LEAVES = ("lora_A", "lora_B", "adapter_gate", "vpt_prompts")
 
 
-def _supported_text() -> str:
-    return "; ".join(f"{_FAMILY_NAMES[f]} ({', '.join(m)})" for f, m in SUPPORTED.items())
-
-
 def model_family(model: nn.Module) -> str:
-    """``"vit" | "swin" | "convnext" | "clip"``; raises ``TypeError`` naming the supported families."""
-    from timm.models.convnext import ConvNeXt
-    from timm.models.swin_transformer import SwinTransformer
-    from timm.models.vision_transformer import VisionTransformer
+    """The family name (``"vit" | "swin" | "convnext" | "eva" | "clip" | "hf-vit" | ...``); raises ``TypeError``
+    naming the supported families."""
+    return family_of(model).name
 
-    if isinstance(model, VisionTransformer):
-        return "vit"
-    if isinstance(model, SwinTransformer):
-        return "swin"
-    if isinstance(model, ConvNeXt):
-        return "convnext"
-    try:
-        import open_clip
 
-        if isinstance(model, (open_clip.CLIP, open_clip.CustomTextCLIP)):
-            return "clip"
-    except Exception:  # pragma: no cover - open_clip missing
-        pass
-    raise TypeError(f"rspeft_fast.inject: unsupported model {type(model).__module__}.{type(model).__name__}; supported: {_supported_text()}")
+# --------------------------------------------------------------------------------------------------
+# target=
+
+
+class Target:
+    """``target=`` (see the module docstring): ``None`` selects everything; a string is ``re.fullmatch``ed
+    against module names; a list/tuple of names matches a module by exact name or dotted suffix."""
+
+    def __init__(self, spec: Union[None, str, Sequence[str]]):
+        self.spec = spec
+        if spec is None:
+            self._match = lambda name: True
+        elif isinstance(spec, str):
+            rx = re.compile(spec)
+            self._match = lambda name: rx.fullmatch(name) is not None
+        else:
+            names = tuple(str(t) for t in spec)
+            self._match = lambda name: any(name == t or name.endswith("." + t) for t in names)
+
+    def matches(self, name: str) -> bool:
+        return self._match(name)
+
+    def selects(self, name: str) -> bool:
+        """``name`` or one of its ancestors (``a.b`` for ``a.b.c``; the root ``""`` too) matches."""
+        if self.spec is None:
+            return True
+        parts = name.split(".") if name else []
+        return any(self._match(".".join(parts[:i])) for i in range(len(parts), -1, -1))
+
+    def select(self, named, what: str) -> list:
+        """The ``(name, module)`` pairs of ``named`` that are selected; ``ValueError`` when none is."""
+        named = list(named)
+        chosen = [(n, m) for n, m in named if self.selects(n)]
+        if not chosen:
+            sample = ", ".join(n for n, _ in named[:6])
+            raise ValueError(
+                f"target={self.spec!r} matched none of the {len(named)} {what}"
+                + (f" (e.g. {sample})" if sample else "")
+                + "; a string is re.fullmatch-ed against module names, a list matches names exactly or by dotted suffix"
+            )
+        return chosen
+
+
+# --------------------------------------------------------------------------------------------------
+# injector table
+
+Injector = Callable[[nn.Module, Family, AdapterConfig, Target], list]
+INJECTORS: dict = {}
+
+
+def injector(*methods: str):
+    """Register ``fn(model, family, cfg, target) -> [adapted module names]`` for ``methods``."""
+
+    def deco(fn):
+        for m in methods:
+            INJECTORS[m] = fn
+        return fn
+
+    return deco
 
 
 # --------------------------------------------------------------------------------------------------
 # public API
+
+
+def _head(model: nn.Module, fam: Family) -> Optional[nn.Module]:
+    if fam.head == "timm":
+        h = model.get_classifier()
+        return h if isinstance(h, nn.Module) else None
+    if fam.head == "hf":
+        h = getattr(model, "classifier", None)
+        return h if isinstance(h, nn.Module) else None
+    return None
 
 
 def inject(model: nn.Module, method: Union[str, AdapterConfig], **options) -> nn.Module:
@@ -109,58 +152,41 @@ def inject(model: nn.Module, method: Union[str, AdapterConfig], **options) -> nn
             f"model already has adapters injected ({getattr(model, CONFIG_ATTR).to_dict()['method']}); "
             "inject into a fresh model"
         )
-    family = model_family(model)
+    fam = family_of(model)
     name = cfg.to_dict()["method"]
-    if name not in SUPPORTED[family]:
-        raise ValueError(f"method {name!r} is not supported on {_FAMILY_NAMES[family]}; supported there: {', '.join(SUPPORTED[family])}")
-    if cfg.num_classes is not None and family == "clip":
-        raise ValueError("num_classes applies to timm classifiers; open_clip models have no classifier head")
+    if name not in fam.methods:
+        why = WHY_NOT.get((fam.name, name.split("+")[0]))
+        raise ValueError(
+            f"method {name!r} is not supported on {fam.label}" + (f" ({why})" if why else "")
+            + f"; supported there: {', '.join(fam.methods)}"
+        )
+    if cfg.num_classes is not None and fam.head != "timm":
+        raise ValueError(
+            f"num_classes applies to timm classifiers; {fam.label} models get their head from the model class "
+            "(open_clip / CLIP: none; HF: the ...ForImageClassification class with config.num_labels)"
+        )
 
     head_classes = None
-    if family != "clip":
+    if fam.head == "timm":
         if cfg.num_classes is not None and cfg.num_classes != model.num_classes:
             model.reset_classifier(int(cfg.num_classes))
         head_classes = int(model.num_classes)
+    head = _head(model, fam)
+    if name == "linear" and head is None:
+        raise ValueError(f"method 'linear' tunes the classifier head, and this {fam.label} model has none")
 
     model.requires_grad_(False)
-    target = re.compile(cfg.target) if cfg.target is not None else None
+    adapted = list(INJECTORS[name](model, fam, cfg, Target(cfg.target)))
 
-    if isinstance(cfg, MuFAConfig):  # mufa, adaptformer, adapter
-        _inject_bottleneck(model, family, cfg, target)
-    elif isinstance(cfg, LoRAConfig):
-        _inject_lora(model, cfg, target)
-    elif isinstance(cfg, VPTConfig):
-        _inject_vpt(model, cfg)
-    elif isinstance(cfg, EQAMConfig):
-        _inject_eqam(model, cfg, target)
-        if cfg.with_capm:
-            _inject_capm(model, cfg.num_prompts, target)
-    elif isinstance(cfg, CAPMConfig):
-        _inject_capm(model, cfg.num_prompts, target)
-    elif isinstance(cfg, MGAConfig):
-        if family == "clip":
-            _inject_mga_clip(model, cfg, target)
-        else:
-            _inject_mga_blocks(model, cfg, target, _blocks_of(model, family), text=False)
-    elif isinstance(cfg, BitFitConfig):
-        _unfreeze(model, target, lambda mn, m, pn: pn == "bias" or pn.endswith("_bias"), "bias")
-    elif isinstance(cfg, LayerNormConfig):
-        _unfreeze(model, target, lambda mn, m, pn: isinstance(m, (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm2d)) or "norm" in type(m).__name__.lower(), "normalisation")
-    elif isinstance(cfg, FullConfig):
-        model.requires_grad_(True)
-    elif isinstance(cfg, LinearProbeConfig):
-        pass
-    else:  # pragma: no cover
-        raise ValueError(f"unhandled config {type(cfg).__name__}")
-
-    if family != "clip" and (cfg.train_head or isinstance(cfg, LinearProbeConfig)):
-        head = model.get_classifier()
-        if isinstance(head, nn.Module):
-            head.requires_grad_(True)
-    if family != "clip":
+    if head is not None and (cfg.train_head or name == "linear"):
+        head.requires_grad_(True)
+    if fam.head == "timm":
         cfg = cfg.replace(num_classes=head_classes)
     setattr(model, CONFIG_ATTR, cfg)
+    setattr(model, ADAPTED_ATTR, tuple(adapted))
     model.rspeft_trainable = tuple(n for n, p in model.named_parameters() if p.requires_grad)
+    shown = ", ".join(adapted[:4]) + (f", ... ({len(adapted)} in all)" if len(adapted) > 4 else "")
+    log.info("rspeft_fast.inject %s into %s: adapted %s", name, fam.label, shown or "no module (head only)")
     return model
 
 
@@ -174,11 +200,14 @@ class TrainableParams(NamedTuple):
     backbone: int
     percent: float
     percent_of_total: float
+    adapted: tuple = ()  # names of the modules ``inject`` adapted (``model.rspeft_adapted``)
 
     def __str__(self) -> str:
+        shown = ", ".join(self.adapted[:4]) + (", ..." if len(self.adapted) > 4 else "")
         return (
             f"trainable params: {self.trainable:,} || backbone params: {self.backbone:,} || "
             f"all params: {self.total:,} || trainable%: {self.percent:.4f} (of backbone), {self.percent_of_total:.4f} (of all)"
+            + (f" || adapted {len(self.adapted)} modules: {shown}" if self.adapted else "")
         )
 
 
@@ -202,7 +231,8 @@ def trainable_parameters(model: nn.Module) -> TrainableParams:
     total = sum(p.numel() for p in params.values())
     trainable = sum(p.numel() for p in params.values() if p.requires_grad)
     backbone = sum(p.numel() for n, p in params.items() if n not in added)
-    return TrainableParams(trainable, total, backbone, 100.0 * trainable / max(backbone, 1), 100.0 * trainable / max(total, 1))
+    return TrainableParams(trainable, total, backbone, 100.0 * trainable / max(backbone, 1), 100.0 * trainable / max(total, 1),
+                           tuple(getattr(model, ADAPTED_ATTR, ()) or ()))
 
 
 def _switchable(model: nn.Module) -> Iterator[nn.Module]:
@@ -249,17 +279,18 @@ def merge_adapters(model: nn.Module) -> nn.Module:
     cfg = getattr(model, CONFIG_ATTR, None)
     if cfg is None:
         raise RuntimeError("merge_adapters: the model has no injected adapters")
-    if isinstance(cfg, LoRAConfig):
+    method = cfg.to_dict()["method"]
+    if method == "lora":
         for m in list(model.modules()):
-            if isinstance(m, B.LoRALinear):
-                B.merge_lora(m)
+            if isinstance(m, _blocks.LoRALinear):
+                _blocks.merge_lora(m)
         setattr(model, CONFIG_ATTR, None)
         model.rspeft_merged = cfg
         return model
-    if isinstance(cfg, BitFitConfig):
+    if method == "bitfit":
         return model
     raise NotImplementedError(
-        f"merge_adapters: method {cfg.to_dict()['method']!r} is not linear, so it cannot be folded into the "
+        f"merge_adapters: method {method!r} is not linear, so it cannot be folded into the "
         "backbone weights (mergeable: lora, bitfit)"
     )
 
@@ -279,61 +310,91 @@ def _check_free(module: nn.Module, name: str, *attrs) -> None:
             raise RuntimeError(f"{name}: the block already has an attribute {a!r}; cannot inject")
 
 
-def _select(named, target, what: str) -> list:
-    named = list(named)
-    chosen = [(n, m) for n, m in named if target is None or target.search(n)]
-    if not chosen:
-        sample = ", ".join(n for n, _ in named[:6])
-        raise ValueError(f"target={target.pattern!r} matched none of the {len(named)} {what} (e.g. {sample})")
-    return chosen
-
-
-def _blocks_of(model: nn.Module, family: str) -> list:
-    want = {"vit": B.ViTBlock, "swin": B.SwinTransformerBlock}[family]
+def _blocks_of(model: nn.Module, fam: Family) -> list:
+    """The ``(name, block)`` pairs of the family's block classes; a subclass the family does not declare is
+    refused (its forward may differ)."""
+    want = fam.block_classes()
+    if not want:
+        raise TypeError(f"{fam.label}: no block classes declared (or the library that defines them is missing)")
     blocks = [(n, m) for n, m in model.named_modules() if isinstance(m, want)]
     for n, m in blocks:
-        if type(m) is not want:
+        if type(m) not in want:
             raise TypeError(
-                f"{n}: block class {type(m).__name__} is a subclass of timm's {want.__name__} that rspeft_fast does not "
-                "know; its forward may differ, so no adapter was injected"
+                f"{n}: block class {type(m).__name__} is a subclass of {', '.join(c.__name__ for c in want)} that "
+                "rspeft_fast does not know; its forward may differ, so no adapter was injected"
             )
     if not blocks:
-        raise TypeError(f"no {want.__name__} blocks found in the model")
+        raise TypeError(f"no {', '.join(c.__name__ for c in want)} blocks found in the model")
     return blocks
 
 
-def _block_dim(block: nn.Module) -> int:
-    return int(block.norm2.normalized_shape[0])
+def _attach(fam: Family, name: str, blk: nn.Module, adapter: nn.Module, kind: str, gate=None, ctx=None) -> str:
+    """Put ``adapter`` on block ``blk`` by the family's protocol; returns the name of the adapted module."""
+    if fam.swap_block:
+        holder, hname = blk, name
+        swapped = _blocks.ADAPTED_BLOCKS.get(type(blk))
+        if swapped is None:
+            raise TypeError(f"{name}: no adapted forward for {type(blk).__name__}")
+        _check_free(blk, name, "adapter", "adapter_gate")
+        blk.__class__ = swapped
+        if _blocks.ClipBlock is not None and swapped is _blocks.AdaptedClipBlock:
+            blk.adapter_seq_first = not blk.attn.batch_first
+    else:
+        hname = f"{name}.{fam.mlp}"
+        holder = getattr(blk, fam.mlp)
+        _check_free(holder, hname, "adapter", "adapter_gate")
+        holder.__class__ = _blocks.adapted_mlp_class(type(holder))
+    holder.adapter = adapter
+    holder.adapter_kind = kind
+    if gate is not None:
+        holder.adapter_gate = gate
+    if ctx is not None:
+        holder.adapter_text_ctx = ctx
+    holder.adapter_enabled = True
+    return hname
 
 
-def _inject_bottleneck(model, family, cfg: MuFAConfig, target) -> None:
+# --------------------------------------------------------------------------------------------------
+# injectors (one per method; registered in INJECTORS)
+
+
+@injector("mufa", "adaptformer", "adapter")
+def _inject_bottleneck(model, fam: Family, cfg: MuFAConfig, target: Target) -> list:
     impl = cfg.impl_for("mufa")
-    for name, blk in _select(_blocks_of(model, family), target, "transformer blocks"):
-        _check_free(blk, name, "adapter")
-        ad = MuFAAdapter(_block_dim(blk), rates=cfg.rates, scale=cfg.scale, impl=impl).to(**_dd(blk))
-        blk.__class__ = B.AdaptedViTBlock if family == "vit" else B.AdaptedSwinBlock
-        blk.adapter = ad
-        blk.adapter_kind = cfg.placement
-        blk.adapter_enabled = True
+    out = []
+    for name, blk in target.select(_blocks_of(model, fam), "transformer blocks"):
+        ad = MuFAAdapter(fam.block_dim(blk), rates=cfg.rates, scale=cfg.scale, impl=impl).to(**_dd(blk))
+        out.append(_attach(fam, name, blk, ad, cfg.placement))
+    return out
 
 
-def _inject_lora(model, cfg: LoRAConfig, target) -> None:
-    pat = re.compile(cfg.modules)
+_LORA_DEFAULT = LoRAConfig.__dataclass_fields__["modules"].default
+
+
+@injector("lora")
+def _inject_lora(model, fam: Family, cfg: LoRAConfig, target: Target) -> list:
+    # the config's default (`^qkv$`) means "the family's q/k/v projections" (fused qkv in timm, query/key/value in HF)
+    pat = re.compile(fam.attn_linears if cfg.modules == _LORA_DEFAULT else cfg.modules)
+    attn = re.compile(fam.attn)
     cands = []
     for mname, mod in model.named_modules():
-        if not mname.endswith("attn") and ".attn" not in mname:
+        if not attn.search(mname):
             continue
         for cname, child in mod.named_children():
             if isinstance(child, nn.Linear) and pat.search(cname):
                 cands.append((f"{mname}.{cname}", child))
     if not cands:
-        raise ValueError(f"LoRA: no attention Linear matched modules={cfg.modules!r}")
-    for name, lin in _select(cands, target, "attention projections"):
+        raise ValueError(f"LoRA: no attention Linear of {fam.label} matched modules={pat.pattern!r}")
+    out = []
+    for name, lin in target.select(cands, "attention projections"):
         _check_free(lin, name, "lora_A", "lora_B")
-        B.make_lora(lin, int(cfg.rank), cfg.alpha)
+        _blocks.make_lora(lin, int(cfg.rank), cfg.alpha)
+        out.append(name)
+    return out
 
 
-def _inject_vpt(model, cfg: VPTConfig) -> None:
+@injector("vpt")
+def _inject_vpt(model, fam: Family, cfg, target: Target) -> list:
     if cfg.target is not None:
         raise ValueError("VPT adds prompts at the input (and every block when deep); target= is not supported for vpt")
     _check_free(model, "model", "vpt_prompts")
@@ -341,63 +402,69 @@ def _inject_vpt(model, cfg: VPTConfig) -> None:
     dim = model.embed_dim
     model.vpt_prompts = nn.Parameter(torch.randn(depth, int(cfg.num_tokens), dim, **_dd(model)) * cfg.init_std)
     model.adapter_enabled = True
-    model.norm_pre.register_forward_hook(B.partial(B.vpt_insert, model))
+    model.norm_pre.register_forward_hook(_blocks.partial(_blocks.vpt_insert, model))
     if cfg.deep:
         for i in range(1, depth):
-            model.blocks[i].register_forward_pre_hook(B.partial(B.vpt_replace, model, i))
-    model.norm.register_forward_pre_hook(B.partial(B.vpt_remove, model))
+            model.blocks[i].register_forward_pre_hook(_blocks.partial(_blocks.vpt_replace, model, i))
+    model.norm.register_forward_pre_hook(_blocks.partial(_blocks.vpt_remove, model))
+    return ["vpt_prompts"]
 
 
-def _convnext_blocks(model) -> list:
-    blocks = [(n, m) for n, m in model.named_modules() if isinstance(m, B.ConvNeXtBlock)]
-    for n, m in blocks:
-        if type(m) is not B.ConvNeXtBlock:
-            raise TypeError(f"{n}: unknown ConvNeXtBlock subclass {type(m).__name__}")
-    return blocks
+def _eqam_kwargs(cfg: EQAMConfig) -> dict:
+    """The EQAM constructor arguments the config holds (``hidden`` / ``reduction`` / ``bits``, whichever both
+    sides define and the config sets)."""
+    import inspect
+
+    accepted = inspect.signature(EQAM.__init__).parameters
+    kw = {}
+    for k in ("hidden", "reduction", "bits"):
+        v = getattr(cfg, k, None)
+        if k in accepted and v is not None:
+            kw[k] = int(v)
+    return kw
 
 
-def _inject_eqam(model, cfg: EQAMConfig, target) -> None:
+@injector("eqam", "eqam+capm")
+def _inject_eqam(model, fam: Family, cfg: EQAMConfig, target: Target) -> list:
     impl = cfg.impl_for("eqam")
-    for name, blk in _select(_convnext_blocks(model), target, "ConvNeXt blocks"):
-        _check_free(blk, name, "adapter")
-        dim = int(blk.norm.normalized_shape[0])
-        ad = EQAM(dim, reduction=int(cfg.reduction), bits=int(cfg.bits), impl=impl).to(**_dd(blk))
-        blk.__class__ = B.AdaptedConvNeXtBlock
-        blk.adapter = ad
-        blk.adapter_enabled = True
+    out = []
+    for name, blk in target.select(_blocks_of(model, fam), "ConvNeXt blocks"):
+        ad = EQAM(fam.block_dim(blk), **_eqam_kwargs(cfg), impl=impl).to(**_dd(blk))
+        out.append(_attach(fam, name, blk, ad, "eqam"))
+    if cfg.with_capm:
+        out += _inject_capm(model, fam, cfg, target)
+    return out
 
 
-def _inject_capm(model, num_prompts: int, target) -> None:
-    stages = [(n, m) for n, m in model.named_modules() if isinstance(m, B.ConvNeXtStage)]
-    for name, st in _select(stages, target, "ConvNeXt stages"):
-        if type(st) is not B.ConvNeXtStage:
+@injector("capm")
+def _inject_capm(model, fam: Family, cfg, target: Target) -> list:
+    stages = [(n, m) for n, m in model.named_modules() if isinstance(m, _blocks.ConvNeXtStage)]
+    out = []
+    for name, st in target.select(stages, "ConvNeXt stages"):
+        if type(st) is not _blocks.ConvNeXtStage:
             raise TypeError(f"{name}: unknown ConvNeXtStage subclass {type(st).__name__}")
         _check_free(st, name, "capm")
-        dim = int(st.blocks[-1].norm.normalized_shape[0]) if len(st.blocks) else None
-        if dim is None:  # pragma: no cover
+        if not len(st.blocks):  # pragma: no cover
             raise ValueError(f"{name}: empty stage")
-        st.__class__ = B.AdaptedConvNeXtStage
-        st.capm = CAPM(dim, num_prompts=int(num_prompts), channels_last=False).to(**_dd(st))
+        dim = int(st.blocks[-1].norm.normalized_shape[0])
+        st.__class__ = _blocks.AdaptedConvNeXtStage
+        st.capm = CAPM(dim, num_prompts=int(cfg.num_prompts), channels_last=False).to(**_dd(st))
         st.adapter_enabled = True
+        out.append(name)
+    return out
 
 
-def _mga_dim(block) -> int:
-    norm = block.ln_2 if hasattr(block, "ln_2") else block.norm2
-    return int(norm.normalized_shape[0])
-
-
-def _inject_mga_blocks(model, cfg: MGAConfig, target, blocks, text: bool, ctx=None, shares=None) -> list:
-    """One MGAdapter (+ block gate) per block; with ``text`` each adapter holds a new BiShareAdapter,
-    with ``shares`` (a list per layer) it uses those. Returns the BiShare modules (text) or []."""
+def _inject_mga_blocks(fam: Family, cfg: MGAConfig, target: Target, blocks, text: bool, ctx=None, shares=None):
+    """One MGAdapter (+ block gate) per selected block; with ``text`` each adapter holds a new BiShareAdapter,
+    with ``shares`` (a list per layer) it uses those. Returns (adapted names, BiShare modules made)."""
     impl = cfg.impl_for("mga")
-    made = []
-    chosen = _select(blocks, target, "transformer blocks")
+    made, names = [], []
+    chosen = target.select(blocks, "transformer blocks")
     if shares is not None and len(shares) != len(chosen):
         raise ValueError(
             f"share_across_towers needs the same number of adapted layers in both towers, got {len(chosen)} image and {len(shares)} text"
         )
     for i, (name, blk) in enumerate(chosen):
-        _check_free(blk, name, "adapter", "adapter_gate")
         dd = _dd(blk)
         share = None
         if text and cfg.bishare:
@@ -405,29 +472,54 @@ def _inject_mga_blocks(model, cfg: MGAConfig, target, blocks, text: bool, ctx=No
             made.append(share)
         elif shares is not None:
             share = shares[i]
-        ad = MGAdapter(_mga_dim(blk), hidden=int(cfg.hidden), heads=int(cfg.heads), share=share, impl=impl).to(**dd)
-        if B.AdaptedClipBlock is not None and type(blk) is B.ClipBlock:
-            blk.__class__ = B.AdaptedClipBlock
-            blk.adapter_seq_first = not blk.attn.batch_first
-        elif type(blk) is B.ViTBlock:
-            blk.__class__ = B.AdaptedViTBlock
-        else:
-            raise TypeError(f"{name}: MGA placement is defined for open_clip ResidualAttentionBlock and timm ViT Block, got {type(blk).__name__}")
-        blk.adapter = ad
-        blk.adapter_gate = nn.Parameter(torch.tensor(float(cfg.block_gate_init), **dd))
-        blk.adapter_kind = "mga"
-        blk.adapter_enabled = True
-        if ctx is not None:
-            blk.adapter_text_ctx = ctx
-    return made
+        ad = MGAdapter(fam.block_dim(blk), hidden=int(cfg.hidden), heads=int(cfg.heads), share=share, impl=impl).to(**dd)
+        gate = nn.Parameter(torch.tensor(float(cfg.block_gate_init), **dd))
+        names.append(_attach(fam, name, blk, ad, "mga", gate=gate, ctx=ctx))
+    return names, made
 
 
-def _inject_mga_clip(model, cfg: MGAConfig, target) -> None:
+@injector("mga")
+def _inject_mga(model, fam: Family, cfg: MGAConfig, target: Target) -> list:
+    if fam.name == "clip":
+        return _inject_mga_open_clip(model, fam, cfg, target)
+    if fam.name == "hf-clip":
+        return _inject_mga_hf_clip(model, fam, cfg, target)
+    return _inject_mga_blocks(fam, cfg, target, _blocks_of(model, fam), text=False)[0]
+
+
+def _towers(cfg: MGAConfig, target: Target, fam_text: Family, text_blocks, fam_img: Family, img_blocks, ctx) -> list:
+    names, shares = [], None
+    if cfg.towers in ("both", "text"):
+        n, shares = _inject_mga_blocks(fam_text, cfg, target, text_blocks, text=True, ctx=ctx)
+        names += n
+    if cfg.towers in ("both", "image"):
+        use = shares if (cfg.share_across_towers and cfg.bishare and shares) else None
+        names += _inject_mga_blocks(fam_img, cfg, target, img_blocks, text=False, shares=use)[0]
+    return names
+
+
+def _exact_blocks(seq, prefix: str, allowed: tuple) -> list:
+    out = []
+    for i, b in enumerate(seq):
+        if type(b) not in allowed:
+            raise TypeError(f"{prefix}{i}: MGA supports {', '.join(c.__name__ for c in allowed)}, got {type(b).__name__}")
+        out.append((f"{prefix}{i}", b))
+    return out
+
+
+def _inject_mga_open_clip(model, fam: Family, cfg: MGAConfig, target: Target) -> list:
     import open_clip
     from open_clip.transformer import VisionTransformer as ClipViT
 
-    if not isinstance(model.visual, ClipViT):
-        raise TypeError(f"MGA on open_clip needs a ViT image tower, got {type(model.visual).__name__}")
+    # image tower: open_clip's ViT, or a timm ViT trunk (SigLIP / SigLIP2 and other timm towers)
+    if isinstance(model.visual, ClipViT):
+        img_blocks = _exact_blocks(model.visual.transformer.resblocks, "visual.transformer.resblocks.", (_blocks.ClipBlock,))
+    elif type(getattr(getattr(model.visual, "trunk", None), "blocks", None)).__name__ == "Sequential" and all(
+        type(b) in (_blocks.ViTBlock, _blocks.EvaBlock) for b in model.visual.trunk.blocks
+    ):
+        img_blocks = [(f"visual.trunk.blocks.{i}", b) for i, b in enumerate(model.visual.trunk.blocks)]
+    else:
+        raise TypeError(f"MGA on open_clip needs a ViT image tower (open_clip or timm ViT / Eva), got {type(model.visual).__name__}")
     if isinstance(model, open_clip.CustomTextCLIP):
         text_tower = model.text
         tok, tr = getattr(text_tower, "token_embedding", None), getattr(text_tower, "transformer", None)
@@ -435,40 +527,79 @@ def _inject_mga_clip(model, cfg: MGAConfig, target) -> None:
         prefix = "text.transformer."
     else:
         tok, tr, pad_id, prefix = model.token_embedding, model.transformer, cfg.pad_id, "transformer."
-    if tr is None:
+    if tr is None and cfg.towers != "image":
         raise TypeError("MGA on open_clip needs a transformer text tower (model.transformer or model.text.transformer)")
-
-    def blocks(mod, pre):
-        out = []
-        for i, b in enumerate(mod.resblocks):
-            if type(b) is not B.ClipBlock:
-                raise TypeError(f"{pre}resblocks.{i}: MGA supports open_clip ResidualAttentionBlock, got {type(b).__name__}")
-            out.append((f"{pre}resblocks.{i}", b))
-        return out
-
-    shares = None
-    if cfg.towers in ("both", "text"):
-        ctx = None
-        if cfg.text_padding_mask:
-            if tok is None:
-                raise TypeError("text_padding_mask=True needs a token_embedding in the text tower; pass text_padding_mask=False")
-            ctx = B.TextMaskContext()
-            tok.register_forward_pre_hook(B.partial(B.set_text_mask, ctx, int(pad_id)))
-            tr.register_forward_hook(B.partial(B.clear_text_mask, ctx))
-        shares = _inject_mga_blocks(model, cfg, target, blocks(tr, prefix), text=True, ctx=ctx)
-    if cfg.towers in ("both", "image"):
-        use = shares if (cfg.share_across_towers and cfg.bishare and shares) else None
-        _inject_mga_blocks(model, cfg, target, blocks(model.visual.transformer, "visual.transformer."), text=False, shares=use)
+    ctx = None
+    if cfg.towers in ("both", "text") and cfg.text_padding_mask:
+        if tok is None:
+            raise TypeError("text_padding_mask=True needs a token_embedding in the text tower; pass text_padding_mask=False")
+        ctx = _blocks.TextMaskContext()
+        tok.register_forward_pre_hook(_blocks.partial(_blocks.set_text_mask, ctx, int(pad_id if pad_id is not None else cfg.pad_id)))
+        tr.register_forward_hook(_blocks.partial(_blocks.clear_text_mask, ctx))
+    text_blocks = _exact_blocks(tr.resblocks, f"{prefix}resblocks.", (_blocks.ClipBlock,)) if tr is not None else []
+    return _towers(cfg, target, fam, text_blocks, fam, img_blocks, ctx)
 
 
-def _unfreeze(model, target, pred, what: str) -> None:
-    n = 0
+def _inject_mga_hf_clip(model, fam: Family, cfg: MGAConfig, target: Target) -> list:
+    allowed = fam.block_classes()
+    text_blocks, img_blocks = [], []
+    text_model = getattr(model, "text_model", None)
+    vision_model = getattr(model, "vision_model", None)
+    if text_model is not None:
+        text_blocks = _exact_blocks(text_model.encoder.layers, "text_model.encoder.layers.", allowed)
+    if vision_model is not None:
+        img_blocks = _exact_blocks(vision_model.encoder.layers, "vision_model.encoder.layers.", allowed)
+    ctx = None
+    if text_model is not None and cfg.towers in ("both", "text") and cfg.text_padding_mask:
+        ctx = _blocks.TextMaskContext()
+        for _, layer in text_blocks:  # each layer derives the mask from its own attention_mask (checkpoint-safe)
+            layer.register_forward_pre_hook(_blocks.partial(_blocks.hf_layer_text_mask, ctx), with_kwargs=True)
+    return _towers(cfg, target, fam, text_blocks, fam, img_blocks, ctx)
+
+
+@injector("bitfit")
+def _inject_bitfit(model, fam: Family, cfg, target: Target) -> list:
+    return _unfreeze(model, target, lambda mn, m, pn: pn == "bias" or pn.endswith("_bias"), "bias")
+
+
+@injector("layernorm")
+def _inject_layernorm(model, fam: Family, cfg, target: Target) -> list:
+    return _unfreeze(
+        model, target,
+        lambda mn, m, pn: isinstance(m, (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm2d)) or "norm" in type(m).__name__.lower(),
+        "normalisation",
+    )
+
+
+@injector("full")
+def _inject_full(model, fam: Family, cfg, target: Target) -> list:
+    if cfg.target is None:
+        model.requires_grad_(True)
+        return [""]
+    chosen = [n for n, m in target.select(model.named_modules(), "modules") if target.matches(n)]
+    for n in chosen:
+        model.get_submodule(n).requires_grad_(True)
+    return chosen
+
+
+@injector("linear")
+def _inject_linear(model, fam: Family, cfg, target: Target) -> list:
+    return []
+
+
+def _unfreeze(model, target: Target, pred, what: str) -> list:
+    n, names = 0, []
     for mname, mod in model.named_modules():
-        if target is not None and not target.search(mname):
+        if not target.selects(mname):
             continue
+        hit = False
         for pn, p in mod.named_parameters(recurse=False):
             if pred(mname, mod, pn):
                 p.requires_grad_(True)
                 n += 1
+                hit = True
+        if hit:
+            names.append(mname)
     if n == 0:
-        raise ValueError(f"no {what} parameters found" + (f" in modules matching target={target.pattern!r}" if target else ""))
+        raise ValueError(f"no {what} parameters found" + (f" in modules selected by target={target.spec!r}" if target.spec is not None else ""))
+    return names

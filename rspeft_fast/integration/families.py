@@ -1,0 +1,182 @@
+"""The block protocol: one declaration per model family, in one table (:data:`FAMILIES`).
+
+A :class:`Family` says how to recognise a model, which of its modules are the transformer / ConvNeXt
+blocks, where a block's MLP and the norm feeding it are (the norm gives the width), how a block is
+adapted, and which methods fit. ``inject`` reads only this table: adding a family is one declaration
+here plus tests.
+
+How a block is adapted (``swap_block``):
+
+* ``True`` (timm / open_clip families): the block's class is swapped for a subclass whose
+  forward is the backbone's plus the adapter, placed exactly as SPEC §1 says (``x + ls(mlp(n)) + adapter(n)``:
+  the delta outside any layer scale); these forwards are the ones the timm tests pin bit for bit;
+* ``False`` (every other family): the block's MLP module (``mlp``: it takes the normalised input ``n`` and
+  returns the MLP output) gets its class swapped for a generated subclass that returns
+  ``mlp(n) + adapter(n)`` (parallel), ``adapter(mlp(n))`` (serial) or HarMA's gated MGA on ``mlp(n)``.
+  The delta therefore joins the MLP output *before* anything the block applies after its MLP (HF Dinov2 /
+  DINOv3: ``layer_scale2``; the others have none). No forward is copied.
+
+Methods per family and why not the others: :data:`WHY_NOT` (also the error messages and the README table).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Tuple
+
+from torch import nn
+
+__all__ = ["Family", "FAMILIES", "family_of", "family_by_name", "supported_text", "WHY_NOT"]
+
+_BOTTLENECK = ("mufa", "adaptformer", "adapter")
+_GENERIC = ("bitfit", "layernorm", "full")
+
+
+def _classes(*paths: str) -> Tuple[type, ...]:
+    """Import ``"module:Class"`` paths; those whose library is missing are left out."""
+    import importlib
+
+    out = []
+    for p in paths:
+        mod, _, name = p.partition(":")
+        try:
+            out.append(getattr(importlib.import_module(mod), name))
+        except (ImportError, AttributeError):
+            continue
+    return tuple(out)
+
+
+@dataclass(frozen=True)
+class Family:
+    """One model family's block protocol.
+
+    Attributes:
+        name: short key (stored in adapter files, ``SUPPORTED``).
+        label: what error messages and the README call it.
+        models: ``"module:Class"`` paths of the top-level model classes (exact class or subclass).
+        blocks: ``"module:Class"`` paths of the block classes to adapt (exact class: a subclass may change the
+            forward, so it is refused).
+        methods: the methods that fit.
+        norm: attribute of a block holding the norm that feeds the MLP (its ``normalized_shape[0]`` is the width).
+        mlp: attribute of a block holding the MLP module (input: that norm's output).
+        swap_block: adapt by swapping the block's class for its subclass in ``_blocks.ADAPTED_BLOCKS`` (timm /
+            open_clip), else by the generic MLP wrap.
+        head: ``"timm"`` (``get_classifier`` / ``reset_classifier``), ``"hf"`` (an ``nn.Linear`` named ``classifier``
+            when the model has one) or ``None``.
+        attn_linears: regex over the child ``nn.Linear`` names of an attention module that LoRA adapts when
+            ``LoRAConfig.modules`` keeps its default (``^qkv$``).
+        attn: regex a module name must ``search`` to count as an attention module (LoRA).
+        grad_ckpt: how to switch gradient checkpointing on (``"timm"``: ``set_grad_checkpointing``, ``"hf"``:
+            ``gradient_checkpointing_enable``).
+        hf_model_types: for HF models, the ``config.model_type`` values of the family (the model class may be any
+            head class: ``ViTModel``, ``ViTForImageClassification``, ...).
+    """
+
+    name: str
+    label: str
+    models: Tuple[str, ...]
+    blocks: Tuple[str, ...]
+    methods: Tuple[str, ...]
+    norm: str = "norm2"
+    mlp: str = "mlp"
+    swap_block: bool = False
+    head: Optional[str] = "timm"
+    attn_linears: str = r"^qkv$"
+    attn: str = r"(^|\.)attn$"
+    grad_ckpt: str = "timm"
+    hf_model_types: Tuple[str, ...] = field(default=())
+
+    def model_classes(self) -> Tuple[type, ...]:
+        return _classes(*self.models)
+
+    def block_classes(self) -> Tuple[type, ...]:
+        return _classes(*self.blocks)
+
+    def matches(self, model: nn.Module) -> bool:
+        if self.hf_model_types:
+            cfg = getattr(model, "config", None)
+            base = _classes("transformers:PreTrainedModel")
+            return bool(base) and isinstance(model, base) and getattr(cfg, "model_type", None) in self.hf_model_types
+        cls = self.model_classes()
+        return bool(cls) and isinstance(model, cls)
+
+    def block_dim(self, block: nn.Module) -> int:
+        return int(getattr(block, self.norm).normalized_shape[0])
+
+
+_HF = "transformers.models"
+# transformers 5.x names the attention projections q_proj / k_proj / v_proj in every vision family
+_HF_ATTN = dict(attn_linears=r"^(q_proj|k_proj|v_proj)$", attn=r"(^|\.)(attention|self_attn)$")
+
+FAMILIES: Tuple[Family, ...] = (
+    Family("vit", "timm VisionTransformer", ("timm.models.vision_transformer:VisionTransformer",),
+           ("timm.models.vision_transformer:Block",),
+           _BOTTLENECK + ("lora",) + _GENERIC + ("linear", "vpt", "mga"), swap_block=True),
+    Family("swin", "timm SwinTransformer", ("timm.models.swin_transformer:SwinTransformer",),
+           ("timm.models.swin_transformer:SwinTransformerBlock",),
+           _BOTTLENECK + ("lora",) + _GENERIC + ("linear",), swap_block=True),
+    Family("convnext", "timm ConvNeXt", ("timm.models.convnext:ConvNeXt",), ("timm.models.convnext:ConvNeXtBlock",),
+           ("eqam", "capm", "eqam+capm") + _GENERIC + ("linear",), norm="norm", swap_block=True),
+    Family("eva", "timm Eva (DINOv3, EVA-02)", ("timm.models.eva:Eva",), ("timm.models.eva:EvaBlock",),
+           _BOTTLENECK + ("lora",) + _GENERIC + ("linear", "mga"), swap_block=True),
+    Family("clip", "open_clip CLIP / CustomTextCLIP", ("open_clip:CLIP", "open_clip:CustomTextCLIP"),
+           ("open_clip.transformer:ResidualAttentionBlock",), ("mga",) + _GENERIC, norm="ln_2",
+           swap_block=True, head=None),
+    # ---- Hugging Face transformers: the generic MLP wrap (every block has `mlp` fed by a norm)
+    Family("hf-vit", "HF transformers ViT", (), (f"{_HF}.vit.modeling_vit:ViTLayer",),
+           _BOTTLENECK + ("lora",) + _GENERIC + ("linear", "mga"), norm="layernorm_after", head="hf",
+           **_HF_ATTN, grad_ckpt="hf", hf_model_types=("vit",)),
+    Family("hf-dinov2", "HF transformers Dinov2", (), (f"{_HF}.dinov2.modeling_dinov2:Dinov2Layer",),
+           _BOTTLENECK + ("lora",) + _GENERIC + ("linear", "mga"), head="hf",
+           **_HF_ATTN, grad_ckpt="hf", hf_model_types=("dinov2",)),
+    Family("hf-dinov3", "HF transformers DINOv3ViT", (), (f"{_HF}.dinov3_vit.modeling_dinov3_vit:DINOv3ViTLayer",),
+           _BOTTLENECK + ("lora",) + _GENERIC + ("linear", "mga"), head="hf",
+           **_HF_ATTN, grad_ckpt="hf", hf_model_types=("dinov3_vit",)),
+    Family("hf-swin", "HF transformers Swin", (), (f"{_HF}.swin.modeling_swin:SwinLayer",),
+           _BOTTLENECK + ("lora",) + _GENERIC + ("linear",), norm="layernorm_after", head="hf",
+           **_HF_ATTN, grad_ckpt="hf", hf_model_types=("swin",)),
+    Family("hf-convnext", "HF transformers ConvNext", (), (), _GENERIC + ("linear",), head="hf", grad_ckpt="hf",
+           hf_model_types=("convnext",)),
+    Family("hf-clip", "HF transformers CLIP", (), (f"{_HF}.clip.modeling_clip:CLIPEncoderLayer",), ("mga",) + _GENERIC,
+           norm="layer_norm2", head=None, **_HF_ATTN, grad_ckpt="hf",
+           hf_model_types=("clip",)),
+)
+
+# Why a method does not fit a family (README table and error messages).
+WHY_NOT = {
+    ("swin", "vpt"): "Swin attends inside fixed windows of the patch grid: prompt tokens have no window to sit in",
+    ("swin", "mga"): "MGA is HarMA's adapter for CLIP-style towers (global-attention ViT blocks)",
+    ("eva", "vpt"): "Eva's rotary position table is sized to the patch grid: prompt tokens would need positions",
+    ("hf-vit", "vpt"): "not wired for HF models (prompt tokens would go between the embeddings and the encoder)",
+    ("hf-dinov2", "vpt"): "not wired for HF models",
+    ("hf-dinov3", "vpt"): "DINOv3's rotary position table is sized to the patch grid",
+    ("hf-swin", "vpt"): "Swin attends inside fixed windows",
+    ("hf-convnext", "eqam"): "HF ConvNextLayer computes its MLP inline (pwconv1/act/pwconv2): no MLP module to wrap; "
+                             "use timm convnext_* for EQAM/CAPM",
+    ("hf-convnext", "capm"): "not wired for HF ConvNext stages; use timm convnext_*",
+    ("clip", "mufa"): "HarMA's placement for CLIP towers is MGA; MuFA/AdaptFormer are defined on the image ViT alone",
+    ("hf-clip", "mufa"): "as for open_clip: MGA is the CLIP-tower method",
+    ("clip", "linear"): "CLIP models have no classifier head",
+    ("hf-clip", "linear"): "CLIP models have no classifier head",
+    ("convnext", "mufa"): "MuFA/AdaptFormer are placed beside transformer MLPs; ConvNeXt's adapter is EQAM (UPetu)",
+}
+
+
+def family_of(model: nn.Module) -> Family:
+    """The model's :class:`Family`; ``TypeError`` naming the supported families otherwise."""
+    for fam in FAMILIES:
+        if fam.matches(model):
+            return fam
+    raise TypeError(
+        f"rspeft_fast.inject: unsupported model {type(model).__module__}.{type(model).__name__}; supported: {supported_text()}"
+    )
+
+
+def family_by_name(name: str) -> Family:
+    for fam in FAMILIES:
+        if fam.name == name:
+            return fam
+    raise KeyError(name)
+
+
+def supported_text() -> str:
+    return "; ".join(f"{f.label} ({', '.join(f.methods)})" for f in FAMILIES)
