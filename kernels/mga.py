@@ -37,15 +37,16 @@ in fp32 the dots use ``input_precision`` "ieee" unless TF32 matmuls are allowed 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import NamedTuple, Optional
 
 import torch
 import triton
 import triton.language as tl
+from torch import Tensor
 
 from ._common import gelu, gelu_grad
-
-MAX_L = 256
-SUPPORTED_HEAD_DIMS = (8, 16, 32, 64)
+from ._launch import DeviceProps, arch_unsupported, cast, device_props, dot, dtype_bytes, pad_pow2, precision, smem_bytes
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -53,31 +54,17 @@ SUPPORTED_HEAD_DIMS = (8, 16, 32, 64)
 # ----------------------------------------------------------------------------------------------------
 @triton.jit
 def _round_to(x, P, PREC: tl.constexpr):
-    """``x`` cast to the element type of pointer ``P`` with round-to-nearest-even.
-
-    Triton's CPU interpreter truncates float32 → bfloat16; under it (``PREC == "emulate"``) the rounding is
-    done by hand on the float32 bits so CPU checks see the rounding the GPU does.
-    """
-    if PREC == "emulate":
-        if P.dtype.element_ty == tl.bfloat16:
-            bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
-            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-            x = bits.to(tl.float32, bitcast=True)
-    return x.to(P.dtype.element_ty)
+    """``x`` cast to the element type of pointer ``P`` (``_launch.cast``: round to nearest even, emulated on
+    the float32 bits under the interpreter)."""
+    return cast(x, P.dtype.element_ty, PREC)
 
 
 @triton.jit
 def _dot(a, b, W, PREC: tl.constexpr):
-    """fp32-accumulated ``a @ b`` with both operands cast to the element type of pointer ``W``.
-
-    ``PREC == "emulate"`` (Triton's CPU interpreter with 16-bit weights, whose 16-bit ``tl.dot`` is wrong):
-    operands are rounded to the 16-bit type, then multiplied in fp32.
-    """
-    if PREC == "emulate":
-        return tl.dot(_round_to(a, W, PREC).to(tl.float32), _round_to(b, W, PREC).to(tl.float32),
-                      input_precision="ieee")
-    else:
-        return tl.dot(a.to(W.dtype.element_ty), b.to(W.dtype.element_ty), input_precision=PREC)
+    """fp32-accumulated ``a @ b`` with both operands cast to the element type of pointer ``W`` (the compute
+    dtype), under the one precision policy (``_launch.dot`` / ``_launch.cast``)."""
+    T = W.dtype.element_ty
+    return dot(cast(a, T, PREC), cast(b, T, PREC), None, PREC)
 
 
 @triton.jit
@@ -405,10 +392,9 @@ def _bwd_msa1_kernel(
             dyt = tl.load(DYb + rows[:, None] * sdl + nc[None, :] * sdd, mask=m, other=0.0).to(tl.float32)
             tl.store(DXb + rows[:, None] * D + nc[None, :], _round_to(dyt + t, DX, PREC), mask=m)
 
-
 # ----------------------------------------------------------------------------------------------------
-# long sequences (padded L > 128): flash-attention-style attention backward, one (sequence, head, block)
-# per program, so no (L, L) tile is ever whole on chip
+# blocked attention (any L): flash-attention's scheme, one (sequence, head, query or key block) per program,
+# so no (L, L) tile is ever whole on chip and B·NH·cdiv(L, BQ) programs fill the GPU
 # ----------------------------------------------------------------------------------------------------
 @triton.jit
 def _block_key_bias(MASK, b, cols, L, HAS_MASK: tl.constexpr):
@@ -421,18 +407,17 @@ def _block_key_bias(MASK, b, cols, L, HAS_MASK: tl.constexpr):
 
 
 @triton.jit
-def _attn_bwd_dq_kernel(
-    QKV, DO, MASK, DQKV, O, STATS,
+def _attn_fwd_kernel(
+    QKV, MASK, O, LSE,
     L, H, NH, DH, scale,
     BQ: tl.constexpr, BK: tl.constexpr, DHP: tl.constexpr, HAS_MASK: tl.constexpr, PREC: tl.constexpr,
 ):
     """Query block ``program_id(1)`` of head ``h`` of sequence ``b`` (``program_id(0) = b·NH + h``).
 
-    ``QKV (B, L, 3H)`` the in-projection ``[q | k | v]`` of the attention input, ``DO (B, L, H)`` the gradient
-    of the concatenated head outputs (``g Wo``). Pass 1 over the key blocks: online softmax → ``o`` (stored
-    at ``O (B, L, H)``), ``lse``; ``delta = rowsum(do ∘ o)``; pass 2: ``dq = Σ_keys dS k`` (stored in the q
-    columns of ``DQKV``). ``lse`` and ``delta`` go to ``STATS (B, NH, 2, L)`` fp32 for the key-block kernel.
-    A query with every key padded gets NaN (``0/0``), as ``msa_ref``.
+    ``QKV (B, L, 3H)`` = ``[q | k | v]`` (the in-projection of the attention input). K/V streamed by blocks of
+    ``BK`` keys with an online softmax in fp32 (running max ``m``, running sum ``l``): ``o = softmax(q kᵀ·scale) v``
+    stored at ``O (B, L, H)`` (the concatenated head outputs), ``lse = m + log l`` at ``LSE (B, NH, L)`` fp32 for
+    the backward. A query with every key padded gets ``o = 0/0 = NaN`` and ``lse = -inf``, as ``msa_ref``.
     """
     pid = tl.program_id(0)
     b = (pid // NH).to(tl.int64)
@@ -443,8 +428,7 @@ def _attn_bwd_dq_kernel(
     m2 = rmask[:, None] & (dd[None, :] < DH)
     H3 = 3 * H
     qkv = QKV + b * L * H3 + h * DH
-    q = tl.load(qkv + rows[:, None] * H3 + dd[None, :], mask=m2, other=0.0).to(tl.float32)
-    do = tl.load(DO + b * L * H + h * DH + rows[:, None] * H + dd[None, :], mask=m2, other=0.0).to(tl.float32)
+    q = tl.load(qkv + rows[:, None] * H3 + dd[None, :], mask=m2, other=0.0)
 
     m_i = tl.full((BQ,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BQ,), dtype=tl.float32)
@@ -456,7 +440,7 @@ def _attn_bwd_dq_kernel(
         v = tl.load(qkv + 2 * H + cols[:, None] * H3 + dd[None, :], mask=km, other=0.0)
         s = _dot(q, tl.trans(k), QKV, PREC) * scale + _block_key_bias(MASK, b, cols, L, HAS_MASK)[None, :]
         m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # no key seen yet: keep exp() finite
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # no valid key seen yet: keep exp() finite
         alpha = tl.exp(m_i - m_safe)
         p = tl.exp(s - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
@@ -464,8 +448,36 @@ def _attn_bwd_dq_kernel(
         m_i = m_new
     o = acc / l_i[:, None]
     lse = tl.where(m_i == float("-inf"), 0.0, m_i) + tl.log(l_i)  # -inf for a fully padded row → NaN grads
-    o_st = _round_to(o, O, PREC)
-    delta = tl.sum(do * o_st.to(tl.float32), 1)
+    tl.store(O + b * L * H + h * DH + rows[:, None] * H + dd[None, :], _round_to(o, O, PREC), mask=m2)
+    tl.store(LSE + (b * NH + h) * L + rows, lse, mask=rmask)
+
+
+@triton.jit
+def _attn_bwd_dq_kernel(
+    QKV, DO, MASK, O, LSE, DQKV, DELTA,
+    L, H, NH, DH, scale,
+    BQ: tl.constexpr, BK: tl.constexpr, DHP: tl.constexpr, HAS_MASK: tl.constexpr, PREC: tl.constexpr,
+):
+    """Query block ``program_id(1)`` of head ``h`` of sequence ``b``: ``delta = rowsum(do ∘ o)`` (stored at
+    ``DELTA (B, NH, L)`` fp32 for the key-block kernel) and ``dq = Σ_keys dS k`` with ``P = exp(s - lse)``
+    from the forward's ``LSE`` (stored in the q columns of ``DQKV (B, L, 3H)``). ``DO (B, L, H)`` is the
+    gradient of the concatenated head outputs ``O`` (``g Wo``)."""
+    pid = tl.program_id(0)
+    b = (pid // NH).to(tl.int64)
+    h = pid % NH
+    rows = tl.program_id(1) * BQ + tl.arange(0, BQ)
+    rmask = rows < L
+    dd = tl.arange(0, DHP)
+    m2 = rmask[:, None] & (dd[None, :] < DH)
+    H3 = 3 * H
+    qkv = QKV + b * L * H3 + h * DH
+    q = tl.load(qkv + rows[:, None] * H3 + dd[None, :], mask=m2, other=0.0)
+    do = tl.load(DO + b * L * H + h * DH + rows[:, None] * H + dd[None, :], mask=m2, other=0.0)
+    o = tl.load(O + b * L * H + h * DH + rows[:, None] * H + dd[None, :], mask=m2, other=0.0)
+    st = (b * NH + h) * L + rows
+    lse = tl.load(LSE + st, mask=rmask, other=0.0)
+    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+    tl.store(DELTA + st, delta, mask=rmask)
 
     dq = tl.zeros((BQ, DHP), dtype=tl.float32)
     for k0 in range(0, L, BK):
@@ -479,21 +491,18 @@ def _attn_bwd_dq_kernel(
         ds = p * (dp - delta[:, None]) * scale
         dq += _dot(ds, k, QKV, PREC)
     tl.store(DQKV + b * L * H3 + h * DH + rows[:, None] * H3 + dd[None, :], _round_to(dq, DQKV, PREC), mask=m2)
-    tl.store(O + b * L * H + h * DH + rows[:, None] * H + dd[None, :], o_st, mask=m2)
-    st = STATS + (b * NH + h) * 2 * L + rows
-    tl.store(st, lse, mask=rmask)
-    tl.store(st + L, delta, mask=rmask)
 
 
 @triton.jit
 def _attn_bwd_dkdv_kernel(
-    QKV, DO, MASK, DQKV, STATS,
+    QKV, DO, MASK, DQKV, LSE, DELTA,
     L, H, NH, DH, scale,
     BQ: tl.constexpr, BK: tl.constexpr, DHP: tl.constexpr, HAS_MASK: tl.constexpr, PREC: tl.constexpr,
 ):
     """Key block ``program_id(1)`` of head ``h`` of sequence ``b``: ``dv = Σ_queries Pᵀ do``,
     ``dk = Σ_queries dSᵀ q`` (the transposed scores are computed directly: no transpose of a big tile),
-    from ``lse``/``delta`` of :func:`_attn_bwd_dq_kernel`; stored in the k/v columns of ``DQKV``."""
+    from ``lse`` (forward) and ``delta`` (:func:`_attn_bwd_dq_kernel`); stored in the k/v columns of
+    ``DQKV``. Each program owns its key rows: deterministic, no atomics."""
     pid = tl.program_id(0)
     b = (pid // NH).to(tl.int64)
     h = pid % NH
@@ -506,7 +515,7 @@ def _attn_bwd_dkdv_kernel(
     k = tl.load(qkv + H + cols[:, None] * H3 + dd[None, :], mask=m2, other=0.0)
     v = tl.load(qkv + 2 * H + cols[:, None] * H3 + dd[None, :], mask=m2, other=0.0)
     kbias = _block_key_bias(MASK, b, cols, L, HAS_MASK)
-    st = STATS + (b * NH + h) * 2 * L
+    st = (b * NH + h) * L
 
     dk = tl.zeros((BK, DHP), dtype=tl.float32)
     dv = tl.zeros((BK, DHP), dtype=tl.float32)
@@ -516,8 +525,8 @@ def _attn_bwd_dkdv_kernel(
         qm = rmask[:, None] & (dd[None, :] < DH)
         q = tl.load(qkv + rows[:, None] * H3 + dd[None, :], mask=qm, other=0.0)
         do = tl.load(DO + b * L * H + h * DH + rows[:, None] * H + dd[None, :], mask=qm, other=0.0)
-        lse = tl.load(st + rows, mask=rmask, other=0.0)
-        delta = tl.load(st + L + rows, mask=rmask, other=0.0)
+        lse = tl.load(LSE + st + rows, mask=rmask, other=0.0)
+        delta = tl.load(DELTA + st + rows, mask=rmask, other=0.0)
         s_t = _dot(k, tl.trans(q), QKV, PREC) * scale + kbias[:, None]  # (BK, BQ)
         p_t = tl.where(rmask[None, :], tl.exp(s_t - lse[None, :]), 0.0)
         dv += _dot(p_t, do, QKV, PREC)
@@ -530,158 +539,222 @@ def _attn_bwd_dkdv_kernel(
 
 
 # ----------------------------------------------------------------------------------------------------
-# launchers (plain functions: tensors in, tensors out)
+# typed containers
 # ----------------------------------------------------------------------------------------------------
+class ShareWeights(NamedTuple):
+    """BiShare tensors in the compute dtype (contiguous): ``down (H2, H)``, ``up (H, H2)``, ``in_proj (3H2, H2)``,
+    ``out_proj (H2, H2)`` with their biases, the 1-element ``gate`` and the head count."""
+    down_w: Tensor
+    down_b: Tensor
+    up_w: Tensor
+    up_b: Tensor
+    in_w: Tensor
+    in_b: Tensor
+    out_w: Tensor
+    out_b: Tensor
+    gate: Tensor
+    heads: int
+
+
+class MGASaved(NamedTuple):
+    """What the forward saves for the backward (compute dtype unless said; empty ``(0,)`` where unused).
+
+    ``hpre (B, L, H)`` the pre-GELU down projection; ``z1 (B, L, H)`` the output of MSA call 1 (BiShare only);
+    ``z2 (B, L, H)`` the input of MSA call 2; ``ws (B, L, H2)`` the BiShare down projection; and, on the blocked
+    path only, the head outputs ``o (2, B, L, H)`` of both MSA calls and ``o_s (B, L, H2)`` of MSA_s with their
+    log-sum-exps ``lse (2, B, NH, L)`` / ``lse_s (B, NH2, L)`` in fp32.
+    """
+    hpre: Tensor
+    z1: Tensor
+    z2: Tensor
+    ws: Tensor
+    o: Tensor
+    o_s: Tensor
+    lse: Tensor
+    lse_s: Tensor
+
+
+@dataclass
+class ShareGrads:
+    """BiShare intermediates for its weight gradients, ``(B, L, ·)``: ``dz2`` (grad of its output = of ``z2``),
+    ``z1`` (its input), ``w`` (down projection), ``dw`` (grad of ``w``), ``vs`` (input of its up projection),
+    ``dqkv (B, L, 3H2)``, ``o``/``g (B, L, H2)`` (head outputs / grad of MSA_s's output), ``gate_partial (B,)``."""
+    dz2: Tensor
+    z1: Tensor
+    w: Tensor
+    dw: Tensor
+    vs: Tensor
+    dqkv: Tensor
+    o: Tensor
+    g: Tensor
+    gate_partial: Tensor
+
+
+@dataclass
+class MGAGrads:
+    """Backward intermediates, ``(B, L, ·)`` in the compute dtype: ``dx (B, L, D)`` (x's dtype), ``dpre`` (grad
+    of ``hpre``), ``u`` (input of the up projection), ``z0 = GELU(hpre)``, ``z2``, ``dqkv (2, B, L, 3H)``,
+    ``o (2, B, L, H)`` and ``g (2, B, L, H)`` (head outputs / grad of the MSA output; ``[0]`` the first call,
+    input ``z0``, ``[1]`` the second, input ``z2``), ``gate_partial (B,)`` fp32; ``share`` with BiShare."""
+    dx: Tensor
+    dpre: Tensor
+    u: Tensor
+    z0: Tensor
+    z2: Tensor
+    dqkv: Tensor
+    o: Tensor
+    g: Tensor
+    gate_partial: Tensor
+    share: Optional[ShareGrads] = None
+
+
+# ----------------------------------------------------------------------------------------------------
+# launch plans (from the device)
+# ----------------------------------------------------------------------------------------------------
+MAX_HEAD_DIM = 128  # attention tiles (BQ, head dim) per program; above: registers (see why_unsupported)
+SEQ_MAX_LP = 128    # padded L the per-sequence kernels may take: their (LP, LP) score tiles (see plan_mga)
+SEQ_MAX_HP = 128    # padded hidden they may take: (LP, HP) activations held in registers
+
+
 def _p2(n: int) -> int:
-    return max(16, triton.next_power_of_2(int(n)))
+    return pad_pow2(n, 16)
 
 
 def _prec(dtype: torch.dtype, device: torch.device) -> str:
-    if device.type == "cpu" and dtype != torch.float32:
-        return "emulate"  # the interpreter's 16-bit tl.dot gives garbage (triton 3.8)
-    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
-        return "ieee"
-    return "tf32"
+    return precision(dtype)  # _launch's policy: "emulate" under the interpreter for 16-bit, ieee/tf32 for fp32
 
 
 def _warps(LP: int, HP: int) -> int:
     return 4 if LP * HP <= 64 * 64 else 8
 
 
-def check_shapes(L: int, hidden: int, heads: int, share_hidden: int | None = None, share_heads: int | None = None) -> None:
-    """Raise ValueError for shapes the kernels do not support."""
-    if L < 1 or L > MAX_L:
-        raise ValueError(f"mga (triton): sequence length L={L} must be in [1, {MAX_L}] (one sequence per program)")
+class AttnPlan(NamedTuple):
+    """One blocked-attention launch set (forward or backward) of one MSA: tiles and warps."""
+    BQ: int
+    BK: int
+    DHP: int
+    num_warps: int
+    num_stages: int
+
+
+def _attn_smem(BQ: int, BK: int, DHP: int, nbytes: int, stages: int) -> int:
+    """Shared memory estimate of the blocked attention kernels: the streamed K/V (or Q/dO) tiles, pipelined
+    ``stages`` deep, plus one (BQ, BK) fp32 score tile staged for the second dot."""
+    tile = max(BQ, BK) * DHP * nbytes
+    return smem_bytes(stages, (tile, tile), scratch=BQ * BK * 4)
+
+
+def plan_attention(L: int, DH: int, dtype: torch.dtype, props) -> AttnPlan | None:
+    """Tiles of the blocked attention kernels for head dim ``DH``: 64×64 blocks (flash-attention's sm_80/90
+    choice for head dims ≤ 128), halved while the shared-memory estimate exceeds the device's per-block
+    budget (fp32 at head dim 128 on a 99 KB sm_86: 32×32, 2 stages); ``None`` if even 16×16 does not fit.
+    The block never exceeds the padded L (no work on rows that do not exist at L = 7)."""
+    DHP = _p2(DH)
+    nb = dtype_bytes(dtype)
+    blk = min(64, _p2(L))
+    stages = 2 if nb == 4 or DHP > 64 else 3
+    while blk >= 16:
+        for st in (stages, 1):
+            if _attn_smem(blk, blk, DHP, nb, st) <= props.smem_per_block:
+                return AttnPlan(blk, blk, DHP, 4 if blk * DHP <= 64 * 64 else 8, st)
+        blk //= 2
+    return None
+
+
+def _seq_smem(LP: int, HP: int, nbytes: int, train: bool) -> int:
+    """Shared memory estimate of the per-sequence kernels: (LP, LP) score tiles and (LP, HP) activations
+    transposed through shared memory. Fitted to the sm_90 AOT compile (NOTES.md): backward at LP = 128,
+    HP = 128 needs 120-152 KB in bf16 and 254-352 KB in fp32; the forward at LP = 256 in fp32 475 KB."""
+    return (6 if train else 2) * LP * max(LP, HP) * nbytes
+
+
+class MGAPlan(NamedTuple):
+    """Launch plan of one MGA layer. ``path``: ``"sequence"`` (one program per sequence, the whole forward in
+    one launch) or ``"blocked"`` (GEMMs for the projections over all B·L rows + blocked attention kernels over
+    (sequence·head, query block)); ``reason`` says why. Per-sequence constants ``LP, HP, DHP, H2P, DH2P, BD,
+    num_warps``; blocked attention plans ``attn`` (hidden) / ``attn_s`` (BiShare)."""
+    path: str
+    reason: str
+    LP: int
+    HP: int
+    DHP: int
+    H2P: int
+    DH2P: int
+    BD: int
+    num_warps: int
+    attn: AttnPlan | None
+    attn_s: AttnPlan | None
+
+
+def plan_mga(L: int, D: int, H: int, NH: int, H2: int | None, NH2: int | None, dtype: torch.dtype, props,
+             train: bool) -> MGAPlan:
+    """Choose the per-sequence or the blocked path (and their tiles) for one layer on a device.
+
+    The per-sequence kernel reads ``x`` once and writes ``y`` once in ONE launch, with every intermediate on
+    chip; at short L that beats the blocked path's ~12 launches (≈20 with BiShare) and their (B·L, hidden)
+    round trips through HBM, so it stays where it fits: padded L ≤ 128 and padded hidden ≤ 128 (beyond, its
+    (LP, LP) score and (LP, HP) activation tiles spill or exceed shared memory) and the shared-memory estimate
+    (:func:`_seq_smem`) within the device's budget. Training plans the backward's (larger) estimate and the
+    forward follows it, so a blocked backward always finds the forward's ``o``/``lse``. Everything else takes
+    the blocked path (any L; B·NH·cdiv(L, BQ) attention programs fill the GPU at small batches). The plan
+    depends on feature sizes, L, dtype and device only, never on the batch (one compilation per shape).
+    """
+    share = H2 is not None
+    DH = H // NH
+    DH2 = H2 // NH2 if share else 16
+    LP, HP, DHP = _p2(L), _p2(H), _p2(DH)
+    H2P, DH2P = (_p2(H2), _p2(DH2)) if share else (16, 16)
+    nb = dtype_bytes(dtype)
+    BD = 32 if HP > 128 or LP > 64 else 64
+    nw = _warps(LP, HP)
+    attn = plan_attention(L, DH, dtype, props)
+    attn_s = plan_attention(L, DH2, dtype, props) if share else None
+    common = (LP, HP, DHP, H2P, DH2P, BD, nw, attn, attn_s)
+    if LP > SEQ_MAX_LP:
+        return MGAPlan("blocked", f"padded L={LP} > {SEQ_MAX_LP}: (L, L) score tiles do not fit one program", *common)
+    if max(HP, H2P) > SEQ_MAX_HP:
+        return MGAPlan("blocked", f"padded hidden={max(HP, H2P)} > {SEQ_MAX_HP}: activations do not fit registers",
+                       *common)
+    need = _seq_smem(LP, max(HP, H2P), nb, train)
+    if need > props.smem_per_block:
+        return MGAPlan("blocked", f"per-sequence {'backward' if train else 'forward'} needs ~{need // 1024} KB of "
+                       f"shared memory > {props.smem_per_block // 1024} KB (sm_{props.arch})", *common)
+    return MGAPlan("sequence", "short sequence: one launch, every intermediate on chip", *common)
+
+
+def why_unsupported(*, dtype: torch.dtype, props, L: int, D: int, hidden: int, heads: int,
+                    share_hidden: int | None = None, share_heads: int | None = None) -> str | None:
+    """None if the fused kernels run these shapes on a device with ``props``, else a one-line reason naming
+    the limit (``resolve_impl(..., limits=...)``: ``impl="auto"`` goes to the reference with one warning,
+    ``impl="triton"`` raises). What is left: the dtypes, and head dims above :data:`MAX_HEAD_DIM`."""
+    why = arch_unsupported(dtype, props)
+    if why is not None:
+        return f"mga (triton): {why}"
     for name, h, nh in (("hidden", hidden, heads), ("BiShare hidden", share_hidden, share_heads)):
         if h is None:
             continue
-        if nh < 1 or h % nh:
-            raise ValueError(f"mga (triton): {name}={h} must be divisible by heads={nh}")
-        if h > 256:
-            raise ValueError(f"mga (triton): {name}={h} > 256 is not supported (activations are held on chip)")
-        if h // nh not in SUPPORTED_HEAD_DIMS:
-            raise ValueError(f"mga (triton): {name} head dim {h // nh} must be one of {SUPPORTED_HEAD_DIMS}")
+        if h // nh > MAX_HEAD_DIM:
+            return f"mga (triton): {name} head dim {h // nh} > {MAX_HEAD_DIM} (attention tiles per program)"
+        if plan_attention(max(int(L), 1), h // nh, dtype, props) is None:
+            return (f"mga (triton): {name} head dim {h // nh}: no attention tile fits "
+                    f"{props.smem_per_block // 1024} KB of shared memory (sm_{props.arch})")
+    return None
 
 
-def mga_forward(x, down_weight, down_bias, up_weight, up_bias, in_w, in_b, out_w, out_b, gate, heads,
-                share=None, mask_u8=None, save=False):
-    """Fused forward. ``x (B, L, D)`` any strides; weights contiguous in one compute dtype; ``gate`` a
-    1-element tensor; ``share`` None or a tuple ``(down_w, down_b, up_w, up_b, in_w, in_b, out_w, out_b, gate,
-    heads)``; ``mask_u8 (B, L)`` uint8 (1 = padded key) or None.
-
-    Returns ``y (B, L, D)`` (dtype ``promote(x.dtype, weights dtype)``) and the saved activations
-    ``(hpre, z1, z2, w)`` (``(B, L, H)``/``(B, L, H/2)`` in the compute dtype; empty when ``save`` is False
-    or, for ``z1``/``w``, without share).
-    """
-    B, L, D = x.shape
-    H = down_weight.shape[0]
-    cdt = down_weight.dtype
-    dev = x.device
-    NH = int(heads)
-    DH = H // NH
-    y = torch.empty((B, L, D), device=dev, dtype=torch.promote_types(x.dtype, cdt))
-    def buf(*shape):  # a fresh tensor per output (custom ops' outputs must not alias each other)
-        return x.new_empty(shape if save else (0,), dtype=cdt)
-
-    hpre, z2 = buf(B, L, H), buf(B, L, H)
-    if share is not None:
-        sdw, sdb, suw, sub, siw, sib, sow, sob, sgate, sheads = share
-        H2, NH2 = sdw.shape[0], int(sheads)
-        z1, ws = buf(B, L, H), buf(B, L, H2)
-    else:
-        sdw, sdb, suw, sub, siw, sib, sow, sob, sgate = (down_weight,) * 9
-        H2, NH2 = 16, 1
-        z1, ws = x.new_empty(0, dtype=cdt), x.new_empty(0, dtype=cdt)
-    DH2 = H2 // NH2
-    LP, HP, DHP, H2P, DH2P = _p2(L), _p2(H), _p2(DH), _p2(H2), _p2(DH2)
-    if B == 0:
-        return y, hpre, z1, z2, ws
-    mask = mask_u8 if mask_u8 is not None else y
-    _mga_fwd_kernel[(B,)](
-        x, x.stride(0), x.stride(1), x.stride(2), y, mask,
-        down_weight, down_bias, up_weight, up_bias, in_w, in_b, out_w, out_b, gate,
-        sdw, sdb, suw, sub, siw, sib, sow, sob, sgate,
-        hpre if save else y, z1 if (save and share is not None) else y, z2 if save else y, ws if (save and share is not None) else y,
-        L, D, H, NH, DH, H2, NH2, DH2, 1.0 / math.sqrt(DH), 1.0 / math.sqrt(DH2),
-        LP=LP, HP=HP, DHP=DHP, H2P=H2P, DH2P=DH2P, BD=32 if HP > 128 or LP > 64 else 64,
-        HAS_MASK=mask_u8 is not None, SHARE=share is not None, SAVE=bool(save), PREC=_prec(cdt, dev),
-        num_warps=_warps(LP, HP),
-    )
-    return y, hpre, z1, z2, ws
+def _share_dims(share):
+    return (None, None) if share is None else (int(share.down_w.shape[0]), int(share.heads))
 
 
-def mga_backward(dy, x_dtype, down_weight, up_weight, in_w, in_b, out_w, out_b, gate, heads,
-                 hpre, z1, z2, ws, share=None, mask_u8=None):
-    """Fused backward kernels. Returns a dict of ``(B, L, ·)`` intermediates for the weight gradients and
-    ``dx``: ``dx, dpre, u, z0, z2, dqkv (2, B, L, 3H), o (2, B, L, H), g (2, B, L, H), gate_partial (B,)``
-    and, with share, ``s_dz2, s_z1, s_w, s_dw, s_vs, s_dqkv, s_o, s_g, s_gate_partial``.
-
-    ``dqkv[0]/o[0]/g[0]`` belong to the first MSA call (input ``z0``), ``[1]`` to the second (input ``z2``).
-    """
-    B, L, D = dy.shape
-    H = down_weight.shape[0]
-    cdt = down_weight.dtype
-    dev = dy.device
-    NH = int(heads)
-    DH = H // NH
-    LP, HP, DHP = _p2(L), _p2(H), _p2(DH)
-    prec = _prec(cdt, dev)
-    nw = _warps(LP, HP)
-    BD = 32 if HP > 128 or LP > 64 else 64
-    has_mask = mask_u8 is not None
-    # above LONG_LP padded rows the attention backward is blocked (_mga_backward_long); the per-sequence
-    # kernels below always fuse the dx epilogue (FUSE_DX=False is kept for callers of the kernel)
-    fuse_dx = True
-    new = lambda *s: torch.empty(s, device=dev, dtype=cdt)  # noqa: E731
-    dqkv, o, g = new(2, B, L, 3 * H), new(2, B, L, H), new(2, B, L, H)
-    u, du, z0, dpre = new(B, L, H), new(B, L, H), new(B, L, H), new(B, L, H)
-    dz2 = new(B, L, H) if share is not None else g[0]
-    dx = torch.empty((B, L, D), device=dev, dtype=x_dtype)
-    gp = torch.empty((B,), device=dev, dtype=torch.float32)
-    res = dict(dx=dx, dpre=dpre, u=u, z0=z0, z2=z2, dqkv=dqkv, o=o, g=g, gate_partial=gp)
-    mask = mask_u8 if has_mask else gp
-    scale = 1.0 / math.sqrt(DH)
-    if share is not None:
-        sdw, sdb, suw, sub, siw, sib, sow, sob, sgate, sheads = share
-        H2, NH2 = sdw.shape[0], int(sheads)
-        DH2 = H2 // NH2
-        res.update(s_dz2=dz2, s_z1=z1, s_w=ws, s_dw=new(B, L, H2), s_vs=new(B, L, H2), s_dqkv=new(B, L, 3 * H2),
-                   s_o=new(B, L, H2), s_g=new(B, L, H2), s_gate_partial=torch.empty((B,), device=dev, dtype=torch.float32))
-    if B == 0:
-        return res
-    if LP > LONG_LP:
-        _mga_backward_long(dy, res, du, down_weight, up_weight, in_w, in_b, out_w, out_b, gate, NH, hpre, z2, share,
-                           mask_u8, prec)
-        return res
-    _bwd_msa2_kernel[(B,)](
-        dy, dy.stride(0), dy.stride(1), dy.stride(2), mask, up_weight, in_w, in_b, out_w, out_b, gate,
-        hpre, z2, dqkv[1], o[1], g[1], u, du, dz2, gp,
-        L, D, H, NH, DH, scale,
-        LP=LP, HP=HP, DHP=DHP, BD=BD, HAS_MASK=has_mask, PREC=prec, num_warps=nw,
-    )
-    if share is not None:
-        _bwd_share_kernel[(B,)](
-            dz2, mask, sdw, suw, siw, sib, sow, sob, sgate,
-            ws, res["s_dqkv"], res["s_o"], res["s_g"], res["s_vs"], res["s_dw"], g[0], res["s_gate_partial"],
-            L, H, H2, NH2, DH2, 1.0 / math.sqrt(DH2),
-            LP=LP, HP=HP, H2P=_p2(H2), DH2P=_p2(DH2), HAS_MASK=has_mask, PREC=prec, num_warps=nw,
-        )
-    _bwd_msa1_kernel[(B,)](
-        dy, dy.stride(0), dy.stride(1), dy.stride(2), dx, mask, down_weight, in_w, in_b, out_w, out_b, gate,
-        hpre, g[0], du, dqkv[0], o[0], z0, dpre,
-        L, D, H, NH, DH, scale,
-        LP=LP, HP=HP, DHP=DHP, BD=BD, HAS_MASK=has_mask, FUSE_DX=fuse_dx, PREC=prec, num_warps=nw,
-    )
-    return res
+def plan_for(x_shape, hidden, heads, share, dtype, device, train) -> MGAPlan:
+    """:func:`plan_mga` for a call (the launchers and the custom op's fake use this one)."""
+    _, L, D = x_shape
+    H2, NH2 = _share_dims(share)
+    return plan_mga(int(L), int(D), int(hidden), int(heads), H2, NH2, dtype, device_props(device), bool(train))
 
 
 # ----------------------------------------------------------------------------------------------------
-# long sequences: blocked attention backward + plain GEMMs / element-wise maths
+# launchers (plain functions: tensors in, tensors out)
 # ----------------------------------------------------------------------------------------------------
-LONG_LP = 128  # padded L above which the backward takes the blocked path (the per-sequence kernels need
-#                > 227 KB of shared memory at LP = 256 on sm_90: (L, L) tiles transposed through shared memory)
-LONG_BQ = 64
-LONG_BK = 64
 _SQRT1_2 = 0.7071067811865476
 _INV_SQRT_2PI = 0.3989422804014327
 
@@ -694,87 +767,275 @@ def _gelu_grad_f32(x):
     return 0.5 * (1.0 + torch.erf(x * _SQRT1_2)) + x * torch.exp(-0.5 * x * x) * _INV_SQRT_2PI
 
 
-def attention_backward_blocked(qkv, do, heads, mask_u8, dqkv, o, prec):
-    """Blocked multi-head attention backward of one batch of sequences (any L, no (L, L) tile on chip).
-
-    ``qkv (B, L, 3H)`` = ``[q | k | v]`` (the in-projection of the attention input), ``do (B, L, H)`` the
-    gradient of the concatenated head outputs; writes ``dqkv (B, L, 3H)`` and the head outputs ``o (B, L, H)``
-    (all contiguous, one dtype). Two launches: query blocks (``o``, ``lse``, ``delta``, ``dq``), then key
-    blocks (``dk``, ``dv``); deterministic, no atomics.
-    """
+def attention_forward_blocked(qkv, heads, mask_u8, o, lse, plan: AttnPlan, prec):
+    """Blocked multi-head attention forward: ``qkv (B, L, 3H)`` = ``[q | k | v]`` → writes the head outputs
+    ``o (B, L, H)`` (qkv's dtype) and ``lse (B, NH, L)`` fp32. One launch over (B·NH, cdiv(L, BQ))."""
     B, L, H3 = qkv.shape
     H = H3 // 3
     NH = int(heads)
     DH = H // NH
-    stats = torch.empty((B, NH, 2, L), device=qkv.device, dtype=torch.float32)
-    mask = mask_u8 if mask_u8 is not None else stats
-    common = dict(BQ=LONG_BQ, BK=LONG_BK, DHP=_p2(DH), HAS_MASK=mask_u8 is not None, PREC=prec, num_warps=4)
+    mask = mask_u8 if mask_u8 is not None else lse
+    _attn_fwd_kernel[(B * NH, triton.cdiv(L, plan.BQ))](
+        qkv, mask, o, lse, L, H, NH, DH, 1.0 / math.sqrt(DH),
+        BQ=plan.BQ, BK=plan.BK, DHP=plan.DHP, HAS_MASK=mask_u8 is not None, PREC=prec,
+        num_warps=plan.num_warps, num_stages=plan.num_stages)
+
+
+def attention_backward_blocked(qkv, do, o, lse, heads, mask_u8, dqkv, plan: AttnPlan, prec):
+    """Blocked multi-head attention backward (any L, no (L, L) tile on chip).
+
+    ``qkv (B, L, 3H)``, ``do (B, L, H)`` the gradient of the head outputs ``o (B, L, H)``, ``lse (B, NH, L)``
+    from :func:`attention_forward_blocked`; writes ``dqkv (B, L, 3H)``. Two launches: query blocks (``delta``,
+    ``dq``), then key blocks (``dk``, ``dv``); deterministic, no atomics."""
+    B, L, H3 = qkv.shape
+    H = H3 // 3
+    NH = int(heads)
+    DH = H // NH
+    delta = torch.empty((B, NH, L), device=qkv.device, dtype=torch.float32)
+    mask = mask_u8 if mask_u8 is not None else delta
+    common = dict(BQ=plan.BQ, BK=plan.BK, DHP=plan.DHP, HAS_MASK=mask_u8 is not None, PREC=prec,
+                  num_warps=plan.num_warps, num_stages=plan.num_stages)
     scale = 1.0 / math.sqrt(DH)
-    _attn_bwd_dq_kernel[(B * NH, triton.cdiv(L, LONG_BQ))](
-        qkv, do, mask, dqkv, o, stats, L, H, NH, DH, scale, **common)
-    _attn_bwd_dkdv_kernel[(B * NH, triton.cdiv(L, LONG_BK))](
-        qkv, do, mask, dqkv, stats, L, H, NH, DH, scale, **common)
+    _attn_bwd_dq_kernel[(B * NH, triton.cdiv(L, plan.BQ))](
+        qkv, do, mask, o, lse, dqkv, delta, L, H, NH, DH, scale, **common)
+    _attn_bwd_dkdv_kernel[(B * NH, triton.cdiv(L, plan.BK))](
+        qkv, do, mask, dqkv, lse, delta, L, H, NH, DH, scale, **common)
 
 
-def _msa_backward_long(z, g, in_w, in_b, out_w, out_b, heads, mask_u8, dqkv, o, prec, need_out):
-    """Backward of ``out = MSA(z)`` (``z``, ``g = d out`` ``(B, L, H)`` in the compute dtype): returns ``dz``
-    (and ``out`` when ``need_out``) as ``(B·L, H)``; fills ``dqkv``/``o`` for the weight gradients."""
+def _gemm(a, w, b):
+    """``a (N, K) @ wᵀ + b`` in the compute dtype (fp32 accumulation: cuBLAS / the CPU GEMM)."""
+    return torch.addmm(b, a, w.t())
+
+
+def _msa_fwd_blocked(z, B, L, in_w, in_b, out_w, out_b, heads, mask_u8, o, lse, plan, prec):
+    """``MSA(z)`` for ``z (B·L, H)``: in-projection GEMM, blocked attention (fills ``o (B, L, H)``,
+    ``lse``), out-projection GEMM → ``(B·L, H)``."""
+    H = z.shape[1]
+    qkv = _gemm(z, in_w, in_b).view(B, L, 3 * H)
+    attention_forward_blocked(qkv, heads, mask_u8, o, lse, plan, prec)
+    return _gemm(o.view(B * L, H), out_w, out_b)
+
+
+def _forward_blocked(x, y, saved: MGASaved, down_weight, down_bias, up_weight, up_bias, in_w, in_b, out_w, out_b,
+                     gate, heads, share, mask_u8, plan: MGAPlan, prec, save):
+    B, L, D = x.shape
+    H = down_weight.shape[0]
+    cdt = down_weight.dtype
+    f32 = torch.float32
+    BL = B * L
+    x2 = x.reshape(BL, D)
+    hpre = _gemm(x2.to(cdt), down_weight, down_bias)
+    z0 = _gelu_f32(hpre.to(f32)).to(cdt)
+    if save:
+        o, lse = saved.o, saved.lse
+        saved.hpre.view(BL, H).copy_(hpre)
+    else:
+        o = x.new_empty((2, B, L, H), dtype=cdt)
+        lse = x.new_empty((2, B, int(heads), L), dtype=f32)
+    z1 = _msa_fwd_blocked(z0, B, L, in_w, in_b, out_w, out_b, heads, mask_u8, o[0], lse[0], plan.attn, prec)
+    if share is not None:
+        H2 = share.down_w.shape[0]
+        ws = _gemm(z1, share.down_w, share.down_b)
+        if save:
+            o_s, lse_s = saved.o_s, saved.lse_s
+            saved.z1.view(BL, H).copy_(z1)
+            saved.ws.view(BL, H2).copy_(ws)
+        else:
+            o_s = x.new_empty((B, L, H2), dtype=cdt)
+            lse_s = x.new_empty((B, int(share.heads), L), dtype=f32)
+        ms = _msa_fwd_blocked(ws, B, L, share.in_w, share.in_b, share.out_w, share.out_b, share.heads, mask_u8,
+                              o_s, lse_s, plan.attn_s, prec)
+        a_s = torch.sigmoid(share.gate.to(f32).reshape(()))
+        vs = (a_s * ms.to(f32) + (1.0 - a_s) * ws.to(f32)).to(cdt)
+        z2 = (z1.to(f32) + _gemm(vs, share.up_w, share.up_b).to(f32)).to(cdt)
+    else:
+        z2 = z1
+    if save:
+        saved.z2.view(BL, H).copy_(z2)
+    z3 = _msa_fwd_blocked(z2, B, L, in_w, in_b, out_w, out_b, heads, mask_u8, o[1], lse[1], plan.attn, prec)
+    a = torch.sigmoid(gate.to(f32).reshape(()))
+    u = (a * z0.to(f32) + (1.0 - a) * z3.to(f32)).to(cdt)
+    torch.add(x2, _gemm(u, up_weight, up_bias), out=y.view(BL, D))
+
+
+def mga_forward(x, down_weight, down_bias, up_weight, up_bias, in_w, in_b, out_w, out_b, gate, heads,
+                share=None, mask_u8=None, save=False):
+    """Fused forward. ``x (B, L, D)`` any strides; weights contiguous in one compute dtype; ``gate`` a
+    1-element tensor; ``share`` None or a :class:`ShareWeights`; ``mask_u8 (B, L)`` uint8 (1 = padded key)
+    or None; ``save``: keep what the backward needs.
+
+    Returns ``(y, saved)``: ``y (B, L, D)`` (dtype ``promote(x.dtype, weights dtype)``) and an
+    :class:`MGASaved` (empty tensors when ``save`` is False). The path (per-sequence or blocked) is
+    :func:`plan_mga`'s for this device; L = 0 or B = 0 gives empty outputs.
+    """
+    if share is not None:
+        share = ShareWeights._make(share)
+    B, L, D = x.shape
+    H = down_weight.shape[0]
+    cdt = down_weight.dtype
+    dev = x.device
+    NH = int(heads)
+    DH = H // NH
+    plan = plan_for(x.shape, H, NH, share, cdt, dev, save)
+    blocked = plan.path == "blocked"
+    y = torch.empty((B, L, D), device=dev, dtype=torch.promote_types(x.dtype, cdt))
+
+    def buf(keep, *shape, dtype=cdt):  # a fresh tensor per output (custom ops' outputs must not alias)
+        return x.new_empty(shape if (save and keep) else (0,), dtype=dtype)
+
+    has_share = share is not None
+    H2, NH2 = _share_dims(share)
+    H2 = H2 or 16
+    NH2 = NH2 or 1
+    saved = MGASaved(
+        hpre=buf(True, B, L, H), z1=buf(has_share, B, L, H), z2=buf(True, B, L, H), ws=buf(has_share, B, L, H2),
+        o=buf(blocked, 2, B, L, H), o_s=buf(blocked and has_share, B, L, H2),
+        lse=buf(blocked, 2, B, NH, L, dtype=torch.float32), lse_s=buf(blocked and has_share, B, NH2, L, dtype=torch.float32))
+    if B == 0 or L == 0:
+        return y, saved
+    prec = _prec(cdt, dev)
+    if blocked:
+        _forward_blocked(x, y, saved, down_weight, down_bias, up_weight, up_bias, in_w, in_b, out_w, out_b, gate,
+                         heads, share, mask_u8, plan, prec, save)
+        return y, saved
+    s = share if has_share else ShareWeights(*((down_weight,) * 9), 1)
+    mask = mask_u8 if mask_u8 is not None else y
+    keep = save and has_share
+    _mga_fwd_kernel[(B,)](
+        x, x.stride(0), x.stride(1), x.stride(2), y, mask,
+        down_weight, down_bias, up_weight, up_bias, in_w, in_b, out_w, out_b, gate,
+        s.down_w, s.down_b, s.up_w, s.up_b, s.in_w, s.in_b, s.out_w, s.out_b, s.gate,
+        saved.hpre if save else y, saved.z1 if keep else y, saved.z2 if save else y, saved.ws if keep else y,
+        L, D, H, NH, DH, H2, NH2, H2 // NH2, 1.0 / math.sqrt(DH), 1.0 / math.sqrt(H2 // NH2),
+        LP=plan.LP, HP=plan.HP, DHP=plan.DHP, H2P=plan.H2P, DH2P=plan.DH2P, BD=plan.BD,
+        HAS_MASK=mask_u8 is not None, SHARE=has_share, SAVE=bool(save), PREC=prec, num_warps=plan.num_warps,
+    )
+    return y, saved
+
+
+def mga_backward(dy, x_dtype, down_weight, up_weight, in_w, in_b, out_w, out_b, gate, heads,
+                 saved: MGASaved, share=None, mask_u8=None) -> MGAGrads:
+    """Fused backward: the ``(B, L, ·)`` intermediates of the weight gradients and ``dx`` (:class:`MGAGrads`).
+
+    The path follows the forward's (``saved.o`` is filled on the blocked path only): per-sequence kernels
+    (2 launches, 3 with BiShare, each recomputing the attention of one sequence), or the blocked path
+    (GEMMs + :func:`attention_backward_blocked` per MSA call with the forward's ``o``/``lse``).
+    """
+    if share is not None:
+        share = ShareWeights._make(share)
+    B, L, D = dy.shape
+    H = down_weight.shape[0]
+    cdt = down_weight.dtype
+    dev = dy.device
+    NH = int(heads)
+    DH = H // NH
+    prec = _prec(cdt, dev)
+    has_mask = mask_u8 is not None
+    new = lambda *s: torch.empty(s, device=dev, dtype=cdt)  # noqa: E731
+    dz2 = new(B, L, H) if share is not None else None
+    blocked = saved.o.numel() > 0  # the head outputs (and lse) of the forward: the blocked path ran
+    r = MGAGrads(dx=torch.empty((B, L, D), device=dev, dtype=x_dtype), dpre=new(B, L, H), u=new(B, L, H),
+                 z0=new(B, L, H), z2=saved.z2, dqkv=new(2, B, L, 3 * H), o=saved.o if blocked else new(2, B, L, H),
+                 g=new(2, B, L, H), gate_partial=torch.empty((B,), device=dev, dtype=torch.float32))
+    if dz2 is None:
+        dz2 = r.g[0]
+    if share is not None:
+        H2, NH2 = _share_dims(share)
+        r.share = ShareGrads(dz2=dz2, z1=saved.z1, w=saved.ws, dw=new(B, L, H2), vs=new(B, L, H2),
+                             dqkv=new(B, L, 3 * H2), o=saved.o_s if blocked else new(B, L, H2), g=new(B, L, H2),
+                             gate_partial=torch.empty((B,), device=dev, dtype=torch.float32))
+    if B == 0 or L == 0:
+        r.gate_partial.zero_()
+        if r.share is not None:
+            r.share.gate_partial.zero_()
+        return r
+    plan = plan_for(dy.shape, H, NH, share, cdt, dev, True)
+    if blocked:
+        _backward_blocked(dy, r, saved, down_weight, up_weight, in_w, in_b, out_w, out_b, gate, NH, share, mask_u8,
+                          plan, prec)
+        return r
+    du = new(B, L, H)
+    mask = mask_u8 if has_mask else r.gate_partial
+    scale = 1.0 / math.sqrt(DH)
+    LP, HP, DHP, BD, nw = plan.LP, plan.HP, plan.DHP, plan.BD, plan.num_warps
+    _bwd_msa2_kernel[(B,)](
+        dy, dy.stride(0), dy.stride(1), dy.stride(2), mask, up_weight, in_w, in_b, out_w, out_b, gate,
+        saved.hpre, saved.z2, r.dqkv[1], r.o[1], r.g[1], r.u, du, dz2, r.gate_partial,
+        L, D, H, NH, DH, scale,
+        LP=LP, HP=HP, DHP=DHP, BD=BD, HAS_MASK=has_mask, PREC=prec, num_warps=nw,
+    )
+    if share is not None:
+        s = r.share
+        _bwd_share_kernel[(B,)](
+            dz2, mask, share.down_w, share.up_w, share.in_w, share.in_b, share.out_w, share.out_b, share.gate,
+            saved.ws, s.dqkv, s.o, s.g, s.vs, s.dw, r.g[0], s.gate_partial,
+            L, H, H2, NH2, H2 // NH2, 1.0 / math.sqrt(H2 // NH2),
+            LP=LP, HP=HP, H2P=plan.H2P, DH2P=plan.DH2P, HAS_MASK=has_mask, PREC=prec, num_warps=nw,
+        )
+    _bwd_msa1_kernel[(B,)](
+        dy, dy.stride(0), dy.stride(1), dy.stride(2), r.dx, mask, down_weight, in_w, in_b, out_w, out_b, gate,
+        saved.hpre, r.g[0], du, r.dqkv[0], r.o[0], r.z0, r.dpre,
+        L, D, H, NH, DH, scale,
+        LP=LP, HP=HP, DHP=DHP, BD=BD, HAS_MASK=has_mask, FUSE_DX=True, PREC=prec, num_warps=nw,
+    )
+    return r
+
+
+def _msa_bwd_blocked(z, g, o, lse, in_w, in_b, out_w, heads, mask_u8, dqkv, plan, prec):
+    """Backward of ``MSA(z)`` on the blocked path: ``z, g`` ``(B, L, H)`` (input, grad of the output), the
+    forward's ``o (B, L, H)`` / ``lse``; fills ``dqkv (B, L, 3H)``, returns ``dz (B·L, H)``."""
     B, L, H = z.shape
-    z2d = z.reshape(B * L, H)
-    qkv = torch.addmm(in_b, z2d, in_w.t()).reshape(B, L, 3 * H)
-    do = g.reshape(B * L, H).mm(out_w).reshape(B, L, H)
-    attention_backward_blocked(qkv, do, heads, mask_u8, dqkv, o, prec)
-    dz = dqkv.reshape(B * L, 3 * H).mm(in_w)
-    out = torch.addmm(out_b, o.reshape(B * L, H), out_w.t()) if need_out else None
-    return dz, out
+    qkv = _gemm(z.reshape(B * L, H), in_w, in_b).view(B, L, 3 * H)  # recomputed (cheaper than saving 3H)
+    do = g.reshape(B * L, H).mm(out_w).view(B, L, H)
+    attention_backward_blocked(qkv, do, o, lse, heads, mask_u8, dqkv, plan, prec)
+    return dqkv.view(B * L, 3 * H).mm(in_w)
 
 
-def _mga_backward_long(dy, res, du_buf, down_weight, up_weight, in_w, in_b, out_w, out_b, gate, heads, hpre, z2,
-                       share, mask_u8, prec):
-    """The three backward stages of :func:`mga_backward` for long sequences: the attention parts by
-    :func:`attention_backward_blocked`, the projections as GEMMs in the compute dtype (fp32 accumulation),
-    the element-wise maths in fp32 (stored in the compute dtype like the per-sequence kernels)."""
+def _backward_blocked(dy, r: MGAGrads, saved: MGASaved, down_weight, up_weight, in_w, in_b, out_w, out_b, gate,
+                      heads, share, mask_u8, plan: MGAPlan, prec):
+    """The backward on the blocked path: attention by :func:`attention_backward_blocked` with the forward's
+    ``o``/``lse``, projections as GEMMs in the compute dtype (fp32 accumulation), element-wise maths in fp32
+    (stored in the compute dtype like the per-sequence kernels)."""
     B, L, D = dy.shape
     H = down_weight.shape[0]
     cdt = down_weight.dtype
     f32 = torch.float32
     BL = B * L
-    dqkv, o, g = res["dqkv"], res["o"], res["g"]
     a = torch.sigmoid(gate.to(f32).reshape(()))
-    # stage 2 (second MSA call): du = dy Wu, g2 = (1 - a) du
-    du = du_buf.view(BL, H)
-    torch.mm(dy.reshape(BL, D).to(cdt), up_weight, out=du)
+    # MSA call 2: du = dy Wu, g2 = (1 - a) du
+    du = dy.reshape(BL, D).to(cdt).mm(up_weight)
     duf = du.to(f32)
-    g[1].view(BL, H).copy_((1.0 - a) * duf)
-    dz2, z3 = _msa_backward_long(z2, g[1], in_w, in_b, out_w, out_b, heads, mask_u8, dqkv[1], o[1], prec, True)
-    hf = hpre.reshape(BL, H).to(f32)
+    r.g[1].view(BL, H).copy_((1.0 - a) * duf)
+    dz2 = _msa_bwd_blocked(saved.z2, r.g[1], saved.o[1], saved.lse[1], in_w, in_b, out_w, heads, mask_u8, r.dqkv[1],
+                           plan.attn, prec)
+    z3f = _gemm(saved.o[1].reshape(BL, H), out_w, out_b).to(f32)
+    hf = saved.hpre.reshape(BL, H).to(f32)
     z0f = _gelu_f32(hf)
-    z3f = z3.to(f32)
-    res["u"].view(BL, H).copy_(a * z0f + (1.0 - a) * z3f)
-    res["gate_partial"].copy_((duf * (z0f - z3f)).view(B, L * H).sum(1) * (a * (1.0 - a)))
+    r.z0.view(BL, H).copy_(z0f)
+    r.u.view(BL, H).copy_(a * z0f + (1.0 - a) * z3f)
+    r.gate_partial.copy_((duf * (z0f - z3f)).view(B, L * H).sum(1) * (a * (1.0 - a)))
     if share is not None:
-        sdw, _sdb, suw, _sub, siw, sib, sow, sob, sgate, sheads = share
-        H2 = sdw.shape[0]
-        res["s_dz2"].view(BL, H).copy_(dz2)
-        a_s = torch.sigmoid(sgate.to(f32).reshape(()))
-        dvf = dz2.mm(suw).to(f32)  # (BL, H2)
-        res["s_g"].view(BL, H2).copy_(a_s * dvf)
-        ws = res["s_w"]
-        dwa, ms = _msa_backward_long(ws, res["s_g"], siw, sib, sow, sob, sheads, mask_u8, res["s_dqkv"],
-                                     res["s_o"], prec, True)
-        wsf, msf = ws.reshape(BL, H2).to(f32), ms.to(f32)
-        dw = res["s_dw"].view(BL, H2)
+        s = r.share
+        H2 = share.down_w.shape[0]
+        s.dz2.view(BL, H).copy_(dz2)
+        a_s = torch.sigmoid(share.gate.to(f32).reshape(()))
+        dvf = dz2.mm(share.up_w).to(f32)  # (BL, H2)
+        s.g.view(BL, H2).copy_(a_s * dvf)
+        dwa = _msa_bwd_blocked(saved.ws, s.g, saved.o_s, saved.lse_s, share.in_w, share.in_b, share.out_w,
+                               share.heads, mask_u8, s.dqkv, plan.attn_s, prec)
+        msf = _gemm(saved.o_s.reshape(BL, H2), share.out_w, share.out_b).to(f32)
+        wsf = saved.ws.reshape(BL, H2).to(f32)
+        dw = s.dw.view(BL, H2)
         dw.copy_(dwa.to(f32) + (1.0 - a_s) * dvf)
-        res["s_vs"].view(BL, H2).copy_(a_s * msf + (1.0 - a_s) * wsf)
-        res["s_gate_partial"].copy_((dvf * (msf - wsf)).view(B, L * H2).sum(1) * (a_s * (1.0 - a_s)))
-        g[0].view(BL, H).copy_(dz2.to(f32) + dw.mm(sdw).to(f32))  # dz1
+        s.vs.view(BL, H2).copy_(a_s * msf + (1.0 - a_s) * wsf)
+        s.gate_partial.copy_((dvf * (msf - wsf)).view(B, L * H2).sum(1) * (a_s * (1.0 - a_s)))
+        r.g[0].view(BL, H).copy_(dz2.to(f32) + dw.mm(share.down_w).to(f32))  # dz1
     else:
-        g[0].view(BL, H).copy_(dz2)
-    # stage 1 (first MSA call)
-    z0 = res["z0"]
-    z0.view(BL, H).copy_(z0f)
-    dza, _ = _msa_backward_long(z0, g[0], in_w, in_b, out_w, out_b, heads, mask_u8, dqkv[0], o[0], prec, False)
-    dpre = res["dpre"].view(BL, H)
+        r.g[0].view(BL, H).copy_(dz2)
+    # MSA call 1 (input z0)
+    dza = _msa_bwd_blocked(r.z0, r.g[0], saved.o[0], saved.lse[0], in_w, in_b, out_w, heads, mask_u8, r.dqkv[0],
+                           plan.attn, prec)
+    dpre = r.dpre.view(BL, H)
     dpre.copy_((dza.to(f32) + a * duf) * _gelu_grad_f32(hf))
-    t = dpre.mm(down_weight).reshape(B, L, D).to(res["dx"].dtype)
-    torch.add(dy, t, out=res["dx"])
+    t = dpre.mm(down_weight).reshape(B, L, D).to(r.dx.dtype)
+    torch.add(dy, t, out=r.dx)

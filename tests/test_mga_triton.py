@@ -1,17 +1,29 @@
 """Fused Triton MGAdapter (+ BiShare): forward and every gradient against the eager reference (autograd).
 
-On CPU the kernels run through Triton's interpreter (float32, small shapes); ``@pytest.mark.gpu`` tests
-check bf16/fp16 at the SPEC shapes against a float32 reference.
+Both launch paths of ``kernels/mga.py`` are covered (``plan_mga`` decides; each case asserts which ran):
+the per-sequence kernels (short L) and the blocked path (any L: GEMMs + flash-style attention kernels with
+the forward's log-sum-exp reused by the backward). On CPU the kernels run through Triton's interpreter
+(16-bit rounding emulated), so the shapes are small but cover L ∈ {1, 7, 77, 197, 257, 577}, head dims
+4/8/16/64/128, mask, BiShare and fp32/fp16/bf16 pairwise. The rule everywhere is
+``rspeft_fast.testing.assert_fused_close``: the fused error against a float64 reference (on the same rounded
+inputs) at most 2× eager's error in the same dtype (+ 4 ulps of the reference's magnitude).
+``@pytest.mark.gpu`` tests repeat it at the SPEC shapes on a GPU.
 """
 from __future__ import annotations
+
+import copy
+import warnings
 
 import pytest
 import torch
 
+from rspeft_fast._impl import ImplUnavailableError
+from rspeft_fast.kernels import _launch
+from rspeft_fast.kernels import mga as K
 from rspeft_fast.modules.mga import BiShareAdapter, MGAdapter
 from rspeft_fast.ops.mga import mga
 from rspeft_fast.reference.mga import mga_ref
-from rspeft_fast.testing import assert_close, rel_err
+from rspeft_fast.testing import assert_close, assert_fused_close
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -59,115 +71,240 @@ def _run(fn, m, x, mask, dy):
     return y.detach(), grads
 
 
-def _fp32_tol(expected: torch.Tensor):
-    scale = float(expected.abs().max()) if expected.numel() else 1.0
-    return 2e-5 * (1.0 + scale), 2e-4
-
-
-def _compare_fp32(m, x, mask=None):
-    dy = torch.randn(x.shape, dtype=torch.float32, device=x.device)
-    y, g = _run(mga, m, x, mask, dy)
-    yr, gr = _run(mga_ref, m, x, mask, dy)
-    assert_close(y, yr, *_fp32_tol(yr), name="y")
-    assert set(g) == set(gr)
-    for n in gr:
-        assert gr[n] is not None, n
-        assert g[n] is not None, f"no gradient for {n}"
-        assert_close(g[n], gr[n], *_fp32_tol(gr[n]), name=f"grad {n}")
-    return g
-
-
 def _padding_mask(B, L, device="cpu"):
     lengths = torch.randint(1, L + 1, (B,))
     lengths[0] = L  # one full row
     if B > 1:
         lengths[1] = 1  # one row with a single valid key
-    return torch.arange(L)[None, :] >= lengths[:, None].to(torch.arange(L).device)
+    return (torch.arange(L)[None, :] >= lengths[:, None]).to(device)
+
+
+def _path(m: MGAdapter, x: torch.Tensor, dtype: torch.dtype, train: bool = True) -> str:
+    share = None
+    if m.share is not None:
+        share = K.ShareWeights(*([m.share.down.weight] * 9), m.share.heads)
+    return K.plan_for(x.shape, m.hidden, m.heads, share, dtype, x.device, train).path
+
+
+def _check(m32: MGAdapter, x32: torch.Tensor, mask, dtype: torch.dtype, name: str = ""):
+    """The tolerance rule for y and every gradient: fused and eager in ``dtype`` against a float64 reference
+    of the same (rounded) parameters and inputs."""
+    m_lo = copy.deepcopy(m32).to(dtype)
+    m_ref = copy.deepcopy(m_lo).double()
+    x = x32.to(dtype)
+    dy = torch.randn(x.shape, device=x.device).to(dtype)
+    yf, gf = _run(mga, m_lo, x, mask, dy)
+    ye, ge = _run(mga_ref, m_lo, x, mask, dy)
+    yr, gr = _run(mga_ref, m_ref, x.double(), mask, dy.double())
+    assert yf.dtype == dtype and set(gf) == set(gr)
+    assert all(g is not None for g in gf.values()), [n for n, g in gf.items() if g is None]
+    assert_fused_close({"y": yf, **gf}, {"y": ye, **ge}, {"y": yr, **gr}, name=name)
+    return yf, gf
 
 
 # ----------------------------------------------------------------------------------------------------
-# CPU (interpreter) float32 correctness
+# forward + every gradient: each L, each head dim, mask, BiShare and each dtype, pairwise
 # ----------------------------------------------------------------------------------------------------
+F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 CASES = [
-    # B, L, dim, hidden, heads, share_heads, mask
-    pytest.param(3, 13, 48, 32, 4, None, False, id="L13-dh8"),
-    pytest.param(2, 50, 96, 64, 4, None, True, id="L50-dh16-mask"),
-    pytest.param(2, 77, 48, 64, 4, 2, True, id="L77-dh16-share-dh16-mask"),
-    pytest.param(2, 13, 40, 32, 2, 2, False, id="L13-dh16-share-dh8"),
-    pytest.param(1, 20, 32, 128, 2, 1, True, id="L20-dh64-share-dh64-mask"),
-    pytest.param(2, 9, 33, 64, 2, None, False, id="L9-dh32-odd-dim"),
+    # B, L, dim, hidden, heads, share_heads, mask, dtype, path (the plan's on the interpreter's nominal sm_90)
+    pytest.param(3, 1, 24, 16, 2, 1, False, F32, "sequence", id="L1-dh8-share-dh8-fp32"),
+    pytest.param(2, 7, 20, 16, 4, 2, True, BF16, "sequence", id="L7-dh4-share-dh4-mask-bf16"),
+    pytest.param(2, 13, 24, 128, 1, None, True, F32, "sequence", id="L13-dh128-mask-fp32"),
+    pytest.param(2, 77, 24, 32, 2, 1, True, F16, "sequence", id="L77-dh16-share-dh16-mask-fp16"),
+    pytest.param(2, 77, 24, 64, 1, None, False, F32, "blocked", id="L77-dh64-fp32"),
+    pytest.param(1, 197, 24, 128, 1, None, True, BF16, "blocked", id="L197-dh128-mask-bf16"),
+    pytest.param(2, 257, 16, 16, 2, 1, True, F32, "blocked", id="L257-dh8-share-dh8-mask-fp32"),
+    pytest.param(1, 257, 16, 128, 2, 1, False, F16, "blocked", id="L257-dh64-share-dh64-fp16"),
+    pytest.param(2, 577, 16, 32, 2, 2, True, BF16, "blocked", id="L577-dh16-share-dh8-mask-bf16"),
+    pytest.param(1, 577, 12, 8, 2, None, False, F16, "blocked", id="L577-dh4-fp16"),
 ]
 
 
-@pytest.mark.parametrize("B,L,dim,hidden,heads,share_heads,use_mask", CASES)
-def test_forward_and_all_grads_fp32(device, B, L, dim, hidden, heads, share_heads, use_mask):
+@pytest.mark.parametrize("B,L,dim,hidden,heads,share_heads,use_mask,dtype,path", CASES)
+def test_forward_and_all_grads(device, B, L, dim, hidden, heads, share_heads, use_mask, dtype, path):
     m = _make(dim, hidden, heads, share_heads, device)
     x = torch.randn(B, L, dim, device=device)
-    mask = _padding_mask(B, L).to(device) if use_mask else None
-    _compare_fp32(m, x, mask)
+    mask = _padding_mask(B, L, device) if use_mask else None
+    assert _path(m, x, dtype) == path
+    _check(m, x, mask, dtype, name=f"L={L} {dtype}")
 
 
-# padded L > 128 (ViT-B/16's L = 197, the maximum 256): the backward takes the blocked attention path
-LONG_CASES = [
-    pytest.param(2, 197, 16, 16, 1, 1, True, id="L197-share-mask"),
-    pytest.param(2, 197, 20, 16, 1, None, False, id="L197"),
-    pytest.param(2, 256, 20, 16, 1, 1, False, id="L256-share"),
-    pytest.param(2, 256, 20, 32, 2, None, True, id="L256-mask"),
+BLOCKED_SHORT = [  # the blocked path forced at lengths the plan gives the per-sequence kernels
+    pytest.param(2, 1, 24, 32, 4, 2, False, BF16, id="L1-dh8-share-dh8-bf16"),
+    pytest.param(2, 7, 20, 16, 4, None, True, F32, id="L7-dh4-mask-fp32"),
+    pytest.param(3, 65, 33, 32, 2, None, False, F16, id="L65-dh16-ragged-blocks-fp16"),
 ]
 
 
-def _spy_long_path(monkeypatch):
-    """Counts the calls of the blocked attention backward (so a test knows which path ran)."""
-    from rspeft_fast.kernels import mga as K
-
-    calls = []
-    real = K.attention_backward_blocked
-
-    def spy(*a, **k):
-        calls.append(a[0].shape)
-        return real(*a, **k)
-
-    monkeypatch.setattr(K, "attention_backward_blocked", spy)
-    return calls
-
-
-@pytest.mark.parametrize("B,L,dim,hidden,heads,share_heads,use_mask", LONG_CASES)
-def test_long_sequence_forward_and_all_grads_fp32(device, monkeypatch, B, L, dim, hidden, heads, share_heads, use_mask):
-    calls = _spy_long_path(monkeypatch)
+@pytest.mark.parametrize("B,L,dim,hidden,heads,share_heads,use_mask,dtype", BLOCKED_SHORT)
+def test_blocked_path_at_short_lengths(device, monkeypatch, B, L, dim, hidden, heads, share_heads, use_mask, dtype):
+    monkeypatch.setattr(K, "SEQ_MAX_LP", 0)
     m = _make(dim, hidden, heads, share_heads, device)
     x = torch.randn(B, L, dim, device=device)
-    mask = _padding_mask(B, L).to(device) if use_mask else None
-    _compare_fp32(m, x, mask)
-    assert len(calls) == (3 if share_heads else 2)  # MSA call 2, (BiShare MSA), MSA call 1
+    assert _path(m, x, dtype) == "blocked"
+    _check(m, x, _padding_mask(B, L, device) if use_mask else None, dtype, name=f"blocked L={L}")
 
 
-SHORT_AS_LONG = [
-    pytest.param(2, 13, 48, 32, 4, None, True, id="L13-dh8-mask"),
-    pytest.param(2, 77, 48, 64, 2, 2, True, id="L77-dh32-share-dh16-mask"),
-    pytest.param(1, 20, 32, 128, 2, 1, False, id="L20-dh64-share-dh64"),
-    pytest.param(3, 65, 33, 32, 2, None, False, id="L65-ragged-blocks"),
+def test_hidden_512_blocked(device):
+    """hidden 512 (head dim 128): above the per-sequence kernels' 128, the blocked path runs it."""
+    m = _make(16, 512, 4, None, device)
+    x = torch.randn(1, 7, 16, device=device)
+    assert _path(m, x, F32) == "blocked"
+    _check(m, x, None, F32, name="hidden 512")
+
+
+def test_inference_forward_plan_and_result(device):
+    """Without grad the forward plans its own (smaller) budget: fp32 L=77 runs per-sequence for inference
+    and blocked for training on the nominal sm_90; both give the reference's y."""
+    m = _make(24, 32, 2, 1, device)
+    x = torch.randn(2, 77, 24, device=device)
+    mask = _padding_mask(2, 77, device)
+    assert (_path(m, x, F32, train=False), _path(m, x, F32, train=True)) == ("sequence", "blocked")
+    with torch.no_grad():
+        y = mga(x, *_args(m), share=m.share.tensors(), key_padding_mask=mask)
+        xd, md = x.double(), copy.deepcopy(m).double()
+        yr = mga_ref(xd, *_args(md), share=md.share.tensors(), key_padding_mask=mask)
+        ye = mga_ref(x, *_args(m), share=m.share.tensors(), key_padding_mask=mask)
+    assert_fused_close(y, ye, yr, name="inference y")
+
+
+def test_empty_sequence_and_batch(device):
+    m = _make(16, 16, 2, 1, device)
+    for shape in ((2, 0, 16), (0, 5, 16)):
+        x = torch.randn(shape, device=device, requires_grad=True)
+        y = mga(x, *_args(m), share=m.share.tensors())
+        yr = mga_ref(x, *_args(m), share=m.share.tensors())
+        assert y.shape == yr.shape == shape
+        y.sum().backward()
+        assert x.grad.shape == shape
+        assert m.down.weight.grad is not None and torch.equal(m.down.weight.grad, torch.zeros_like(m.down.weight))
+        m.zero_grad(set_to_none=True)
+
+
+# ----------------------------------------------------------------------------------------------------
+# plans, limits, saved memory
+# ----------------------------------------------------------------------------------------------------
+SPEC_LAYERS = [  # (L, D, hidden, heads, share (hidden, heads)): image L50, text L77 + BiShare, ViT-B/16, ViT-L/14
+    (50, 768, 128, 8, None), (77, 512, 128, 8, (64, 8)), (197, 768, 128, 8, None), (257, 1024, 128, 8, None),
+    (577, 1024, 128, 8, None), (577, 1024, 512, 4, (256, 2)), (1, 64, 16, 4, None),
 ]
 
 
-@pytest.mark.parametrize("B,L,dim,hidden,heads,share_heads,use_mask", SHORT_AS_LONG)
-def test_blocked_backward_at_short_lengths(device, monkeypatch, B, L, dim, hidden, heads, share_heads, use_mask):
-    """The blocked path forced at short L: every head dim, ragged last blocks, one and several blocks."""
-    from rspeft_fast.kernels import mga as K
+@pytest.mark.parametrize("arch", sorted(_launch.ARCH_PROPS))
+def test_plans_fit_every_arch(arch):
+    """Every plan at the SPEC layers fits the arch's shared memory by its estimate (the AOT compile checks the
+    estimate against real builds); the attention blocks never exceed the padded L."""
+    props = _launch.ARCH_PROPS[arch]
+    for L, D, H, NH, share in SPEC_LAYERS:
+        for dtype in (F32, F16, BF16):
+            for train in (True, False):
+                p = K.plan_mga(L, D, H, NH, *(share or (None, None)), dtype, props, train)
+                nb = _launch.dtype_bytes(dtype)
+                for a in (p.attn, p.attn_s):
+                    if a is not None:
+                        assert K._attn_smem(a.BQ, a.BK, a.DHP, nb, a.num_stages) <= props.smem_per_block
+                        assert a.BQ <= K._p2(L) and a.BQ >= 16
+                if p.path == "sequence":
+                    assert K._seq_smem(p.LP, max(p.HP, p.H2P), nb, train) <= props.smem_per_block
+                    assert p.LP <= K.SEQ_MAX_LP
+                assert p.reason
 
-    monkeypatch.setattr(K, "LONG_LP", 0)
-    calls = _spy_long_path(monkeypatch)
-    m = _make(dim, hidden, heads, share_heads, device)
-    x = torch.randn(B, L, dim, device=device)
-    mask = _padding_mask(B, L).to(device) if use_mask else None
-    _compare_fp32(m, x, mask)
-    assert len(calls) == (3 if share_heads else 2)
+
+def test_plan_choices_with_reasons():
+    sm86, sm90 = _launch.ARCH_PROPS[86], _launch.ARCH_PROPS[90]
+    img = K.plan_mga(50, 768, 128, 8, None, None, BF16, sm90, True)
+    assert img.path == "sequence" and "short" in img.reason
+    txt32 = K.plan_mga(77, 512, 128, 8, 64, 8, F32, sm90, True)  # the per-sequence fp32 backward: ~384 KB
+    assert txt32.path == "blocked" and "shared memory" in txt32.reason
+    txt16_86 = K.plan_mga(77, 512, 128, 8, 64, 8, BF16, sm86, True)
+    assert txt16_86.path == "blocked" and "sm_86" in txt16_86.reason
+    long = K.plan_mga(577, 1024, 128, 8, None, None, BF16, sm90, True)
+    assert long.path == "blocked" and "L=1024" in long.reason
+    assert K.plan_mga(7, 64, 512, 4, None, None, F32, sm90, False).path == "blocked"
+    a86 = K.plan_attention(577, 128, F32, sm86)
+    assert (a86.BQ, a86.num_stages) != (64, 2)  # fp32 head dim 128 tiles are shrunk on a 99 KB device
+    assert K.plan_attention(577, 16, BF16, sm90).BQ == 64
 
 
-@pytest.mark.filterwarnings("ignore::RuntimeWarning")
-def test_blocked_backward_fully_padded_row_nan_like_reference(device, monkeypatch):
-    from rspeft_fast.kernels import mga as K
+def test_why_unsupported_and_limits(device):
+    props = _launch.ARCH_PROPS[90]
+    assert K.why_unsupported(dtype=BF16, props=props, L=577, D=1024, hidden=512, heads=4) is None
+    assert K.why_unsupported(dtype=F16, props=props, L=77, D=512, hidden=128, heads=1, share_hidden=64,
+                             share_heads=1) is None
+    why = K.why_unsupported(dtype=F32, props=props, L=5, D=16, hidden=256, heads=1)
+    assert why is not None and "head dim 256" in why
+    why = K.why_unsupported(dtype=F32, props=props, L=5, D=16, hidden=64, heads=1, share_hidden=512, share_heads=2)
+    assert why is not None and "BiShare" in why
+    assert "float64" in K.why_unsupported(dtype=torch.float64, props=props, L=5, D=16, hidden=64, heads=1)
+    assert "sm_75" in K.why_unsupported(dtype=BF16, props=_launch.ARCH_PROPS[75], L=5, D=16, hidden=64, heads=1)
+    m = _make(16, 256, 1, None, device)  # head dim 256: the explicit fused path names the limit
+    with pytest.raises(ImplUnavailableError, match="head dim 256"):
+        mga(torch.randn(1, 5, 16, device=device), *_args(m))
 
-    monkeypatch.setattr(K, "LONG_LP", 0)
+
+def _saved_bytes(fn, m, x, mask):
+    """Bytes of the distinct storages autograd saves for the backward of ``fn`` (parameters excluded)."""
+    params = {p.untyped_storage().data_ptr() for p in m.parameters()}
+    seen = {}
+
+    def pack(t):
+        st = t.untyped_storage()
+        if st.data_ptr() not in params:
+            seen[st.data_ptr()] = st.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        share = m.share.tensors() if m.share is not None else None
+        fn(x.requires_grad_(True), *_args(m), share=share, key_padding_mask=mask)
+    return sum(seen.values())
+
+
+@pytest.mark.parametrize("L,share_heads,dtype", [(77, 2, F16), (197, None, F32)], ids=["L77-share-seq", "L197-blocked"])
+def test_saved_activations_not_larger_than_eager(device, L, share_heads, dtype):
+    m = _make(32, 32, 4, share_heads, device, dtype)
+    x = torch.randn(2, L, 32, device=device, dtype=dtype)
+    mask = _padding_mask(2, L, device)
+    fused, eager = _saved_bytes(mga, m, x, mask), _saved_bytes(mga_ref, m, x, mask)
+    assert 0 < fused <= eager, (fused, eager)
+
+
+# ----------------------------------------------------------------------------------------------------
+# behaviour
+# ----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("blocked", [False, True], ids=["sequence", "blocked"])
+def test_non_contiguous_input(device, monkeypatch, blocked):
+    if blocked:
+        monkeypatch.setattr(K, "SEQ_MAX_LP", 0)
+    m = _make(48, 32, 4, 2, device)
+    base = torch.randn(48, 13, 2, device=device)
+    x = base.permute(2, 1, 0)  # (2, 13, 48), strides (1, 2, 26)
+    assert not x.is_contiguous()
+    _, g = _check(m, x, _padding_mask(2, 13, device), F32, name="non-contiguous x")
+    assert g["x"].shape == x.shape
+
+
+@pytest.mark.parametrize("blocked", [False, True], ids=["sequence", "blocked"])
+def test_backward_is_deterministic(device, monkeypatch, blocked):
+    if blocked:
+        monkeypatch.setattr(K, "SEQ_MAX_LP", 0)
+    m = _make(48, 32, 4, 2, device)
+    x = torch.randn(3, 70, 48, device=device)
+    dy = torch.randn_like(x)
+    _, g1 = _run(mga, m, x, None, dy)
+    g1 = {k: v.clone() for k, v in g1.items()}
+    _, g2 = _run(mga, m, x, None, dy)
+    for k in g1:
+        assert torch.equal(g1[k], g2[k]), k
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's numpy warns about the NaN
+@pytest.mark.parametrize("blocked", [False, True], ids=["sequence", "blocked"])
+def test_fully_padded_row_gives_nan_like_reference(device, monkeypatch, blocked):
+    """A sequence whose keys are all padded: softmax over only -inf is NaN in nn.MultiheadAttention /
+    msa_ref; the fused op reproduces exactly that NaN pattern (documented), other sequences stay finite."""
+    if blocked:
+        monkeypatch.setattr(K, "SEQ_MAX_LP", 0)
     m = _make(32, 32, 2, 2, device)
     x = torch.randn(2, 13, 32, device=device)
     mask = torch.zeros(2, 13, dtype=torch.bool, device=device)
@@ -175,26 +312,11 @@ def test_blocked_backward_fully_padded_row_nan_like_reference(device, monkeypatc
     dy = torch.randn_like(x)
     y, g = _run(mga, m, x, mask, dy)
     yr, gr = _run(mga_ref, m, x, mask, dy)
-    assert torch.isnan(gr["x"][1]).all() and torch.isfinite(gr["x"][0]).all()
+    assert torch.isnan(yr[1]).all() and torch.isfinite(yr[0]).all()
+    assert torch.equal(torch.isnan(y), torch.isnan(yr))
     assert torch.equal(torch.isnan(g["x"]), torch.isnan(gr["x"]))
-    assert_close(g["x"][0], gr["x"][0], *_fp32_tol(gr["x"][0]), name="dx of the valid sequence")
-
-
-def test_max_length_256_forward(device):
-    m = _make(16, 16, 2, None, device)
-    x = torch.randn(1, 256, 16, device=device)
-    with torch.no_grad():
-        assert_close(mga(x, *_args(m)), mga_ref(x, *_args(m)), *_fp32_tol(x), name="y L=256")
-
-
-def test_non_contiguous_input(device):
-    m = _make(48, 32, 4, 2, device)
-    base = torch.randn(48, 13, 2, device=device)
-    x = base.permute(2, 1, 0)  # (2, 13, 48), strides (1, 2, 26)
-    assert not x.is_contiguous()
-    mask = _padding_mask(2, 13).to(device)
-    g = _compare_fp32(m, x, mask)
-    assert g["x"].shape == x.shape
+    assert_close(y[0], yr[0], 2e-5, 2e-4, name="y of the valid sequence")
+    assert_close(g["x"][0], gr["x"][0], 2e-5, 2e-4, name="dx of the valid sequence")
 
 
 def test_module_matches_reference_and_shared_bishare(device):
@@ -207,7 +329,7 @@ def test_module_matches_reference_and_shared_bishare(device):
         _randomise(m, 0.6)
         mods.append(m.to(device))
     x = torch.randn(2, 11, 24, device=device)
-    mask = _padding_mask(2, 11).to(device)
+    mask = _padding_mask(2, 11, device)
 
     def run(impl):
         for m in mods:
@@ -216,14 +338,11 @@ def test_module_matches_reference_and_shared_bishare(device):
         xx = x.clone().requires_grad_(True)
         y = mods[1](mods[0](xx, mask), mask)
         y.square().sum().backward()
-        return y.detach(), xx.grad, [p.grad.clone() for p in share.parameters()], [p.grad.clone() for p in mods[0].parameters() if p is not None]
+        return [y.detach(), xx.grad] + [p.grad.clone() for p in share.parameters()] + \
+            [p.grad.clone() for p in mods[0].parameters()]
 
-    yt, gxt, gst, g0t = run("triton")
-    yr, gxr, gsr, g0r = run("reference")
-    assert_close(yt, yr, *_fp32_tol(yr), name="y")
-    assert_close(gxt, gxr, *_fp32_tol(gxr), name="dx")
-    for a, e in zip(gst + g0t, gsr + g0r):
-        assert_close(a, e, *_fp32_tol(e), name="param grad")
+    for a, e in zip(run("triton"), run("reference")):
+        assert_close(a, e, 2e-5, 2e-4, name="module result / grad")
 
 
 def test_no_grad_forward_and_frozen_x(device):
@@ -232,69 +351,40 @@ def test_no_grad_forward_and_frozen_x(device):
     with torch.no_grad():
         y = mga(x, *_args(m), share=m.share.tensors())
         yr = mga_ref(x, *_args(m), share=m.share.tensors())
-    assert_close(y, yr, *_fp32_tol(yr), name="y no_grad")
-    # x without grad, parameters with grad
-    m.zero_grad(set_to_none=True)
+    assert_close(y, yr, 2e-5, 2e-4, name="y no_grad")
+    m.zero_grad(set_to_none=True)  # x without grad, parameters with grad
     mga(x, *_args(m), share=m.share.tensors()).sum().backward()
     gw = m.down.weight.grad.clone()
     m.zero_grad(set_to_none=True)
     mga_ref(x, *_args(m), share=m.share.tensors()).sum().backward()
-    assert_close(gw, m.down.weight.grad, *_fp32_tol(gw), name="dWd")
+    assert_close(gw, m.down.weight.grad, 2e-5, 2e-4, name="dWd")
 
 
-def test_backward_is_deterministic(device):
-    m = _make(48, 32, 4, 2, device)
-    x = torch.randn(3, 13, 48, device=device)
-    dy = torch.randn_like(x)
-    _, g1 = _run(mga, m, x, None, dy)
-    g1 = {k: v.clone() for k, v in g1.items()}
-    _, g2 = _run(mga, m, x, None, dy)
-    for k in g1:
-        assert torch.equal(g1[k], g2[k]), k
-
-
-@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's numpy warns about the NaN
-def test_fully_padded_row_gives_nan_like_reference(device):
-    """A sequence whose keys are all padded: softmax over only -inf is NaN in nn.MultiheadAttention /
-    msa_ref; the fused op reproduces exactly that NaN pattern (documented), other sequences stay finite."""
-    m = _make(32, 32, 2, None, device)
-    x = torch.randn(2, 13, 32, device=device)
-    mask = torch.zeros(2, 13, dtype=torch.bool, device=device)
-    mask[1] = True
-    with torch.no_grad():
-        y = mga(x, *_args(m), key_padding_mask=mask)
-        yr = mga_ref(x, *_args(m), key_padding_mask=mask)
-    assert torch.isnan(yr[1]).all() and torch.isfinite(yr[0]).all()
-    assert_close(y, yr, *_fp32_tol(yr[0]), name="y with a fully padded row")
-
-
-def test_autocast_cpu_bf16(device):
-    """Oracle: the reference under the same autocast (loose), and the float32 reference (the fused error may
-    be at most 2x the error eager autocast itself makes, flash-attention's rule)."""
+@pytest.mark.parametrize("L", [13, 150], ids=["sequence", "blocked"])
+def test_autocast_cpu_bf16(device, L):
+    """Under autocast the fused op sees the bf16 compute dtype like eager F.linear: y in fp32 (x + bf16
+    linear), gradients in the parameters' dtype; the rule against the float64 reference of the same
+    computation, eager under the same autocast as the yardstick."""
     if device != "cpu":
         pytest.skip("CPU autocast check (GPU dtypes are covered by the gpu tests)")
     m = _make(48, 64, 4, 4, device)
-    x = torch.randn(2, 13, 48, device=device)
+    x = torch.randn(2, L, 48, device=device)
     dy = torch.randn_like(x)
-    mask = _padding_mask(2, 13)
-    y32, g32 = _run(mga_ref, m, x, mask, dy)
+    mask = _padding_mask(2, L)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y, g = _run(mga, m, x, mask, dy)
-        yr, gr = _run(mga_ref, m, x, mask, dy)
-    assert y.dtype == yr.dtype == torch.float32
-    assert rel_err(y, yr) < 1e-2, rel_err(y, yr)
-    assert rel_err(y, y32) <= 2 * rel_err(yr, y32) + 1e-3
-    for n in gr:
-        assert g[n].dtype == gr[n].dtype, n
-        if g[n].numel() > 1:  # the scalar gate gradients are sums with cancellation: fp32 rule only
-            assert rel_err(g[n], gr[n]) < 3e-2, (n, rel_err(g[n], gr[n]))
-        assert rel_err(g[n], g32[n]) <= 2 * rel_err(gr[n], g32[n]) + 2e-3, (n, rel_err(g[n], g32[n]), rel_err(gr[n], g32[n]))
+        ye, ge = _run(mga_ref, m, x, mask, dy)
+    md = copy.deepcopy(m).double()
+    yr, gr = _run(mga_ref, md, x.double(), mask, dy.double())
+    assert y.dtype == ye.dtype == torch.float32
+    assert all(g[n].dtype == ge[n].dtype for n in ge)
+    assert_fused_close({"y": y, **g}, {"y": ye, **ge}, {"y": yr, **gr}, name=f"autocast L={L}")
 
 
 def test_torch_compile_aot_eager_no_graph_break(device):
     m = _make(48, 32, 4, 2, device)
     x = torch.randn(2, 13, 48, device=device)
-    mask = _padding_mask(2, 13).to(device)
+    mask = _padding_mask(2, 13, device)
     dy = torch.randn_like(x)
     share = m.share.tensors()
 
@@ -307,21 +397,50 @@ def test_torch_compile_aot_eager_no_graph_break(device):
     yc.backward(dy)
     gc = {"x": xc.grad.clone(), **{n: p.grad.clone() for n, p in m.named_parameters()}}
     y, g = _run(lambda *a, **k: mga(*a, **k), m, x, mask, dy)
-    assert_close(yc, y, *_fp32_tol(y), name="compiled y")
+    assert_close(yc, y, 2e-5, 2e-4, name="compiled y")
     for n in g:
-        assert_close(gc[n], g[n], *_fp32_tol(g[n]), name=f"compiled grad {n}")
+        assert_close(gc[n], g[n], 2e-5, 2e-4, name=f"compiled grad {n}")
 
 
-def test_opcheck(device):
-    """torch.library.opcheck: schema, fake tensor impl and autograd registration of the forward op."""
+@pytest.mark.parametrize("L", [5, 150], ids=["sequence", "blocked"])
+def test_opcheck(device, L):
+    """torch.library.opcheck: schema, fake tensor impl (its shapes follow the plan) and autograd registration."""
     m = _make(16, 16, 2, None, device)
-    x = torch.randn(1, 5, 16, device=device, requires_grad=True)
+    x = torch.randn(1, L, 16, device=device, requires_grad=True)
     w = [t.detach().clone().requires_grad_(True) for t in (m.down.weight, m.down.bias, m.up.weight, m.up.bias,
                                                           m.attn.in_proj_weight, m.attn.in_proj_bias,
                                                           m.attn.out_proj.weight, m.attn.out_proj.bias, m.gate)]
     args = (x, *w[:9], 2, *([None] * 9), 0, None, True)
     torch.library.opcheck(torch.ops.rspeft_fast.mga_fwd.default, args,
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+
+
+def test_launch_constants_do_not_depend_on_batch(monkeypatch):
+    """The blocked attention kernels launch with one set of compile-time constants over batch sizes."""
+    log = {}
+
+    class Rec:
+        def __init__(self, name):
+            self.name = name
+
+        def __getitem__(self, grid):
+            def launch(*a, **k):
+                log.setdefault(self.name, set()).add(tuple(sorted((n, v) for n, v in k.items()
+                                                                  if not isinstance(v, torch.Tensor))))
+            return launch
+
+    for name in ("_attn_fwd_kernel", "_attn_bwd_dq_kernel", "_attn_bwd_dkdv_kernel"):
+        monkeypatch.setattr(K, name, Rec(name))
+    m = _make(24, 32, 4, None)
+    for b in (1, 3, 40):
+        qkv = torch.randn(b, 200, 96)
+        o, lse = torch.empty(b, 200, 32), torch.empty(b, 4, 200)
+        plan = K.plan_attention(200, 8, F32, _launch.ARCH_PROPS[90])
+        K.attention_forward_blocked(qkv, 4, None, o, lse, plan, "ieee")
+        K.attention_backward_blocked(qkv, o, o, lse, 4, None, torch.empty_like(qkv), plan, "ieee")
+    assert set(log) == {"_attn_fwd_kernel", "_attn_bwd_dq_kernel", "_attn_bwd_dkdv_kernel"}
+    assert all(len(v) == 1 for v in log.values()), log
+    del m
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -338,71 +457,57 @@ def test_errors(device):
         mga(torch.randn(5, 32, device=device), *_args(m))
     with pytest.raises(TypeError, match="float64"):
         mga(x.double(), *_args(m))
-    with pytest.raises(ValueError, match="sequence length"):
-        mga(torch.randn(1, 300, 32, device=device), *_args(m))
     with pytest.raises(TypeError, match="bool"):
         mga(x, *_args(m), key_padding_mask=torch.zeros(2, 5, dtype=torch.int64, device=device))
     with pytest.raises(ValueError, match="key_padding_mask"):
         mga(x, *_args(m), key_padding_mask=torch.zeros(2, 6, dtype=torch.bool, device=device))
     with pytest.raises(RuntimeError, match="one device"):
         mga(x.to("meta"), *_args(m))
-    m12 = _make(32, 48, 4, None, device)  # head dim 12
-    with pytest.raises(ValueError, match="head dim"):
-        mga(x, *_args(m12))
+    with pytest.raises(ValueError, match="divisible"):
+        mga(x, *_args(m)[:-1], 3)
     with pytest.raises(ValueError, match="heads"):
         MGAdapter(32, 30, 4)
+
+
+def test_head_dim_12_and_long_sequence_accepted(device):
+    """The old refusals are gone: head dim 12 (not a power of two) and L = 300 > the former MAX_L = 256."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for L, hidden, heads in ((5, 48, 4), (300, 16, 2)):
+            m = _make(24, hidden, heads, None, device)
+            x = torch.randn(1, L, 24, device=device)
+            with torch.no_grad():
+                assert_close(mga(x, *_args(m)), mga_ref(x, *_args(m)), 2e-5, 2e-4, name=f"y L={L} H={hidden}/{heads}")
 
 
 # ----------------------------------------------------------------------------------------------------
 # GPU: 16-bit dtypes at the SPEC shapes against a float32 reference
 # ----------------------------------------------------------------------------------------------------
-def _lowp_check(dim, L, share_heads, dtype, use_mask, B=214):
+def _gpu_check(dim, L, share_heads, dtype, use_mask, B, hidden=128, heads=8):
     torch.manual_seed(0)
-    m32 = _make(dim, 128, 8, share_heads, "cuda", torch.float32)
-    mlp = _make(dim, 128, 8, share_heads, "cuda", torch.float32)
-    mlp.load_state_dict(m32.state_dict())
-    if share_heads:
-        mlp.share.load_state_dict(m32.share.state_dict())
-    mlp = mlp.to(dtype)
+    m = _make(dim, hidden, heads, share_heads, "cuda", torch.float32)
     x = torch.randn(B, L, dim, device="cuda")
-    dy = torch.randn(B, L, dim, device="cuda")
-    mask = _padding_mask(B, L, "cuda").cuda() if use_mask else None
-    y32, g32 = _run(mga_ref, m32, x, mask, dy)
-    ye, ge = _run(mga_ref, mlp, x.to(dtype), mask, dy.to(dtype))
-    yf, gf = _run(mga, mlp, x.to(dtype), mask, dy.to(dtype))
-    assert yf.dtype == dtype
-    assert torch.isfinite(yf).all()
-    # the fused error may be at most 2x eager's own error in the same dtype (+ a floor)
-    assert rel_err(yf, y32) <= 2 * rel_err(ye, y32) + 1e-3, (rel_err(yf, y32), rel_err(ye, y32))
-    for n in g32:
-        ef, ee = rel_err(gf[n], g32[n]), rel_err(ge[n], g32[n])
-        assert ef <= 2 * ee + 2e-3, (n, ef, ee)
+    _check(m, x, _padding_mask(B, L, "cuda") if use_mask else None, dtype, name=f"gpu L={L} {dtype}")
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_gpu_image_tower_spec_shape(dtype):
-    _lowp_check(768, 50, None, dtype, use_mask=False)
+    _gpu_check(768, 50, None, dtype, use_mask=False, B=214)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_gpu_text_tower_bishare_spec_shape(dtype):
-    _lowp_check(512, 77, 8, dtype, use_mask=True)
+    _gpu_check(512, 77, 8, dtype, use_mask=True, B=214)
 
 
 @pytest.mark.gpu
-def test_gpu_fp32_and_vit_b16_length():
-    m = _make(768, 128, 8, None, "cuda")
-    x = torch.randn(8, 197, 768, device="cuda")
-    _compare_fp32(m, x)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("L", [197, 256])
-def test_gpu_bf16_long_sequence_bishare(L):
-    """Padded L = 256 (blocked backward): bf16 against the float32 reference, as the SPEC-shape checks."""
-    _lowp_check(512, L, 8, torch.bfloat16, use_mask=True, B=16)
+@pytest.mark.parametrize("B,L,dim", [(64, 197, 768), (32, 257, 1024), (8, 577, 1024)],
+                         ids=["vit-b16-L197", "vit-l14-L257", "vit-l14-336-L577"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_gpu_long_towers(B, L, dim, dtype):
+    _gpu_check(dim, L, None, dtype, use_mask=False, B=B)
 
 
 @pytest.mark.gpu
@@ -415,4 +520,4 @@ def test_gpu_auto_uses_triton_and_autocast():
         m.impl = "reference"
         yr = m(x)
     assert y.dtype == yr.dtype
-    assert rel_err(y, yr) < 2e-2
+    assert_close(y, yr, 2e-2, 2e-2, name="auto vs reference under autocast")

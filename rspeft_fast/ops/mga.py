@@ -5,14 +5,16 @@ computes exactly :func:`rspeft_fast.reference.mga.mga_ref` with the kernels of `
 
 Registered with ``torch.library`` so ``torch.compile`` sees single ops, no graph break:
 
-* ``rspeft_fast::mga_fwd``: one Triton launch; returns ``y`` and the small activations autograd needs
-  (``hpre``, ``z1``, ``z2``, ``w``: ``(B, L, hidden)``/``(B, L, hidden/2)``, empty when nothing needs grad);
-* ``rspeft_fast::mga_bwd``: 2 Triton launches (3 with BiShare) that recompute the attention per sequence,
-  then deterministic GEMMs / row sums for the weight gradients (no atomics). For long sequences (padded
-  ``L > 128``, e.g. ViT-B/16's 197, up to 256) the per-sequence kernels would need more shared memory than
-  an H100 has: the backward then runs a blocked (flash-attention-style) attention backward per MSA call
-  (query-block and key-block kernels, ``lse``/``delta`` saved between them) with the projections as GEMMs
-  (``rspeft_fast.kernels.mga.LONG_LP``). Same results, still deterministic.
+* ``rspeft_fast::mga_fwd``: returns ``y`` and what autograd needs (:class:`~rspeft_fast.kernels.mga.MGASaved`:
+  ``hpre``, ``z1``, ``z2``, ``w`` ``(B, L, hidden)``/``(B, L, hidden/2)``; on the blocked path also the head
+  outputs ``o`` and fp32 log-sum-exps ``lse`` of each MSA call; empty when nothing needs grad);
+* ``rspeft_fast::mga_bwd``: the backward kernels, then deterministic GEMMs / row sums for the weight
+  gradients (no atomics).
+
+The launch plan (``kernels.mga.plan_mga``, from the device) picks, per layer, the per-sequence kernels (one
+program per sequence, the whole forward in ONE launch; short sequences) or the blocked path (any L: GEMMs over
+the B·L rows and flash-attention-style kernels over (sequence·head, query/key block) with the forward's
+``lse`` reused by the backward). Same results within rounding, both deterministic.
 
 Key padding mask: ``(B, L)`` bool, True = padded key, as ``nn.MultiheadAttention``. A sequence whose
 keys are ALL padded yields NaN in its output (softmax over only ``-inf``), exactly as the reference and
@@ -21,6 +23,7 @@ keys are ALL padded yields NaN in its output (softmax over only ``-inf``), exact
 Dtypes: float32/float16/bfloat16 (float64 raises: use ``impl="reference"``). The compute dtype is
 ``compute_dtype(x)`` (the autocast dtype when autocast is on); weights are cast to it as eager
 ``F.linear`` would; ``y`` has dtype ``promote(x.dtype, compute dtype)`` like ``x + F.linear(...)``.
+What the kernels genuinely cannot run (head dims above 128) is named by :func:`mga_limits`.
 """
 from __future__ import annotations
 
@@ -29,6 +32,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .._impl import kernel_limits, resolve_impl
 from .._validate import check_float, check_last_dim, check_same_device, compute_dtype
 
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -47,10 +51,10 @@ def _mask_u8(mask: Optional[Tensor]) -> Optional[Tensor]:
     return None if mask is None else mask.to(torch.uint8).contiguous()
 
 
-def _share_tuple(share_tensors, share_heads):
+def _share_weights(share_tensors, share_heads):
     if share_tensors[0] is None:
         return None
-    return tuple(share_tensors) + (share_heads,)
+    return _kernels().ShareWeights(*share_tensors, share_heads)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -65,31 +69,41 @@ def mga_fwd(
     s_up_bias: Optional[Tensor], s_in_proj_weight: Optional[Tensor], s_in_proj_bias: Optional[Tensor],
     s_out_proj_weight: Optional[Tensor], s_out_proj_bias: Optional[Tensor], s_gate: Optional[Tensor],
     share_heads: int, key_padding_mask: Optional[Tensor], save: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Fused MGA forward: ``(y, hpre, z1, z2, w)`` (the last four saved for backward when ``save``)."""
-    share = _share_tuple((s_down_weight, s_down_bias, s_up_weight, s_up_bias, s_in_proj_weight, s_in_proj_bias,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Fused MGA forward: ``(y, hpre, z1, z2, w, o, o_s, lse, lse_s)`` (``y`` and the fields of
+    ``kernels.mga.MGASaved``, filled when ``save``)."""
+    share = _share_weights((s_down_weight, s_down_bias, s_up_weight, s_up_bias, s_in_proj_weight, s_in_proj_bias,
                           s_out_proj_weight, s_out_proj_bias, s_gate), share_heads)
     with torch.autocast(x.device.type, enabled=False):
-        return _kernels().mga_forward(
+        y, saved = _kernels().mga_forward(
             x, down_weight, down_bias, up_weight, up_bias, in_proj_weight, in_proj_bias, out_proj_weight,
             out_proj_bias, gate, heads, share=share, mask_u8=_mask_u8(key_padding_mask), save=save)
+    return (y, *saved)
 
 
 @mga_fwd.register_fake
 def _(x, down_weight, down_bias, up_weight, up_bias, in_proj_weight, in_proj_bias, out_proj_weight, out_proj_bias,
       gate, heads, s_down_weight, s_down_bias, s_up_weight, s_up_bias, s_in_proj_weight, s_in_proj_bias,
       s_out_proj_weight, s_out_proj_bias, s_gate, share_heads, key_padding_mask, save):
+    k = _kernels()
     B, L, D = x.shape
     H = down_weight.shape[0]
     cdt = down_weight.dtype
     y = x.new_empty((B, L, D), dtype=torch.promote_types(x.dtype, cdt))
+    share = _share_weights((s_down_weight, s_down_bias, s_up_weight, s_up_bias, s_in_proj_weight, s_in_proj_bias,
+                            s_out_proj_weight, s_out_proj_bias, s_gate), share_heads)
+    blocked = k.plan_for(x.shape, H, heads, share, cdt, x.device, save).path == "blocked"
 
-    def buf(keep, *shape):
-        return x.new_empty(shape if (save and keep) else (0,), dtype=cdt)
+    def buf(keep, *shape, dtype=cdt):
+        return x.new_empty(shape if (save and keep) else (0,), dtype=dtype)
 
-    has_share = s_down_weight is not None
-    H2 = s_down_weight.shape[0] if has_share else 0
-    return y, buf(True, B, L, H), buf(has_share, B, L, H), buf(True, B, L, H), buf(has_share, B, L, H2)
+    has = share is not None
+    H2 = s_down_weight.shape[0] if has else 16
+    NH2 = share_heads if has else 1
+    f32 = torch.float32
+    return (y, buf(True, B, L, H), buf(has, B, L, H), buf(True, B, L, H), buf(has, B, L, H2),
+            buf(blocked, 2, B, L, H), buf(blocked and has, B, L, H2), buf(blocked, 2, B, heads, L, dtype=f32),
+            buf(blocked and has, B, NH2, L, dtype=f32))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -100,23 +114,24 @@ def mga_bwd(
     dy: Tensor, x: Tensor, down_weight: Tensor, up_weight: Tensor,
     in_proj_weight: Tensor, in_proj_bias: Tensor, out_proj_weight: Tensor, out_proj_bias: Tensor,
     gate: Tensor, heads: int, hpre: Tensor, z1: Tensor, z2: Tensor, ws: Tensor,
-    s_down_weight: Optional[Tensor], s_down_bias: Optional[Tensor], s_up_weight: Optional[Tensor],
+    o: Tensor, o_s: Tensor, lse: Tensor, lse_s: Tensor, s_down_weight: Optional[Tensor], s_down_bias: Optional[Tensor], s_up_weight: Optional[Tensor],
     s_up_bias: Optional[Tensor], s_in_proj_weight: Optional[Tensor], s_in_proj_bias: Optional[Tensor],
     s_out_proj_weight: Optional[Tensor], s_out_proj_bias: Optional[Tensor], s_gate: Optional[Tensor],
     share_heads: int, key_padding_mask: Optional[Tensor],
 ) -> list[Tensor]:
     """Gradients ``[dx, dWd, dbd, dWu, dbu, dWin, dbin, dWo, dbo, dgate]`` + the 9 BiShare ones (empty
     tensors without share). Weight gradients in the compute dtype (fp32 accumulation), ``dx`` in x.dtype."""
-    share = _share_tuple((s_down_weight, s_down_bias, s_up_weight, s_up_bias, s_in_proj_weight, s_in_proj_bias,
-                          s_out_proj_weight, s_out_proj_bias, s_gate), share_heads)
+    k = _kernels()
+    share = _share_weights((s_down_weight, s_down_bias, s_up_weight, s_up_bias, s_in_proj_weight, s_in_proj_bias,
+                            s_out_proj_weight, s_out_proj_bias, s_gate), share_heads)
     cdt = down_weight.dtype
     B, L, D = x.shape
     H = down_weight.shape[0]
     f32 = torch.float32
     with torch.autocast(x.device.type, enabled=False):
-        r = _kernels().mga_backward(
+        r = k.mga_backward(
             dy, x.dtype, down_weight, up_weight, in_proj_weight, in_proj_bias, out_proj_weight, out_proj_bias, gate,
-            heads, hpre, z1, z2, ws, share=share, mask_u8=_mask_u8(key_padding_mask))
+            heads, k.MGASaved(hpre, z1, z2, ws, o, o_s, lse, lse_s), share=share, mask_u8=_mask_u8(key_padding_mask))
 
         def rows(t, n):
             return t.reshape(-1, n)
@@ -125,38 +140,39 @@ def mga_bwd(
             return rows(t, n).sum(0, dtype=f32).to(cdt)
 
         dy2 = rows(dy, D)
-        dWu = dy2.to(cdt).t().mm(rows(r["u"], H))
+        dWu = dy2.to(cdt).t().mm(rows(r.u, H))
         dbu = dy2.sum(0, dtype=f32).to(cdt)
-        dpre = rows(r["dpre"], H)
+        dpre = rows(r.dpre, H)
         dWd = dpre.t().mm(rows(x, D).to(cdt))
         dbd = colsum(dpre, H)
-        dqkv = r["dqkv"]
-        dWin = torch.addmm(rows(dqkv[0], 3 * H).t().mm(rows(r["z0"], H)), rows(dqkv[1], 3 * H).t(), rows(z2, H))
+        dqkv = r.dqkv
+        dWin = torch.addmm(rows(dqkv[0], 3 * H).t().mm(rows(r.z0, H)), rows(dqkv[1], 3 * H).t(), rows(z2, H))
         dbin = colsum(dqkv, 3 * H)
-        g = rows(r["g"], H)
-        dWo = g.t().mm(rows(r["o"], H))
+        g = rows(r.g, H)
+        dWo = g.t().mm(rows(r.o, H))
         dbo = colsum(g, H)
-        dgate = r["gate_partial"].sum().reshape(gate.shape).to(gate.dtype)
-        out = [r["dx"], dWd, dbd, dWu, dbu, dWin, dbin, dWo, dbo, dgate]
+        dgate = r.gate_partial.sum().reshape(gate.shape).to(gate.dtype)
+        out = [r.dx, dWd, dbd, dWu, dbu, dWin, dbin, dWo, dbo, dgate]
         if share is None:
             out += [dy.new_empty(0) for _ in range(_N_SHARE)]
         else:
             H2 = s_down_weight.shape[0]
-            dz2, dw = rows(r["s_dz2"], H), rows(r["s_dw"], H2)
-            sg = rows(r["s_g"], H2)
+            sr = r.share
+            dz2, dw = rows(sr.dz2, H), rows(sr.dw, H2)
+            sg = rows(sr.g, H2)
             out += [
                 dw.t().mm(rows(z1, H)), colsum(dw, H2),                    # down_s
-                dz2.t().mm(rows(r["s_vs"], H2)), colsum(dz2, H),           # up_s
-                rows(r["s_dqkv"], 3 * H2).t().mm(rows(ws, H2)), colsum(r["s_dqkv"], 3 * H2),  # in_proj_s
-                sg.t().mm(rows(r["s_o"], H2)), colsum(sg, H2),             # out_proj_s
-                r["s_gate_partial"].sum().reshape(s_gate.shape).to(s_gate.dtype),
+                dz2.t().mm(rows(sr.vs, H2)), colsum(dz2, H),               # up_s
+                rows(sr.dqkv, 3 * H2).t().mm(rows(ws, H2)), colsum(sr.dqkv, 3 * H2),  # in_proj_s
+                sg.t().mm(rows(sr.o, H2)), colsum(sg, H2),                 # out_proj_s
+                sr.gate_partial.sum().reshape(s_gate.shape).to(s_gate.dtype),
             ]
     return out
 
 
 @mga_bwd.register_fake
 def _(dy, x, down_weight, up_weight, in_proj_weight, in_proj_bias, out_proj_weight, out_proj_bias, gate, heads,
-      hpre, z1, z2, ws, s_down_weight, s_down_bias, s_up_weight, s_up_bias, s_in_proj_weight, s_in_proj_bias,
+      hpre, z1, z2, ws, o, o_s, lse, lse_s, s_down_weight, s_down_bias, s_up_weight, s_up_bias, s_in_proj_weight, s_in_proj_bias,
       s_out_proj_weight, s_out_proj_bias, s_gate, share_heads, key_padding_mask):
     cdt = down_weight.dtype
     H, D = down_weight.shape
@@ -179,19 +195,23 @@ def _(dy, x, down_weight, up_weight, in_proj_weight, in_proj_bias, out_proj_weig
 # ----------------------------------------------------------------------------------------------------
 def _setup_context(ctx, inputs, output):
     (x, dw, db, uw, ub, iw, ib, ow, ob, gate, heads, *s, share_heads, mask, save) = inputs
-    _, hpre, z1, z2, ws = output
+    _, *saved = output
     ctx.heads = heads
     ctx.share_heads = share_heads
     ctx.has_share = s[0] is not None
-    ctx.save_for_backward(x, dw, uw, iw, ib, ow, ob, gate, hpre, z1, z2, ws, mask, *s)
-    ctx.mark_non_differentiable(hpre, z1, z2, ws)
+    ctx.save_for_backward(x, dw, uw, iw, ib, ow, ob, gate, mask, *saved, *s)
+    ctx.mark_non_differentiable(*saved)
+
+
+_N_SAVED = 8  # the fields of kernels.mga.MGASaved
 
 
 def _backward(ctx, dy, *unused):
-    x, dw, uw, iw, ib, ow, ob, gate, hpre, z1, z2, ws, mask, *s = ctx.saved_tensors
-    if hpre.numel() == 0 and x.numel() != 0:
+    x, dw, uw, iw, ib, ow, ob, gate, mask, *rest = ctx.saved_tensors
+    saved, s = rest[:_N_SAVED], rest[_N_SAVED:]
+    if saved[0].numel() == 0 and x.numel() != 0:
         raise RuntimeError("mga: backward called but the forward ran with save=False (no input required grad)")
-    grads = torch.ops.rspeft_fast.mga_bwd(dy, x, dw, uw, iw, ib, ow, ob, gate, ctx.heads, hpre, z1, z2, ws,
+    grads = torch.ops.rspeft_fast.mga_bwd(dy, x, dw, uw, iw, ib, ow, ob, gate, ctx.heads, *saved,
                                           *s, ctx.share_heads, mask)
     main, sh = grads[:10], grads[10:]
     if not ctx.has_share:
@@ -214,6 +234,15 @@ def _check_attn(attn: dict, h: int, name: str):
         raise ValueError(f"{name}['in_proj_weight'] must have shape (3*{h}, {h}), got {tuple(w.shape)}")
     if tuple(ow.shape) != (h, h):
         raise ValueError(f"{name}['out_proj_weight'] must have shape ({h}, {h}), got {tuple(ow.shape)}")
+
+
+def mga_limits(x: Tensor, hidden: int, heads: int, share_hidden: Optional[int] = None,
+               share_heads: Optional[int] = None):
+    """The ``limits=`` callable of ``resolve_impl`` for an MGA call on ``x (B, L, d)``: returns None when the
+    fused kernels run these shapes and x's compute dtype on x's device, else a one-line reason naming the
+    limit (``kernels.mga.why_unsupported``)."""
+    return kernel_limits(_kernels, x.device, compute_dtype(x), L=int(x.shape[1]), D=int(x.shape[-1]),
+                         hidden=int(hidden), heads=int(heads), share_hidden=share_hidden, share_heads=share_heads)
 
 
 def _bias(b: Optional[Tensor], n: int, like: Tensor) -> Tensor:
@@ -275,8 +304,13 @@ def mga(x, down_weight, down_bias, up_weight, up_bias, attn: dict, gate, heads, 
         named += [(f"share.{k}", share[k]) for k in _SHARE_KEYS + ("gate",)]
         named += [(f"share.attn.{k}", share["attn"][k]) for k in _ATTN_KEYS]
     check_same_device(*named)
-    k = _kernels()
-    k.check_shapes(L, H, int(heads), H2 if share is not None else None, s_heads if share is not None else None)
+    if int(heads) < 1 or H % int(heads):
+        raise ValueError(f"mga: hidden={H} must be divisible by heads={heads}")
+    if share is not None and (s_heads < 1 or H2 % s_heads):
+        raise ValueError(f"mga: BiShare hidden={H2} must be divisible by its heads={s_heads}")
+    # the functional is the explicit fused path: a reason from the kernels' limits raises ImplUnavailableError
+    resolve_impl("mga", "triton", x.device, limits=mga_limits(
+        x, H, int(heads), H2 if share is not None else None, s_heads if share is not None else None))
 
     dwt, dbt = _prep_linear(down_weight, _bias(down_bias, H, down_weight), cdt)
     uwt, ubt = _prep_linear(up_weight, _bias(up_bias, D, up_weight), cdt)
