@@ -23,6 +23,7 @@ _LAZY = {
     "MGAdapter": ".modules.mga",
     "WeightedTripletLoss": ".modules.triplet",
     "weighted_triplet_loss": ".ops.triplet",
+    "contrastive_loss": ".ops.contrastive",
     "ImplUnavailableError": "._impl",
     "reference": ".reference",
     "pack_adapters": ".modules.qlinear",
