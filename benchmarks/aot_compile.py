@@ -1,32 +1,46 @@
-"""Ahead-of-time compile every Triton kernel of ``kernels/{mufa,qlinear,mga}.py`` for the H100 (sm_90), no GPU needed.
+"""Ahead-of-time compile every Triton kernel of ``kernels/{mufa,qlinear,mga}.py`` for the GPUs researchers own, no GPU needed.
 
 Triton's interpreter (``TRITON_INTERPRET=1``, what CI runs the kernels' numerics on) never runs the Triton
 compiler, so it hides errors only a GPU compile shows (plain Python float globals in ``@triton.jit`` code,
-``tl.dot`` shape/dtype rules, ptxas limits...). ``triton.compile`` with a ``GPUTarget`` runs the whole
-pipeline (TTIR → TTGIR → LLIR → PTX → cubin through the bundled ``ptxas``) on a CPU-only machine.
+``tl.dot`` shape/dtype rules, ptxas limits, shared memory per block...). ``triton.compile`` with a
+``GPUTarget`` runs the whole pipeline (TTIR → TTGIR → LLIR → PTX → cubin through the bundled ``ptxas``) on a
+CPU-only machine, for any compute capability.
 
-Every job mirrors one launch of a launcher in ``kernels/*.py`` at a SPEC §2 shape: the same argument
-values (pointer dtypes per argument, integer sizes and strides, float scalars, constexprs, num_warps /
-num_stages), specialised the way ``JITFunction.run`` specialises a real launch (16-byte aligned pointers,
-integers divisible by 16, integers equal to 1 become constants), so the compiled code is the code a GPU
-run would compile. Autotuned kernels are compiled for EVERY config of their ``configs`` list.
+The work is a matrix: arch (``--arch``, compute capabilities of ``kernels._launch.ARCH_PROPS``: 75, 80, 86,
+89, 90, 100, 120) × dtype (``--dtypes``: bf16, fp16, fp32, tf32 = fp32 with TF32 allowed) × case. The jobs
+come from the kernel modules themselves: ``kernels.<mod>.aot_launches(props, dtype, profile)`` builds each
+launch with the launcher's own argument helper on meta tensors (dtypes, strides, constexprs) and lists the
+configs its plan function (``plan_<launch>(shapes, dtype, props)``) allows on that arch — no launch logic is
+copied here. MGA uses ``kernels.mga.aot_launches`` when the module has it, else the job list below
+(``mga_jobs``, mirrored from its launchers). Each job is specialised the way ``JITFunction.run`` specialises
+a real launch (16-byte aligned pointers, integers divisible by 16, integers equal to 1 become constants).
 
-For each compile it reports registers / spills / stack (``cuobjdump -res-usage`` on the cubin; spilled
-registers live in the stack frame), shared memory (``metadata.shared``, checked against sm_90's 227 KB: a
-launch above it fails with OutOfResources; the AOT compile itself does not check it) and which tensor-core
-instructions the PTX uses (``wgmma`` / ``mma`` and their operand type, ``-`` = no tensor cores).
+For each compile it reports registers / spills / stack (``cuobjdump -res-usage``; spilled registers live in
+the stack frame), shared memory (``metadata.shared`` against the arch's max opt-in shared memory per block:
+a launch above it fails with OutOfResources; the compile itself does not check it) and the tensor-core
+instructions of the PTX (``wgmma`` / ``mma`` and their operand type, ``-`` = none).
+
+Fails (exit 1) on: a compile error; a planned (non-autotuned) launch over its arch's shared memory; an
+autotuned launch none of whose configs fits; spills in the configs tuned spill-free on sm_90 (bf16 MuFA
+forward: R = 168 with 8-warp 64-row tiles, R = 21 all). Other spills / over-limit autotune configs (the
+autotuner skips those at run time) are warnings.
 
 Usage::
 
-    python benchmarks/aot_compile.py --jobs 2            # the quick profile (the CI test's), table on stdout
-    python benchmarks/aot_compile.py --profile full      # every config / dtype / edge shape (~20 CPU minutes)
+    python benchmarks/aot_compile.py --jobs 2                                # quick profile, sm_90
+    python benchmarks/aot_compile.py --arch 80,86,89,90,100,120 --profile quick --dtypes bf16,fp32
+    python benchmarks/aot_compile.py --arch 75,80,86,89,90,100,120 --profile full \\
+        --json benchmarks/results/aot-2026-12-01/full.json --md benchmarks/results/aot-2026-12-01/full.md
     python benchmarks/aot_compile.py --groups mufa_fwd,mga --dtypes bf16 --json out.json
     python benchmarks/aot_compile.py --list              # the jobs, nothing compiled
     python benchmarks/aot_compile.py --coverage          # @triton.jit kernels found vs covered (JSON)
 
-``TRITON_INTERPRET`` is removed from the environment before triton is imported (run it as a script or
-in a subprocess, never import it into a process that already imported triton under the interpreter).
-Used by ``tests/test_aot_sm90.py``.
+Another Triton release: ``pip install --no-deps --target DIR triton==3.6.0`` and run with ``PYTHONPATH=DIR``
+(the standalone compile needs nothing else; the JSON records ``triton.__version__``).
+
+``TRITON_INTERPRET`` is removed from the environment before triton is imported (run it as a script or in a
+subprocess, never import it into a process that already imported triton under the interpreter).
+Used by ``tests/test_aot.py``.
 """
 from __future__ import annotations
 
@@ -44,23 +58,21 @@ from dataclasses import dataclass, field
 if __name__ == "__main__":
     os.environ.pop("TRITON_INTERPRET", None)  # before triton is imported (lazily, below)
 
-SM90_MAX_SHARED = 232448  # bytes of shared memory one block may use on sm_90 (227 KB)
 GROUPS = ("mufa_fwd", "mufa_bwd", "mufa_atb", "qlinear", "mga")
 KERNEL_MODULES = ("mufa", "qlinear", "mga")
+ALL_DTYPES = ("bf16", "fp16", "fp32", "tf32")
+DEFAULT_ARCHS = (90,)
 
-# SPEC §2 shapes (rows = the batch × tokens of the benchmark case)
-MUFA_CASES = [  # (label, D, R, rows, has_base)
-    ("MuFA ViT-B/16 D768 R168", 768, 168, 64 * 197, True),
-    ("MuFA Swin-T D96 R21", 96, 21, 64 * 3136, True),
-    ("EQAM s1 D128 R32", 128, 32, 64 * 56 * 56, False),   # EQAM's fused path runs the same bottleneck kernels
-    ("EQAM s4 D1024 R256", 1024, 256, 64 * 7 * 7, False),
-]
-QLINEAR_LAYERS = [  # (label, in, out, rows, gelu): the two Q-Linear layers of EQAM at both ConvNeXt stages
-    ("s1 down 128->32", 128, 32, 64 * 56 * 56, True),
-    ("s1 up 32->128", 32, 128, 64 * 56 * 56, False),
-    ("s4 down 1024->256", 1024, 256, 64 * 7 * 7, True),
-    ("s4 up 256->1024", 256, 1024, 64 * 7 * 7, False),
-]
+
+def _group_of(kernel: str) -> str:
+    mod, name = kernel.split(".")
+    if mod == "mufa":
+        return {"_bottleneck_fwd_kernel": "mufa_fwd", "_bottleneck_bwd_rows_kernel": "mufa_bwd",
+                "_atb_splitk_kernel": "mufa_atb"}.get(name, "mufa_fwd")
+    return mod
+
+
+# MGA SPEC §2 shapes for the mirrored job list (mga_jobs) below
 MGA_CASES = [  # (label, B, L, D, hidden, heads, share (hidden, heads) or None, mask)
     ("image L50 D768 h128/8", 214, 50, 768, 128, 8, None, False),
     ("text L77 D512 h128/8 +BiShare h64/8", 214, 77, 512, 128, 8, (64, 8), True),
@@ -73,8 +85,9 @@ MGA_LONG_CASES = [  # (label, B, L, hidden, heads, mask): the blocked attention 
     ("long L256 h64/8 +mask", 8, 256, 64, 8, True),  # BiShare head dim 8 at MAX_L
 ]
 
-# dtype variants: (name, torch dtype name of the compute dtype, fp32 "IEEE" flag)
-DTYPES = (("bf16", "bfloat16", False), ("fp32", "float32", True), ("tf32", "float32", False))
+# dtype variants of mga_jobs: (name, torch dtype name of the compute dtype, fp32 "IEEE" flag)
+DTYPES = (("bf16", "bfloat16", False), ("fp16", "float16", False), ("fp32", "float32", True),
+          ("tf32", "float32", False))
 
 
 @dataclass
@@ -83,19 +96,20 @@ class Job:
     kernel: str  # "module.name"
     case: str
     config: str
-    args: dict  # parameter name -> value (Mock pointer, int, float, bool, constexpr value)
-    options: dict = field(default_factory=dict)  # num_warps / num_stages (launcher's or the config's)
+    args: dict  # parameter name -> value (meta tensor / Mock pointer, int, float, bool, constexpr value)
+    options: dict = field(default_factory=dict)  # num_warps / num_stages (the plan's config)
     spill_strict: bool = False  # spills fail (configs the kernel owner tuned spill-free at this shape); else a warning
-    autotuned: bool = False  # one config of an autotune list: over sm_90's shared memory it is pruned at run time
-    edge: bool = False  # not a SPEC shape (a limit the launchers accept): over-limit shared memory is a warning
+    autotuned: bool = False  # one config of an autotune list: over the arch's shared memory it is skipped at run time
+    edge: bool = False  # not a SPEC shape (a limit the launchers accept)
+    arch: int = 90
 
     @property
     def name(self) -> str:
-        return f"{self.kernel} [{self.case}] {self.config}"
+        return f"sm_{self.arch} {self.kernel} [{self.case}] {self.config}"
 
 
 # ------------------------------------------------------------------------------------------------------
-# job lists (argument lists copied from the launchers of kernels/*.py, in the same order)
+# job lists
 # ------------------------------------------------------------------------------------------------------
 def _torch_dtype(name):
     import torch
@@ -119,10 +133,10 @@ def _cfg_size(cfg):
     return (math.prod(cfg.kwargs.values()), cfg.num_warps, cfg.num_stages)
 
 
-def _configs(kernel, coverage):
-    """The autotune configs to compile: ``all``, ``ends`` (the first and the largest) or ``first``."""
-    cfgs = list(kernel.configs)
-    if coverage == "all":
+def _select(cfgs, coverage):
+    """The configs to compile: ``all``, ``ends`` (the first and the largest) or ``first``."""
+    cfgs = list(cfgs)
+    if coverage == "all" or len(cfgs) <= 1:
         return cfgs
     if coverage == "first":
         return cfgs[:1]
@@ -130,190 +144,39 @@ def _configs(kernel, coverage):
     return [cfgs[0]] + ([largest] if largest is not cfgs[0] else [])
 
 
-def _autotuned(group, kernel, qualname, case, args, coverage, spill_strict=lambda cfg: False):
-    jobs = []
-    for cfg in _configs(kernel, coverage):
-        a = dict(args)
-        a.update(cfg.kwargs)
-        jobs.append(Job(group, qualname, case, _cfg_label(cfg), a,
-                        dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
-                        spill_strict=spill_strict(cfg), autotuned=True))
-    return jobs
-
-
-def _mufa_fwd_spill_free(dname, r):
-    """Configs of ``_FWD_CONFIGS`` the owner picked spill-free (kernels/mufa.py, bf16 sm_90 AOT compiles):
-    at R = 168 "only 8-warp BLOCK_M = 64 tiles ... stay spill-free; the BLOCK_M = 128 and 4-warp ones are for
-    small bottlenecks (Swin-T R = 21)", i.e. every config at R = 21."""
-    if dname != "bf16":
+def _spill_strict(arch, kernel, case):
+    """Configs the MuFA kernel owner tuned spill-free (kernels/mufa.py, bf16 sm_90 AOT compiles): at R = 168
+    "only 8-warp BLOCK_M = 64 tiles ... stay spill-free; the BLOCK_M = 128 and 4-warp ones are for small
+    bottlenecks (Swin-T R = 21)", i.e. every config at R = 21. Other archs/dtypes: spills are warnings."""
+    if arch != 90 or kernel != "mufa._bottleneck_fwd_kernel" or not case.startswith("bf16 MuFA"):
         return lambda cfg: False
-    if r == 168:
+    if "R168" in case:
         return lambda cfg: cfg.kwargs["BLOCK_M"] == 64 and cfg.num_warps == 8
-    if r == 21:
+    if "R21" in case:
         return lambda cfg: True
     return lambda cfg: False
 
 
-def mufa_jobs(groups, dtypes, coverage, lean=False):
-    """MuFA/EQAM bottleneck kernels. ``lean`` (quick profile): the inference forward (no pre, no base) with the
-    first config only, the recompute backward with the first and the largest; in fp32 neither of them."""
-    from rspeft_fast.kernels import mufa as K
+def module_jobs(mod, arch, dtypes, profile, coverage):
+    """Jobs of ``kernels.<mod>.aot_launches`` on ``arch``: one per config the plan allows (autotuned launches:
+    thinned by ``coverage[dtype]``)."""
+    import importlib
 
+    from rspeft_fast.kernels._launch import props_for_arch
+
+    K = importlib.import_module(f"rspeft_fast.kernels.{mod}")
+    props = props_for_arch(arch)
     jobs = []
-    for dname, tname, ieee in DTYPES:
-        if dname not in dtypes:
-            continue
-        cov = coverage[dname]
-        p = lambda: _ptr(tname)  # noqa: E731  compute-dtype tensor
-        f32 = lambda: _ptr("float32")  # noqa: E731
-        # under autocast the up bias stays fp32 (bottleneck_fwd reads it in any float dtype); dy is y's dtype
-        for label, d, r, n, has_base in MUFA_CASES:
-            ra, rb = K.column_groups(r)
-            case = f"{dname} {label}"
-            strict = _mufa_fwd_spill_free(dname, r) if label.startswith("MuFA") else (lambda cfg: False)
-            if "mufa_fwd" in groups:
-                for save_pre, base in ((True, has_base), (False, False)):
-                    if lean and not save_pre and dname != "bf16":
-                        continue
-                    args = dict(
-                        x_ptr=p(), wd_ptr=p(), bd_ptr=p(), wu_ptr=p(), bu_ptr=f32(), cs_ptr=f32(),
-                        base_ptr=p(), y_ptr=p(), pre_ptr=p(),
-                        N=n, D=d, R=r,
-                        stride_xm=d, stride_wd_r=d, stride_wd_k=1, stride_wu_n=r, stride_wu_r=1,
-                        stride_bm=d if base else 0, stride_ym=d, stride_pm=r if save_pre else 0,
-                        scale=1.0 if label.startswith("EQAM") else 0.5,
-                        HAS_BASE=base, SAVE_PRE=save_pre, IEEE=ieee, R_A=ra, R_B=rb,
-                    )
-                    mode = "train" if save_pre else "infer"
-                    # inference variant (no pre, no base): the first and the largest config only
-                    jobs += _autotuned("mufa_fwd", K._bottleneck_fwd_kernel, "mufa._bottleneck_fwd_kernel",
-                                       f"{case} {mode}", args,
-                                       cov if save_pre or cov != "all" else ("first" if lean else "ends"),
-                                       spill_strict=strict)
-            if "mufa_bwd" in groups:
-                for recompute in (False, True):
-                    if lean and recompute and dname != "bf16":
-                        continue
-                    args = dict(
-                        dy_ptr=p(), x_ptr=p(), pre_ptr=p(), wd_ptr=p(), bd_ptr=p(), wu_ptr=p(), cs_ptr=f32(),
-                        dx_ptr=p(), dpre_ptr=p(), g_ptr=p(),
-                        N=n, D=d, R=r,
-                        stride_dym=d, stride_xm=d, stride_pm=0 if recompute else r, stride_wd_r=d, stride_wd_k=1,
-                        stride_wu_n=r, stride_wu_r=1, stride_dxm=d, stride_dpm=r, stride_gm=r,
-                        scale=1.0 if label.startswith("EQAM") else 0.5,
-                        RECOMPUTE=recompute, IEEE=ieee, R_A=ra, R_B=rb,
-                    )
-                    jobs += _autotuned("mufa_bwd", K._bottleneck_bwd_rows_kernel, "mufa._bottleneck_bwd_rows_kernel",
-                                       f"{case} {'recompute' if recompute else 'saved pre'}", args,
-                                       "ends" if lean and recompute and cov == "all" else cov)
-            if "mufa_atb" in groups:
-                # _atb(dpre, x): dWd (R, d) + Σ dpre;  _atb(g, dy, out_layout_qp): G (d, R) + Σ dy
-                rows_per_split, s = _atb_split(n, r, d)
-                for what, q_layout, sum_a, sum_b in (("dWd", False, True, False), ("dWu", True, False, True)):
-                    args = dict(
-                        a_ptr=p(), b_ptr=p(), c_ptr=f32(), sa_ptr=f32(), sb_ptr=f32(),
-                        N=n, P=r, Q=d, rows_per_split=rows_per_split,
-                        stride_am=r, stride_bm=d, stride_cs=r * d,
-                        stride_cp=1 if q_layout else d, stride_cq=r if q_layout else 1,
-                        stride_sas=r if sum_a else 0, stride_sbs=d if sum_b else 0,
-                        SUM_A=sum_a, SUM_B=sum_b, IEEE=ieee,
-                    )
-                    jobs += _autotuned("mufa_atb", K._atb_splitk_kernel, "mufa._atb_splitk_kernel",
-                                       f"{case} {what} splits={s}", args, cov)
-    return jobs
-
-
-H100_SMS = 132  # H100 SXM; the launchers size their split-K reductions from the SM count
-
-
-def _cdiv(a, b):
-    return -(-a // b)
-
-
-def _atb_split(n, p, q):
-    """(rows_per_split, splits) as kernels.mufa._atb picks them on an H100."""
-    tiles = _cdiv(p, 64) * _cdiv(q, 64)
-    s = max(1, min(max(1, (2 * H100_SMS) // tiles), _cdiv(n, 128)))
-    rows = _cdiv(_cdiv(n, s), 128) * 128
-    return rows, _cdiv(n, rows)
-
-
-def qlinear_jobs(dtypes, lean=False):
-    """Q-Linear kernels at the launchers' blocks. ``lean`` (quick profile): in fp32 no ``_weight_kernel``
-    (dequantisation for the bf16 bottleneck path) and no packed int4 forward."""
-    from rspeft_fast.kernels import qlinear as K
-
-    pow2 = K._pow2
-    jobs = []
-    G = "qlinear"
-    for dname, tname, ieee in DTYPES:
-        if dname not in dtypes:
-            continue
-        prec = "ieee" if ieee else "tf32"  # kernels.qlinear._precision on a GPU
-        x = lambda: _ptr(tname)  # noqa: E731
-        f32 = lambda: _ptr("float32")  # noqa: E731
-        for label, k, n, m, gelu in QLINEAR_LAYERS:
-            case = f"{dname} {label}"
-            # the float master weight: fp32 (autocast training) for the 16-bit compute dtype, else the dtype itself
-            wt = "float32"
-            bits_list = (8, 4) if dname == "bf16" else (8,)
-            # --- scales / quantised weights (QLinear scales; EQAM fake_quant; packed eqam weight_values)
-            for bits in bits_list:
-                qmax = 2 ** (bits - 1) - 1
-                jobs.append(Job(G, "qlinear._row_scale_kernel", f"{case} bits{bits}", "launcher",
-                                dict(W=_ptr(wt), S=f32(), N=n, K=k, stride_wn=k, stride_wk=1, QMAX=qmax,
-                                     BLOCK_N=pow2(n, 1, 16), BLOCK_K=pow2(k, 16, 256))))
-                jobs.append(Job(G, "qlinear._quantize_rows_kernel", f"{case} bits{bits}", "launcher",
-                                dict(W=_ptr(wt), Q=x(), S=f32(), N=n, K=k, stride_wn=k, stride_wk=1, stride_qn=k,
-                                     QMAX=qmax, BLOCK_N=pow2(n, 1, 16), BLOCK_K=pow2(k, 16, 256))))
-            for mode, mname in ((K.FLOAT, "float"), (K.INT8, "int8"), (K.INT4, "int4")):
-                if lean and dname != "bf16":
-                    break
-                wdt = {K.FLOAT: wt, K.INT8: "int8", K.INT4: "uint8"}[mode]
-                kb = (k + 1) // 2 if mode == K.INT4 else k
-                jobs.append(Job(G, "qlinear._weight_kernel", f"{case} {mname}", "launcher",
-                                dict(W=_ptr(wdt), S=f32(), Q=x(), N=n, K=k, stride_wn=kb, stride_wk=1, stride_qn=k,
-                                     W_MODE=mode, QMAX=127 if mode != K.FLOAT else 7,
-                                     BLOCK_N=pow2(n, 16, 64), BLOCK_K=pow2(k, 16, 128))))
-            # --- forward: training (float weight, both bit widths) and packed inference (int8 / int4 codes)
-            bm, bn, bk, nw = K._fwd_blocks(m, n, k)
-            fwd_variants = [(K.FLOAT, b, gelu, gelu) for b in bits_list] + [(K.INT8, 8, gelu, False)]
-            if not (lean and dname != "bf16"):
-                fwd_variants.append((K.INT4, 4, gelu, False))
-            for mode, bits, use_gelu, save_pre in fwd_variants:
-                wdt = {K.FLOAT: wt, K.INT8: "int8", K.INT4: "uint8"}[mode]
-                kb = (k + 1) // 2 if mode == K.INT4 else k
-                mname = {K.FLOAT: f"float bits{bits}", K.INT8: "packed int8", K.INT4: "packed int4"}[mode]
-                jobs.append(Job(G, "qlinear._fwd_kernel", f"{case} {mname}{' gelu' if use_gelu else ''}",
-                                f"BM{bm} BN{bn} BK{bk} w{nw} s3",
-                                dict(X=x(), W=_ptr(wdt), S=f32(), B=f32(), Y=x(), PRE=x(),
-                                     M=m, N=n, K=k, stride_xm=k, stride_xk=1, stride_wn=kb, stride_wk=1, stride_ym=n,
-                                     W_MODE=mode, QMAX=127 if mode != K.FLOAT else 2 ** (bits - 1) - 1,
-                                     HAS_BIAS=True, GELU=use_gelu, SAVE_PRE=save_pre, PRECISION=prec,
-                                     BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8),
-                                dict(num_warps=nw, num_stages=3)))
-            # --- backward (float weight): dX = dPre Wq, dW = dPreᵀ X (+ Σ dPre)
-            bm, bk, bn = (128 if m >= 128 else pow2(m, 16, 128)), pow2(k, 16, 128), pow2(n, 16, 64)
-            nw = 8 if bm * bk >= 128 * 128 else 4
-            jobs.append(Job(G, "qlinear._bwd_dx_kernel", f"{case}{' gelu' if gelu else ''}",
-                            f"BM{bm} BN{bn} BK{bk} w{nw} s{2 if tname == 'float32' else 3}",
-                            dict(DY=x(), PRE=x(), W=_ptr(wt), S=f32(), DX=x(), DPRE=x(),
-                                 M=m, N=n, K=k, stride_dym=n, stride_wn=k, stride_wk=1, stride_dxm=k,
-                                 QMAX=127, GELU=gelu, WRITE_DPRE=gelu, PRECISION=prec,
-                                 BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk),
-                            dict(num_warps=nw, num_stages=2 if tname == "float32" else 3)))
-            bn, bk, bm = pow2(n, 16, 128), pow2(k, 16, 128), 64
-            nw = 8 if bn * bk >= 128 * 128 else 4
-            tiles = _cdiv(n, bn) * _cdiv(k, bk)  # kernels.qlinear._dw_split on an H100
-            nsplit = max(1, min(_cdiv(2 * H100_SMS, tiles), _cdiv(m, 4 * bm)))
-            rows = _cdiv(_cdiv(m, nsplit), bm) * bm
-            nsplit = _cdiv(m, rows)
-            jobs.append(Job(G, "qlinear._bwd_dw_kernel", f"{case} splits={nsplit}", f"BM{bm} BN{bn} BK{bk} w{nw} s3",
-                            dict(G=x(), X=x(), DW=f32(), DB=f32(),
-                                 M=m, N=n, K=k, ROWS_PER_SPLIT=rows,
-                                 stride_gm=n, stride_xm=k, stride_xk=1, stride_dws=n * k, stride_dwn=k, stride_dbs=n,
-                                 HAS_BIAS=True, PRECISION=prec, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk),
-                            dict(num_warps=nw, num_stages=3)))
+    for dname in dtypes:
+        for launch in K.aot_launches(props, dname, profile):
+            strict = _spill_strict(arch, launch.kernel, launch.case)
+            cfgs = _select(launch.configs, coverage[dname]) if launch.autotuned else list(launch.configs)
+            for cfg in cfgs:
+                args = dict(launch.args)
+                args.update(cfg.kwargs)
+                jobs.append(Job(_group_of(launch.kernel), launch.kernel, launch.case, _cfg_label(cfg), args,
+                                dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
+                                spill_strict=strict(cfg), autotuned=launch.autotuned, edge=launch.edge, arch=arch))
     return jobs
 
 
@@ -404,36 +267,51 @@ def mga_jobs(dtypes, edge=False, lean=False):  # noqa: C901 - one launcher mirro
 
 
 PROFILES = {
-    # the CI test: bf16 with every autotune config (inference / recompute variants: fewer); fp32 (IEEE dots)
-    # with the first config of each autotune list, training variants, without the fp32 MGA text+BiShare
-    # per-sequence kernels; no TF32 variant, no MAX_L forward (see the ``lean`` notes of each *_jobs)
-    "quick": dict(dtypes=("bf16", "fp32"), coverage={"bf16": "all", "fp32": "first", "tf32": "first"},
+    # the CI/"done when" profile: bf16 with every config its plan allows (inference / recompute variants:
+    # fewer); fp32 (IEEE dots) with the first config of each autotuned launch, training variants, without the
+    # fp32 MGA text+BiShare per-sequence kernels; no TF32/fp16, no edge shapes (see each aot_launches)
+    "quick": dict(dtypes=("bf16", "fp32"), coverage={"bf16": "all", "fp16": "first", "fp32": "first", "tf32": "first"},
                   edge=False, lean=True),
-    # everything (about 20 CPU minutes cold)
-    "full": dict(dtypes=("bf16", "fp32", "tf32"), coverage={"bf16": "all", "fp32": "all", "tf32": "all"},
-                 edge=True, lean=False),
+    # the CI slice (tests/test_aot.py): as quick with the first and the largest config of each autotuned launch
+    "ci": dict(dtypes=("bf16", "fp32"), coverage={"bf16": "ends", "fp16": "first", "fp32": "first", "tf32": "first"},
+               edge=False, lean=True),
+    # everything: every dtype, config, variant and edge shape
+    "full": dict(dtypes=ALL_DTYPES, coverage={d: "all" for d in ALL_DTYPES}, edge=True, lean=False),
 }
 
 
-def all_jobs(groups=GROUPS, profile="quick", dtypes=None, coverage=None, edge=None):
-    """Jobs of ``groups`` under a profile; ``dtypes`` / ``coverage`` (one mode for every dtype) / ``edge``
-    override the profile's."""
+def all_jobs(groups=GROUPS, profile="quick", dtypes=None, coverage=None, edge=None, archs=DEFAULT_ARCHS):
+    """Jobs of ``groups`` on each of ``archs`` under a profile; ``dtypes`` / ``coverage`` (one mode for every
+    dtype) / ``edge`` override the profile's."""
+    import importlib
+
     groups = set(groups)
     unknown = groups - set(GROUPS)
     if unknown:
         raise SystemExit(f"unknown groups {sorted(unknown)}; known: {GROUPS}")
     prof = PROFILES[profile]
     dtypes = tuple(dtypes or prof["dtypes"])
-    cov = {d: coverage for d in ("bf16", "fp32", "tf32")} if coverage else prof["coverage"]
+    bad = set(dtypes) - set(ALL_DTYPES)
+    if bad:
+        raise SystemExit(f"unknown dtypes {sorted(bad)}; known: {ALL_DTYPES}")
+    cov = {d: coverage for d in ALL_DTYPES} if coverage else prof["coverage"]
     lean = prof["lean"] and not coverage
     edge = prof["edge"] if edge is None else edge
+    kprofile = "full" if not lean or edge else "quick"
     jobs = []
-    if groups & {"mufa_fwd", "mufa_bwd", "mufa_atb"}:
-        jobs += mufa_jobs(groups, dtypes, cov, lean)
-    if "qlinear" in groups:
-        jobs += qlinear_jobs(dtypes, lean)
-    if "mga" in groups:
-        jobs += mga_jobs(dtypes, edge, lean)
+    for arch in archs:
+        if groups & {"mufa_fwd", "mufa_bwd", "mufa_atb"}:
+            jobs += [j for j in module_jobs("mufa", arch, dtypes, kprofile, cov) if j.group in groups]
+        if "qlinear" in groups:
+            jobs += module_jobs("qlinear", arch, dtypes, kprofile, cov)
+        if "mga" in groups:
+            mga = importlib.import_module("rspeft_fast.kernels.mga")
+            if hasattr(mga, "aot_launches"):
+                jobs += module_jobs("mga", arch, dtypes, kprofile, cov)
+            else:
+                for j in mga_jobs(dtypes, edge, lean):
+                    j.arch = arch
+                    jobs.append(j)
     return jobs
 
 
@@ -482,6 +360,14 @@ def _specialize(value):
 _TYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32", "int8": "i8", "uint8": "u8", "int32": "i32"}
 
 
+def _mock(value):
+    """Meta tensors of aot_launches → the Mock pointer of their dtype (what a real, 16-byte aligned tensor is)."""
+    import torch
+    from triton.runtime.jit import MockTensor
+
+    return MockTensor(value.dtype) if isinstance(value, torch.Tensor) else value
+
+
 def source_of(job):
     """ASTSource for a job: signature, constexprs and divisibility attributes as a real launch has them."""
     from triton.compiler import ASTSource
@@ -493,7 +379,7 @@ def source_of(job):
         raise TypeError(f"{job.kernel}: job arguments do not match the kernel's (missing {missing}, unknown {extra})")
     signature, constexprs, attrs = {}, {}, {}
     for i, (name, param) in enumerate(zip(fn.arg_names, fn.params)):
-        value = job.args[name]
+        value = _mock(job.args[name])
         if param.is_constexpr:
             signature[name] = "constexpr"
             constexprs[name] = value
@@ -518,7 +404,7 @@ def check_tools():
     missing = [t for t in ("ptxas", "cuobjdump") if not os.access(_tool(t), os.X_OK)]
     if missing:
         raise RuntimeError(f"Triton's bundled {', '.join(missing)} missing or not executable under "
-                           f"{os.path.dirname(_tool('ptxas'))}: the sm_90 AOT compile cannot run")
+                           f"{os.path.dirname(_tool('ptxas'))}: the AOT compile cannot run")
 
 
 _RES = re.compile(r"REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)\s+LOCAL:(\d+)")
@@ -549,14 +435,17 @@ def mma_kind(ptx: str) -> str:
 
 
 def compile_job(job, target=None):
-    """Compile one job for sm_90; a dict of results (never raises for a compile error: ok=False, error=...)."""
+    """Compile one job for its arch; a dict of results (never raises for a compile error: ok=False, error=...)."""
     import triton
     from triton.backends.compiler import GPUTarget
 
-    target = target or GPUTarget("cuda", 90, 32)
+    from rspeft_fast.kernels._launch import props_for_arch
+
+    target = target or GPUTarget("cuda", job.arch, 32)
     t0 = time.time()
-    res = dict(group=job.group, kernel=job.kernel, case=job.case, config=job.config, spill_strict=job.spill_strict,
-               autotuned=job.autotuned, edge=job.edge)
+    res = dict(arch=job.arch, group=job.group, kernel=job.kernel, case=job.case, config=job.config,
+               spill_strict=job.spill_strict, autotuned=job.autotuned, edge=job.edge,
+               limit=props_for_arch(job.arch).smem_per_block)
     c0 = _cpu_seconds()
     try:
         src = source_of(job)
@@ -637,59 +526,101 @@ def problems(results):
     """(failures, warnings): lists of strings."""
     fails, warns = [], []
     for r in results:
-        where = f"{r['kernel']} [{r['case']}] {r['config']}"
+        where = f"sm_{r['arch']} {r['kernel']} [{r['case']}] {r['config']}"
         if not r["ok"]:
             fails.append(f"COMPILE ERROR {where}: {r['error']}")
             continue
         if r["spill_bytes"]:
             msg = f"spills {where}: {r['spill_bytes']} bytes of stack (regs {r['regs']})"
             (fails if r["spill_strict"] else warns).append(msg)
-        if r["shared"] > SM90_MAX_SHARED:
-            msg = f"shared memory {where}: {r['shared']} B > sm_90's {SM90_MAX_SHARED} B"
+        if r["shared"] > r["limit"]:
+            msg = f"shared memory {where}: {r['shared']} B > sm_{r['arch']}'s {r['limit']} B"
             if r["autotuned"]:
-                warns.append(msg + " (this autotune config is pruned at run time: OutOfResources)")
-            elif r["edge"]:
-                warns.append(msg + " (a launch at this non-SPEC shape fails with OutOfResources)")
+                warns.append(msg + " (this autotune config is skipped at run time: OutOfResources)")
             else:
                 fails.append(msg + " (a launch fails with OutOfResources)")
-    # an autotuned kernel needs at least one config that can launch, per case
-    by_case = {}
-    for r in results:
-        if r["ok"] and r["autotuned"]:
-            by_case.setdefault((r["kernel"], r["case"]), []).append(r["shared"] <= SM90_MAX_SHARED)
-    for (kern, case), fits in by_case.items():
+    # an autotuned launch needs at least one config that can launch, per case
+    for (arch, kern, case), fits in _autotuned_fits(results).items():
         if not any(fits):
-            fails.append(f"shared memory {kern} [{case}]: no autotune config fits sm_90's {SM90_MAX_SHARED} B")
+            limit = next(r["limit"] for r in results if r["arch"] == arch)
+            fails.append(f"shared memory sm_{arch} {kern} [{case}]: no autotune config fits sm_{arch}'s {limit} B")
     return fails, warns
 
 
+def _autotuned_fits(results):
+    by_case = {}
+    for r in results:
+        if r["ok"] and r["autotuned"]:
+            by_case.setdefault((r["arch"], r["kernel"], r["case"]), []).append(r["shared"] <= r["limit"])
+    return by_case
+
+
 def table(results):
-    head = ("kernel", "case", "config", "status", "regs", "spill B", "shared B", "tensor cores", "cpu s")
+    head = ("arch", "kernel", "case", "config", "status", "regs", "spill B", "shared B", "tensor cores", "cpu s")
     rows = []
     for r in results:
         if r["ok"]:
-            rows.append((r["kernel"], r["case"], r["config"], "ok", r["regs"], r["spill_bytes"], r["shared"], r["mma"],
-                         r["cpu_s"]))
+            status = "ok" if r["shared"] <= r["limit"] else "OVER"
+            rows.append((r["arch"], r["kernel"], r["case"], r["config"], status, r["regs"], r["spill_bytes"], r["shared"],
+                         r["mma"], r["cpu_s"]))
         else:
-            rows.append((r["kernel"], r["case"], r["config"], "ERROR", "", "", "", r["error"].splitlines()[0][:60],
-                         r["cpu_s"]))
+            rows.append((r["arch"], r["kernel"], r["case"], r["config"], "ERROR", "", "", "",
+                         r["error"].splitlines()[0][:60], r["cpu_s"]))
     widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
     fmt = lambda row: " | ".join(str(x).ljust(w) for x, w in zip(row, widths))  # noqa: E731
     lines = [fmt(head), "-+-".join("-" * w for w in widths)] + [fmt(r) for r in rows]
     return "\n".join(lines)
 
 
+def matrix(results):
+    """Per (arch, dtype): launches (kernel × case), launches that fit (a planned launch's config / at least one
+    config of an autotuned one compiles within the arch's shared memory), compiles, configs over the limit,
+    configs with spills, compile errors."""
+    cells = {}
+    launches = {}
+    for r in results:
+        key = (r["arch"], r["case"].split()[0])
+        c = cells.setdefault(key, dict(launches=0, fit=0, compiles=0, over=0, spills=0, errors=0))
+        c["compiles"] += 1
+        if not r["ok"]:
+            c["errors"] += 1
+        else:
+            c["over"] += r["shared"] > r["limit"]
+            c["spills"] += r["spill_bytes"] > 0
+        launches.setdefault((key, r["kernel"], r["case"]), []).append(r["ok"] and r["shared"] <= r["limit"])
+    for (key, _k, _c), fits in launches.items():
+        cells[key]["launches"] += 1
+        cells[key]["fit"] += any(fits)
+    return cells
+
+
+def matrix_md(results, triton_version, profile):
+    cells = matrix(results)
+    lines = [f"AOT compile matrix, Triton {triton_version}, profile {profile}: launches that fit / launches "
+             f"(compiles; configs over the arch's shared memory; configs with spills; compile errors)", "",
+             "| arch | dtype | fit / launches | compiles | over limit | spills | errors |",
+             "|---|---|---|---|---|---|---|"]
+    for (arch, dt), c in sorted(cells.items()):
+        lines.append(f"| sm_{arch} | {dt} | {c['fit']} / {c['launches']} | {c['compiles']} | {c['over']} | "
+                     f"{c['spills']} | {c['errors']} |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--groups", default=",".join(GROUPS), help=f"comma-separated, of {GROUPS}")
+    ap.add_argument("--arch", default=",".join(map(str, DEFAULT_ARCHS)),
+                    help="comma-separated compute capabilities (of 75,80,86,89,90,100,120; default 90)")
     ap.add_argument("--profile", choices=sorted(PROFILES), default="quick",
-                    help="quick (the CI test's; default) or full (every config, dtype and edge shape)")
-    ap.add_argument("--dtypes", help="override: comma-separated, of bf16,fp32,tf32 (tf32 = fp32 with TF32 allowed)")
+                    help="quick (default), ci (the test suite's slice) or full (every config, dtype and edge shape)")
+    ap.add_argument("--dtypes", help=f"override: comma-separated, of {','.join(ALL_DTYPES)} "
+                                     "(tf32 = fp32 with TF32 allowed)")
     ap.add_argument("--coverage-mode", choices=("all", "ends", "first"),
                     help="override, every dtype: all autotune configs, the first and the largest, or the first")
-    ap.add_argument("--edge", action="store_true", help="also the MGA forward at MAX_L = 256 (slow)")
+    ap.add_argument("--edge", action="store_true", help="also the edge (non-SPEC) shapes")
     ap.add_argument("--jobs", type=int, default=1, help="compile processes")
     ap.add_argument("--json", help="write the results (and problems) here")
+    ap.add_argument("--md", help="write the arch × dtype matrix (markdown) here")
     ap.add_argument("--list", action="store_true", help="list the jobs and exit")
     ap.add_argument("--coverage", action="store_true", help="print kernels found / covered as JSON and exit")
     ap.add_argument("--progress", action="store_true", help="one line per finished compile on stderr")
@@ -699,15 +630,24 @@ def main(argv=None):
         raise SystemExit("aot_compile: triton was imported under TRITON_INTERPRET=1; run this in a fresh process")
     os.environ.pop("TRITON_INTERPRET", None)
     check_tools()
+    import triton
+
+    from rspeft_fast.kernels._launch import ARCH_PROPS
+
+    archs = [int(x) for x in a.arch.split(",") if x.strip()]
+    bad = [x for x in archs if x not in ARCH_PROPS]
+    if bad:
+        raise SystemExit(f"unknown arch {bad}; known: {sorted(ARCH_PROPS)}")
     if a.coverage:
-        jobs = all_jobs(GROUPS, "full", coverage="first", edge=False)
+        jobs = all_jobs(GROUPS, "full", coverage="first", edge=False, archs=archs[:1])
         found = kernels_found()
         covered = sorted({j.kernel for j in jobs})
         print(json.dumps(dict(found=found, covered=covered, missing=sorted(set(found) - set(covered)))))
         return 0
     groups = [g for g in a.groups.split(",") if g]
     dtypes = [d for d in a.dtypes.split(",") if d] if a.dtypes else None
-    jobs = all_jobs(groups, a.profile, dtypes=dtypes, coverage=a.coverage_mode, edge=True if a.edge else None)
+    jobs = all_jobs(groups, a.profile, dtypes=dtypes, coverage=a.coverage_mode, edge=True if a.edge else None,
+                    archs=archs)
     if a.list:
         for j in jobs:
             print(j.name, j.options)
@@ -716,8 +656,8 @@ def main(argv=None):
 
     def progress(r):
         status = f"ok regs={r['regs']} spill={r['spill_bytes']} shared={r['shared']}" if r["ok"] else "ERROR"
-        print(f"[{r['seconds']:6.1f}s wall {r['cpu_s']:5.1f}s cpu] {r['kernel']} [{r['case']}] {r['config']}: {status}",
-              file=sys.stderr, flush=True)
+        print(f"[{r['seconds']:6.1f}s wall {r['cpu_s']:5.1f}s cpu] sm_{r['arch']} {r['kernel']} [{r['case']}] "
+              f"{r['config']}: {status}", file=sys.stderr, flush=True)
 
     t0 = time.time()
     results = run_jobs(jobs, a.jobs, progress if a.progress else None)
@@ -727,16 +667,22 @@ def main(argv=None):
         print(table(results))
     n_ok = sum(r["ok"] for r in results)
     cpu = sum(r["cpu_s"] for r in results)
-    print(f"\n{n_ok}/{len(results)} compiled for sm_90 in {wall:.1f} s ({a.jobs} process(es), {cpu:.0f} CPU s); "
-          f"{len(fails)} failure(s), {len(warns)} warning(s)")
+    print(f"\nTriton {triton.__version__}: {n_ok}/{len(results)} compiled for sm_{',sm_'.join(map(str, archs))} in "
+          f"{wall:.1f} s ({a.jobs} process(es), {cpu:.0f} CPU s); {len(fails)} failure(s), {len(warns)} warning(s)")
+    print(matrix_md(results, triton.__version__, a.profile))
     for w in warns:
         print("WARNING", w)
     for f in fails:
         print("FAIL", f)
     if a.json:
         with open(a.json, "w") as f:
-            json.dump(dict(results=results, failures=fails, warnings=warns, wall_s=wall, cpu_s=cpu, groups=groups,
-                           profile=a.profile, dtypes=sorted({r["case"].split()[0] for r in results})), f, indent=1)
+            json.dump(dict(triton=triton.__version__, archs=archs, results=results, failures=fails, warnings=warns,
+                           wall_s=wall, cpu_s=cpu, groups=groups, profile=a.profile,
+                           dtypes=sorted({r["case"].split()[0] for r in results}),
+                           matrix={f"sm_{k[0]} {k[1]}": v for k, v in sorted(matrix(results).items())}), f, indent=1)
+    if a.md:
+        with open(a.md, "w") as f:
+            f.write(matrix_md(results, triton.__version__, a.profile))
     return 1 if fails else 0
 
 

@@ -53,6 +53,12 @@ Arch limits
     :func:`arch_unsupported` (the limits every kernel shares: Triton's / this package's oldest target, bf16
     before sm_80) for each kernel file's ``why_unsupported``.
 
+AOT
+    :class:`AotLaunch` (one launch of a kernel at a case: its arguments, with meta tensors for the tensors,
+    and the configs its plan allows on an arch) and :func:`aot_dtype` (the AOT matrix's dtype names). Each
+    kernel file's ``aot_launches(props, dtype, profile)`` returns its launches, built by the same argument
+    helpers and plan functions as its launchers; ``benchmarks/aot_compile.py`` compiles them.
+
 Names here are stable (other kernel files import them); add, do not rename.
 """
 from __future__ import annotations
@@ -67,7 +73,8 @@ import triton.language as tl
 __all__ = [
     "DeviceProps", "ARCH_PROPS", "INTERPRETER_PROPS", "MIN_ARCH", "INTERPRET", "SUPPORTED_DTYPES", "DTYPE_BYTES",
     "device_props", "props_for_arch", "smem_bytes", "prune_configs", "autotune_pruner", "precision",
-    "dot", "cast", "pad_pow2", "cdiv", "split_rows", "arch_unsupported", "dtype_bytes",
+    "dot", "cast", "pad_pow2", "cdiv", "split_rows", "arch_unsupported", "dtype_bytes", "AotLaunch", "aot_dtype",
+    "AOT_DTYPES",
 ]
 
 # Triton's interpreter is chosen when ``@triton.jit`` runs (import time of the kernel files): read it then too.
@@ -270,3 +277,38 @@ def arch_unsupported(dtype: torch.dtype, props: DeviceProps, bf16_min_arch: int 
     if dtype == torch.bfloat16 and props.arch < bf16_min_arch:
         return f"bfloat16 on sm_{props.arch} (needs sm_{bf16_min_arch}+ bf16 tensor cores)"
     return None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# AOT matrix records
+# ----------------------------------------------------------------------------------------------------------
+class AotLaunch(NamedTuple):
+    """One launch for ``benchmarks/aot_compile.py``: ``kernel`` ("module.name" under ``rspeft_fast.kernels``),
+    ``case`` (label, starting with the AOT dtype name), ``args`` (every non-config kernel parameter: tensors as
+    meta tensors of the launch's dtype/strides, ints, floats, constexprs), ``configs`` (the ``triton.Config`` s
+    the plan allows on the arch: one for a planned launch, the pruned list for an autotuned one),
+    ``autotuned``, ``edge`` (not a SPEC §2 shape)."""
+
+    kernel: str
+    case: str
+    args: dict
+    configs: tuple
+    autotuned: bool = False
+    edge: bool = False
+
+
+# AOT dtype name -> (torch compute dtype, PREC on a GPU)
+AOT_DTYPES = {
+    "fp32": (torch.float32, "ieee"),
+    "tf32": (torch.float32, "tf32"),
+    "bf16": (torch.bfloat16, "tf32"),
+    "fp16": (torch.float16, "tf32"),
+}
+
+
+def aot_dtype(name: str) -> tuple:
+    """``(torch dtype, PREC)`` of an AOT dtype name (``fp32``, ``tf32``, ``bf16``, ``fp16``)."""
+    try:
+        return AOT_DTYPES[name]
+    except KeyError:
+        raise ValueError(f"unknown AOT dtype {name!r}; known: {sorted(AOT_DTYPES)}") from None

@@ -38,24 +38,33 @@ Dtypes: ``x, wd, bd, wu`` in one compute dtype (float32 / float16 / bfloat16); `
 ``pre`` is saved in the compute dtype (what eager would keep: the output of ``F.linear``).
 Weight gradients (and ``dcol_scale``) are returned in float32.
 
-Autotuning is keyed on ``(D, R)`` only (never on the row count). Under ``TRITON_INTERPRET=1`` each
-kernel has a single config.
+Launch plans (``kernels/_launch.py`` holds the policy): each launch's candidate configs come from
+:func:`plan_fwd` / :func:`plan_bwd_rows` / :func:`plan_atb` ``(shapes..., dtype, props)``, the same
+functions ``benchmarks/aot_compile.py`` calls per arch (:func:`aot_launches`). Autotuning (keyed on
+``(D, R)`` and the constexpr flags, never on the row count) runs over the configs whose shared-memory
+estimate fits the device (``triton.autotune``'s ``early_config_prune`` calls the plan); when none of the
+main list fits (99 KB cards, fp32, wide bottlenecks) the plan falls back to a list of small tiles, and at
+least one config is always kept. Under ``TRITON_INTERPRET=1`` each kernel has a single config.
+Numerics: ``PREC`` from :func:`kernels._launch.precision` (``"ieee"`` / ``"tf32"`` / ``"emulate"``):
+under the interpreter 16-bit dots are widened and every float32 → bfloat16 conversion is rounded like
+the GPU's (``_launch.cast``), so CPU tests check 16-bit rounding.
 """
 from __future__ import annotations
 
-import os
+from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
 from ._common import gelu, gelu_grad
+from ._launch import (
+    INTERPRET, SUPPORTED_DTYPES, DeviceProps, arch_unsupported, cast, cdiv, device_props, dot, dtype_bytes,
+    pad_pow2, precision, prune_configs, smem_bytes, split_rows,
+)
 
-__all__ = ["bottleneck_fwd", "bottleneck_bwd", "SUPPORTED_DTYPES", "column_groups"]
-
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0").strip() == "1"
-
-SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+__all__ = ["bottleneck_fwd", "bottleneck_bwd", "SUPPORTED_DTYPES", "column_groups", "plan_fwd", "plan_bwd_rows",
+           "plan_atb", "why_unsupported", "aot_launches"]
 
 # Row granularity of the split-K weight-gradient reduction (a multiple of every BLOCK_M below).
 _SPLIT_ROWS = 128
@@ -63,7 +72,7 @@ _SPLIT_ROWS = 128
 
 def padded_width(r: int) -> int:
     """Power-of-two width holding ``r`` columns, at least 16 (tl.dot's minimum)."""
-    return max(16, triton.next_power_of_2(int(r)))
+    return pad_pow2(r, 16)
 
 
 def column_groups(r: int) -> tuple[int, int]:
@@ -82,11 +91,11 @@ def _cfg(num_warps: int, num_stages: int, **blocks) -> triton.Config:
     return triton.Config(blocks, num_warps=num_warps, num_stages=num_stages)
 
 
-# Small config sets for H100-class GPUs; autotuned once per (D, R).
-if _INTERPRET:
+if INTERPRET:
     _FWD_CONFIGS = [_cfg(4, 1, BLOCK_M=32, BLOCK_K=64, BLOCK_N=64)]
     _BWD_CONFIGS = [_cfg(4, 1, BLOCK_M=32, BLOCK_K=64, BLOCK_N=64)]
     _ATB_CONFIGS = [_cfg(4, 1, BLOCK_M=32, BLOCK_P=16, BLOCK_Q=64)]
+    _SMALL_ROW_CONFIGS = list(_FWD_CONFIGS)
 else:  # pragma: no cover - needs a GPU
     # Chosen from sm_90 AOT compiles (registers/spills by cuobjdump, bf16): with R = 168 (128 + 64 column
     # groups) only 8-warp BLOCK_M = 64 tiles with 32/64-wide d chunks stay spill-free; the BLOCK_M = 128
@@ -113,24 +122,115 @@ else:  # pragma: no cover - needs a GPU
         _cfg(8, 3, BLOCK_M=128, BLOCK_P=32, BLOCK_Q=128),
         _cfg(8, 3, BLOCK_M=128, BLOCK_P=128, BLOCK_Q=64),
     ]
+    # Fallback of the row kernels when no config above fits the device (99 KB cards in fp32, or a wide
+    # bottleneck such as d = 2048 → R = 448, held as 512 columns): short d chunks / output blocks, one stage.
+    _SMALL_ROW_CONFIGS = [
+        _cfg(4, 2, BLOCK_M=32, BLOCK_K=32, BLOCK_N=32),
+        _cfg(4, 1, BLOCK_M=32, BLOCK_K=16, BLOCK_N=16),
+        _cfg(4, 1, BLOCK_M=16, BLOCK_K=16, BLOCK_N=16),
+    ]
 
 
-# Triton's interpreter (3.8) computes tl.dot of bfloat16 operands wrongly (garbage); there the 16-bit
-# operands are widened to fp32 first, which is exact (products of 16-bit floats fit in fp32).
-_WIDEN_16BIT_DOTS = tl.constexpr(_INTERPRET)
+# ----------------------------------------------------------------------------------------------
+# plans: which configs a launch may use on a device (the launchers and benchmarks/aot_compile.py)
+# ----------------------------------------------------------------------------------------------
+def _row_smem(cfg, d: int, r: int, dtype, two_inputs: bool) -> int:
+    """Shared-memory estimate of the row kernels: the d loop stages an x (and dy) chunk and the down
+    weight chunk of every held column; the up/dx loop stages an output block of the weight and the
+    bottleneck as a dot operand; the epilogue converts one (BLOCK_M, BLOCK_N) fp32 tile."""
+    e = dtype_bytes(dtype)
+    kw = cfg.kwargs
+    bm, bk, bn = kw["BLOCK_M"], kw["BLOCK_K"], kw["BLOCK_N"]
+    ra, rb = column_groups(r)
+    rp = ra + rb
+    stages = max(1, cfg.num_stages - 1)  # the pipeliner keeps num_stages - 1 loads in flight
+    down = smem_bytes(stages, [bm * bk * e * (2 if two_inputs else 1), bk * rp * e])
+    up = smem_bytes(stages, [rp * bn * e], scratch=bm * rp * e)
+    return max(down, up) + bm * bn * 4
 
 
-@triton.jit
-def _dot(a, b, acc, IEEE: tl.constexpr):
-    """``acc + a @ b`` with fp32 accumulation; full-precision fp32 when IEEE (else TF32 for fp32 inputs)."""
-    if _WIDEN_16BIT_DOTS:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-    elif IEEE:
-        return tl.dot(a, b, acc, input_precision="ieee")
-    else:
-        return tl.dot(a, b, acc)
+def _pick(configs, small, estimate, props: DeviceProps) -> tuple:
+    """Configs of ``configs`` that fit; else of the fallback ``small`` list; never empty."""
+    fits = prune_configs(configs, estimate, props)
+    if estimate(fits[0]) <= props.smem_per_block or not small:
+        return tuple(fits)
+    return tuple(prune_configs(small, estimate, props))
 
 
+def plan_fwd(n: int, d: int, r: int, dtype: torch.dtype, props: DeviceProps, *, save_pre: bool = True,
+             has_base: bool = False) -> tuple:
+    """Candidate ``triton.Config`` s of the forward kernel for ``x (n, d)``, bottleneck ``r`` on ``props``."""
+    del n, save_pre, has_base  # the estimate does not depend on them (the epilogue tile is the same)
+    return _pick(_FWD_CONFIGS, _SMALL_ROW_CONFIGS, lambda c: _row_smem(c, d, r, dtype, False), props)
+
+
+def plan_bwd_rows(n: int, d: int, r: int, dtype: torch.dtype, props: DeviceProps, *, recompute: bool = False) -> tuple:
+    """Candidate configs of the backward row kernel (``recompute``: ``pre`` recomputed from ``x``)."""
+    del n, recompute
+    return _pick(_BWD_CONFIGS, _SMALL_ROW_CONFIGS, lambda c: _row_smem(c, d, r, dtype, True), props)
+
+
+class AtbPlan(NamedTuple):
+    configs: tuple
+    rows_per_split: int
+    splits: int
+
+
+def _atb_smem(cfg, a_dtype, b_dtype) -> int:
+    kw = cfg.kwargs
+    bm, bp, bq = kw["BLOCK_M"], kw["BLOCK_P"], kw["BLOCK_Q"]
+    ea, eb = dtype_bytes(a_dtype), dtype_bytes(b_dtype)
+    return smem_bytes(max(1, cfg.num_stages - 1), [bp * bm * ea, bm * bq * eb], scratch=bm * bq * ea + bp * bq * 4)
+
+
+def plan_atb(n: int, p: int, q: int, dtype: torch.dtype, props: DeviceProps, b_dtype: torch.dtype | None = None) -> AtbPlan:
+    """Configs and split of ``aᵀ b`` (``a (n, p)`` in ``dtype``, ``b (n, q)`` in ``b_dtype``, default ``dtype``):
+    about two waves of 64x64 tiles over the SMs, each split a multiple of ``_SPLIT_ROWS`` rows."""
+    b_dtype = dtype if b_dtype is None else b_dtype
+    rows, splits = split_rows(n, cdiv(p, 64) * cdiv(q, 64), props, _SPLIT_ROWS)
+    cfgs = prune_configs(_ATB_CONFIGS, lambda c: _atb_smem(c, dtype, b_dtype), props)
+    return AtbPlan(tuple(cfgs), rows, splits)
+
+
+def _launch_props(nargs: dict) -> DeviceProps:
+    for v in nargs.values():
+        if isinstance(v, torch.Tensor):
+            return device_props(v.device)
+    return device_props("cpu")
+
+
+def _prune_rows(kind):
+    """``early_config_prune`` of the autotuned row kernels: the plan's configs (its list, in its order)."""
+
+    def prune(configs, nargs, **kwargs):
+        a = {**nargs, **kwargs}
+        dtype = (a["x_ptr"] if kind == "fwd" else a["wd_ptr"]).dtype
+        props = _launch_props(a)
+        if kind == "fwd":
+            return list(plan_fwd(a["N"], a["D"], a["R"], dtype, props))
+        return list(plan_bwd_rows(a["N"], a["D"], a["R"], dtype, props))
+
+    return prune
+
+
+def _prune_atb(configs, nargs, **kwargs):
+    a = {**nargs, **kwargs}
+    props = _launch_props(a)
+    return list(prune_configs(_ATB_CONFIGS, lambda c: _atb_smem(c, a["a_ptr"].dtype, a["b_ptr"].dtype), props))
+
+
+def why_unsupported(*, dtype: torch.dtype, props: DeviceProps, **shapes) -> str | None:
+    """Why the MuFA/bottleneck kernels cannot run these inputs on ``props`` (None: they can).
+
+    The kernels take any ``n``, ``d`` and ``r`` (``shapes`` is accepted for a uniform signature) in
+    float32/float16/bfloat16 on sm_75+ (every config fits, checked by ``benchmarks/aot_compile.py``)."""
+    del shapes
+    return arch_unsupported(dtype, props, bf16_min_arch=0)
+
+
+# ----------------------------------------------------------------------------------------------
+# jit helpers
+# ----------------------------------------------------------------------------------------------
 @triton.jit
 def _load_kc(w_ptr, cols, cmask, kk, kmask, stride_c, stride_k):
     """Tile ``t[k, c] = w[c * stride_c + k * stride_k]`` of shape (len(kk), len(cols)), zero outside."""
@@ -146,16 +246,17 @@ def _load_cn(w_ptr, cols, cmask, nn, nmask, stride_c, stride_n):
 
 
 @triton.jit
-def _fwd_columns(acc, cols, cmask, rows, rmask, bd_ptr, cs_ptr, pre_ptr, stride_pm, SAVE_PRE: tl.constexpr, OUT_TY: tl.constexpr):
+def _fwd_columns(acc, cols, cmask, rows, rmask, bd_ptr, cs_ptr, pre_ptr, stride_pm, SAVE_PRE: tl.constexpr, OUT_TY: tl.constexpr,
+                 PREC: tl.constexpr):
     """One column group of the bottleneck: ``pre = acc + bd`` (saved if asked), returns ``GELU(pre) * cs``
     in OUT_TY. Padded columns give 0 (pre = 0 there, GELU(0) = 0, cs = 0)."""
     bd = tl.load(bd_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
     pre = acc + bd[None, :]
     if SAVE_PRE:
-        tl.store(pre_ptr + rows[:, None] * stride_pm + cols[None, :], pre.to(pre_ptr.dtype.element_ty),
+        tl.store(pre_ptr + rows[:, None] * stride_pm + cols[None, :], cast(pre, pre_ptr.dtype.element_ty, PREC),
                  mask=rmask[:, None] & cmask[None, :])
     cs = tl.load(cs_ptr + cols, mask=cmask, other=0.0)
-    return (gelu(pre) * cs[None, :]).to(OUT_TY)
+    return cast(gelu(pre) * cs[None, :], OUT_TY, PREC)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -165,7 +266,8 @@ def _fwd_columns(acc, cols, cmask, rows, rmask, bd_ptr, cs_ptr, pre_ptr, stride_
 # and B = [R_A, R_A + R_B) (R_B = 0: one group): R = 168 runs as 128 + 64 instead of a 256-wide pad,
 # 25 % fewer tensor-core FLOPs and registers.
 # ----------------------------------------------------------------------------------------------
-@triton.autotune(configs=_FWD_CONFIGS, key=["D", "R"])
+@triton.autotune(configs=_FWD_CONFIGS, key=["D", "R", "HAS_BASE", "SAVE_PRE", "PREC"],
+                 prune_configs_by={"early_config_prune": _prune_rows("fwd")})
 @triton.jit
 def _bottleneck_fwd_kernel(
     x_ptr, wd_ptr, bd_ptr, wu_ptr, bu_ptr, cs_ptr, base_ptr, y_ptr, pre_ptr,
@@ -173,7 +275,7 @@ def _bottleneck_fwd_kernel(
     stride_xm, stride_wd_r, stride_wd_k, stride_wu_n, stride_wu_r,
     stride_bm, stride_ym, stride_pm,
     scale,
-    HAS_BASE: tl.constexpr, SAVE_PRE: tl.constexpr, IEEE: tl.constexpr, R_A: tl.constexpr, R_B: tl.constexpr,
+    HAS_BASE: tl.constexpr, SAVE_PRE: tl.constexpr, PREC: tl.constexpr, R_A: tl.constexpr, R_B: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -193,47 +295,48 @@ def _bottleneck_fwd_kernel(
         kmask = kk < D
         xt = tl.load(x_ptr + rows[:, None] * stride_xm + kk[None, :],
                      mask=rmask[:, None] & kmask[None, :], other=0.0)
-        acc_a = _dot(xt, _load_kc(wd_ptr, ca, ma, kk, kmask, stride_wd_r, stride_wd_k), acc_a, IEEE)
+        acc_a = dot(xt, _load_kc(wd_ptr, ca, ma, kk, kmask, stride_wd_r, stride_wd_k), acc_a, PREC)
         if R_B > 0:
-            acc_b = _dot(xt, _load_kc(wd_ptr, cb, mb, kk, kmask, stride_wd_r, stride_wd_k), acc_b, IEEE)
-    hs_a = _fwd_columns(acc_a, ca, ma, rows, rmask, bd_ptr, cs_ptr, pre_ptr, stride_pm, SAVE_PRE, wu_ptr.dtype.element_ty)
+            acc_b = dot(xt, _load_kc(wd_ptr, cb, mb, kk, kmask, stride_wd_r, stride_wd_k), acc_b, PREC)
+    hs_a = _fwd_columns(acc_a, ca, ma, rows, rmask, bd_ptr, cs_ptr, pre_ptr, stride_pm, SAVE_PRE, wu_ptr.dtype.element_ty, PREC)
     if R_B > 0:
-        hs_b = _fwd_columns(acc_b, cb, mb, rows, rmask, bd_ptr, cs_ptr, pre_ptr, stride_pm, SAVE_PRE, wu_ptr.dtype.element_ty)
+        hs_b = _fwd_columns(acc_b, cb, mb, rows, rmask, bd_ptr, cs_ptr, pre_ptr, stride_pm, SAVE_PRE, wu_ptr.dtype.element_ty, PREC)
 
     # up projection, BLOCK_N output columns at a time, bias/scale/residual in the epilogue (one write of y)
     for n0 in range(0, D, BLOCK_N):
         nn = n0 + tl.arange(0, BLOCK_N)
         nmask = nn < D
         out = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        out = _dot(hs_a, _load_cn(wu_ptr, ca, ma, nn, nmask, stride_wu_r, stride_wu_n), out, IEEE)
+        out = dot(hs_a, _load_cn(wu_ptr, ca, ma, nn, nmask, stride_wu_r, stride_wu_n), out, PREC)
         if R_B > 0:
-            out = _dot(hs_b, _load_cn(wu_ptr, cb, mb, nn, nmask, stride_wu_r, stride_wu_n), out, IEEE)
+            out = dot(hs_b, _load_cn(wu_ptr, cb, mb, nn, nmask, stride_wu_r, stride_wu_n), out, PREC)
         bu = tl.load(bu_ptr + nn, mask=nmask, other=0.0).to(tl.float32)
         out = scale * (out + bu[None, :])
         omask = rmask[:, None] & nmask[None, :]
         if HAS_BASE:
             out += tl.load(base_ptr + rows[:, None] * stride_bm + nn[None, :], mask=omask, other=0.0).to(tl.float32)
-        tl.store(y_ptr + rows[:, None] * stride_ym + nn[None, :], out.to(y_ptr.dtype.element_ty), mask=omask)
+        tl.store(y_ptr + rows[:, None] * stride_ym + nn[None, :], cast(out, y_ptr.dtype.element_ty, PREC), mask=omask)
 
 
 # ----------------------------------------------------------------------------------------------
 # backward, 1: row kernel (dx, dpre, g)
 # ----------------------------------------------------------------------------------------------
 @triton.jit
-def _bwd_columns(pre, dhs, cols, cmask, rows, rmask, cs_ptr, g_ptr, dpre_ptr, stride_gm, stride_dpm):
+def _bwd_columns(pre, dhs, cols, cmask, rows, rmask, cs_ptr, g_ptr, dpre_ptr, stride_gm, stride_dpm, PREC: tl.constexpr):
     """One column group: stores ``g = GELU(pre)`` and ``dpre = dhs * cs * GELU'(pre)`` (compute dtype),
     returns dpre in the compute dtype (the operand of ``dx = dpre Wd``)."""
     valid = rmask[:, None] & cmask[None, :]
     cs = tl.load(cs_ptr + cols, mask=cmask, other=0.0)
     g = tl.where(valid, gelu(pre), 0.0)
     dpre = tl.where(valid, dhs * cs[None, :] * gelu_grad(pre), 0.0)
-    tl.store(g_ptr + rows[:, None] * stride_gm + cols[None, :], g.to(g_ptr.dtype.element_ty), mask=valid)
-    dpre_c = dpre.to(dpre_ptr.dtype.element_ty)
+    tl.store(g_ptr + rows[:, None] * stride_gm + cols[None, :], cast(g, g_ptr.dtype.element_ty, PREC), mask=valid)
+    dpre_c = cast(dpre, dpre_ptr.dtype.element_ty, PREC)
     tl.store(dpre_ptr + rows[:, None] * stride_dpm + cols[None, :], dpre_c, mask=valid)
     return dpre_c
 
 
-@triton.autotune(configs=_BWD_CONFIGS, key=["D", "R"])
+@triton.autotune(configs=_BWD_CONFIGS, key=["D", "R", "RECOMPUTE", "PREC"],
+                 prune_configs_by={"early_config_prune": _prune_rows("bwd")})
 @triton.jit
 def _bottleneck_bwd_rows_kernel(
     dy_ptr, x_ptr, pre_ptr, wd_ptr, bd_ptr, wu_ptr, cs_ptr, dx_ptr, dpre_ptr, g_ptr,
@@ -241,7 +344,7 @@ def _bottleneck_bwd_rows_kernel(
     stride_dym, stride_xm, stride_pm, stride_wd_r, stride_wd_k, stride_wu_n, stride_wu_r,
     stride_dxm, stride_dpm, stride_gm,
     scale,
-    RECOMPUTE: tl.constexpr, IEEE: tl.constexpr, R_A: tl.constexpr, R_B: tl.constexpr,
+    RECOMPUTE: tl.constexpr, PREC: tl.constexpr, R_A: tl.constexpr, R_B: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -263,9 +366,9 @@ def _bottleneck_bwd_rows_kernel(
             kmask = kk < D
             xt = tl.load(x_ptr + rows[:, None] * stride_xm + kk[None, :],
                          mask=rmask[:, None] & kmask[None, :], other=0.0)
-            pre_a = _dot(xt, _load_kc(wd_ptr, ca, ma, kk, kmask, stride_wd_r, stride_wd_k), pre_a, IEEE)
+            pre_a = dot(xt, _load_kc(wd_ptr, ca, ma, kk, kmask, stride_wd_r, stride_wd_k), pre_a, PREC)
             if R_B > 0:
-                pre_b = _dot(xt, _load_kc(wd_ptr, cb, mb, kk, kmask, stride_wd_r, stride_wd_k), pre_b, IEEE)
+                pre_b = dot(xt, _load_kc(wd_ptr, cb, mb, kk, kmask, stride_wd_r, stride_wd_k), pre_b, PREC)
         pre_a += tl.load(bd_ptr + ca, mask=ma, other=0.0).to(tl.float32)[None, :]
         if R_B > 0:
             pre_b += tl.load(bd_ptr + cb, mask=mb, other=0.0).to(tl.float32)[None, :]
@@ -284,37 +387,39 @@ def _bottleneck_bwd_rows_kernel(
         kk = k0 + tl.arange(0, BLOCK_K)
         kmask = kk < D
         dyt = tl.load(dy_ptr + rows[:, None] * stride_dym + kk[None, :],
-                      mask=rmask[:, None] & kmask[None, :], other=0.0).to(wu_ptr.dtype.element_ty)
-        dhs_a = _dot(dyt, _load_kc(wu_ptr, ca, ma, kk, kmask, stride_wu_r, stride_wu_n), dhs_a, IEEE)
+                      mask=rmask[:, None] & kmask[None, :], other=0.0)
+        dyt = cast(dyt, wu_ptr.dtype.element_ty, PREC)
+        dhs_a = dot(dyt, _load_kc(wu_ptr, ca, ma, kk, kmask, stride_wu_r, stride_wu_n), dhs_a, PREC)
         if R_B > 0:
-            dhs_b = _dot(dyt, _load_kc(wu_ptr, cb, mb, kk, kmask, stride_wu_r, stride_wu_n), dhs_b, IEEE)
+            dhs_b = dot(dyt, _load_kc(wu_ptr, cb, mb, kk, kmask, stride_wu_r, stride_wu_n), dhs_b, PREC)
 
-    dpre_a = _bwd_columns(pre_a, dhs_a * scale, ca, ma, rows, rmask, cs_ptr, g_ptr, dpre_ptr, stride_gm, stride_dpm)
+    dpre_a = _bwd_columns(pre_a, dhs_a * scale, ca, ma, rows, rmask, cs_ptr, g_ptr, dpre_ptr, stride_gm, stride_dpm, PREC)
     if R_B > 0:
-        dpre_b = _bwd_columns(pre_b, dhs_b * scale, cb, mb, rows, rmask, cs_ptr, g_ptr, dpre_ptr, stride_gm, stride_dpm)
+        dpre_b = _bwd_columns(pre_b, dhs_b * scale, cb, mb, rows, rmask, cs_ptr, g_ptr, dpre_ptr, stride_gm, stride_dpm, PREC)
 
     # dx = dpre @ Wd, BLOCK_N columns at a time
     for n0 in range(0, D, BLOCK_N):
         nn = n0 + tl.arange(0, BLOCK_N)
         nmask = nn < D
         dxt = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        dxt = _dot(dpre_a, _load_cn(wd_ptr, ca, ma, nn, nmask, stride_wd_r, stride_wd_k), dxt, IEEE)
+        dxt = dot(dpre_a, _load_cn(wd_ptr, ca, ma, nn, nmask, stride_wd_r, stride_wd_k), dxt, PREC)
         if R_B > 0:
-            dxt = _dot(dpre_b, _load_cn(wd_ptr, cb, mb, nn, nmask, stride_wd_r, stride_wd_k), dxt, IEEE)
-        tl.store(dx_ptr + rows[:, None] * stride_dxm + nn[None, :], dxt.to(dx_ptr.dtype.element_ty),
+            dxt = dot(dpre_b, _load_cn(wd_ptr, cb, mb, nn, nmask, stride_wd_r, stride_wd_k), dxt, PREC)
+        tl.store(dx_ptr + rows[:, None] * stride_dxm + nn[None, :], cast(dxt, dx_ptr.dtype.element_ty, PREC),
                  mask=rmask[:, None] & nmask[None, :])
 
 
 # ----------------------------------------------------------------------------------------------
 # backward, 2/3: split-K  C[s] = A[rows_s]ᵀ B[rows_s]  (+ column sums), fp32 partials
 # ----------------------------------------------------------------------------------------------
-@triton.autotune(configs=_ATB_CONFIGS, key=["P", "Q"])
+@triton.autotune(configs=_ATB_CONFIGS, key=["P", "Q", "SUM_A", "SUM_B", "PREC"],
+                 prune_configs_by={"early_config_prune": _prune_atb})
 @triton.jit
 def _atb_splitk_kernel(
     a_ptr, b_ptr, c_ptr, sa_ptr, sb_ptr,
     N, P, Q, rows_per_split,
     stride_am, stride_bm, stride_cs, stride_cp, stride_cq, stride_sas, stride_sbs,
-    SUM_A: tl.constexpr, SUM_B: tl.constexpr, IEEE: tl.constexpr,
+    SUM_A: tl.constexpr, SUM_B: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr,
 ):
     """``c[s, p, q] = Σ_{n in split s} a[n, p] b[n, q]`` (b cast to a's dtype for the dot), fp32;
@@ -342,7 +447,7 @@ def _atb_splitk_kernel(
             suma += tl.sum(at.to(tl.float32), 1)
         if SUM_B:
             sumb += tl.sum(bt.to(tl.float32), 0)
-        acc = _dot(at, bt.to(at.dtype), acc, IEEE)
+        acc = dot(at, cast(bt, at.dtype, PREC), acc, PREC)
     tl.store(c_ptr + pid_s * stride_cs + pp[:, None] * stride_cp + qq[None, :] * stride_cq, acc,
              mask=pmask[:, None] & qmask[None, :])
     if SUM_A:
@@ -356,12 +461,6 @@ def _atb_splitk_kernel(
 # ----------------------------------------------------------------------------------------------
 # launchers
 # ----------------------------------------------------------------------------------------------
-def _ieee(dtype: torch.dtype) -> bool:
-    """fp32 operands: full-precision dots unless the user allowed TF32 for fp32 matmuls (as eager does).
-    16-bit operands: tensor cores either way (the flag only matters for fp32)."""
-    return dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest"
-
-
 def _rows(t: torch.Tensor) -> torch.Tensor:
     """A 2-D tensor whose last dimension is unit-stride (no copy when it already is)."""
     return t if t.stride(-1) == 1 else t.contiguous()
@@ -395,6 +494,63 @@ def _check_args(x, wd, bd, wu, bu, col_scale, base):
     return n, d, r
 
 
+# Argument lists of the three kernels, built in one place for the launchers and for aot_launches (which
+# passes meta tensors: the same dtypes, strides and constexprs a real launch has).
+def _fwd_args(x, wd, bd, wu, bu, col_scale, base, y, pre, scale, prec):
+    n, d = x.shape
+    r = wd.shape[0]
+    ra, rb = column_groups(r)
+    return dict(
+        x_ptr=x, wd_ptr=wd, bd_ptr=bd, wu_ptr=wu, bu_ptr=bu, cs_ptr=col_scale,
+        base_ptr=base if base is not None else x, y_ptr=y, pre_ptr=pre if pre is not None else y,
+        N=n, D=d, R=r,
+        stride_xm=x.stride(0), stride_wd_r=wd.stride(0), stride_wd_k=wd.stride(1), stride_wu_n=wu.stride(0),
+        stride_wu_r=wu.stride(1), stride_bm=base.stride(0) if base is not None else 0, stride_ym=y.stride(0),
+        stride_pm=pre.stride(0) if pre is not None else 0,
+        scale=float(scale),
+        HAS_BASE=base is not None, SAVE_PRE=pre is not None, PREC=prec, R_A=ra, R_B=rb,
+    )
+
+
+def _bwd_rows_args(dy, x, pre, wd, bd, wu, col_scale, dx, dpre, g, scale, prec):
+    n, d = x.shape
+    r = wd.shape[0]
+    ra, rb = column_groups(r)
+    return dict(
+        dy_ptr=dy, x_ptr=x, pre_ptr=pre if pre is not None else dpre, wd_ptr=wd, bd_ptr=bd, wu_ptr=wu,
+        cs_ptr=col_scale, dx_ptr=dx, dpre_ptr=dpre, g_ptr=g,
+        N=n, D=d, R=r,
+        stride_dym=dy.stride(0), stride_xm=x.stride(0), stride_pm=pre.stride(0) if pre is not None else 0,
+        stride_wd_r=wd.stride(0), stride_wd_k=wd.stride(1), stride_wu_n=wu.stride(0), stride_wu_r=wu.stride(1),
+        stride_dxm=dx.stride(0), stride_dpm=dpre.stride(0), stride_gm=g.stride(0),
+        scale=float(scale),
+        RECOMPUTE=pre is None, PREC=prec, R_A=ra, R_B=rb,
+    )
+
+
+def _atb_buffers(a, b, out_layout_qp, sum_a, sum_b, plan):
+    n, p = a.shape
+    q = b.shape[1]
+    s = plan.splits
+    f32 = dict(device=a.device, dtype=torch.float32)
+    if out_layout_qp:
+        part = torch.empty((s, q, p), **f32)
+        stride_cp, stride_cq = part.stride(2), part.stride(1)
+    else:
+        part = torch.empty((s, p, q), **f32)
+        stride_cp, stride_cq = part.stride(1), part.stride(2)
+    sa = torch.empty((s, p), **f32) if sum_a else part
+    sb = torch.empty((s, q), **f32) if sum_b else part
+    args = dict(
+        a_ptr=a, b_ptr=b, c_ptr=part, sa_ptr=sa, sb_ptr=sb,
+        N=n, P=p, Q=q, rows_per_split=plan.rows_per_split,
+        stride_am=a.stride(0), stride_bm=b.stride(0), stride_cs=part.stride(0), stride_cp=stride_cp,
+        stride_cq=stride_cq, stride_sas=sa.stride(0) if sum_a else 0, stride_sbs=sb.stride(0) if sum_b else 0,
+        SUM_A=sum_a, SUM_B=sum_b, PREC=precision(a.dtype),
+    )
+    return part, sa, sb, args
+
+
 def bottleneck_fwd(x, wd, bd, wu, bu, col_scale, scale: float, base=None, save_pre: bool = True, out_dtype=None):
     """``y = scale * ((GELU(x Wdᵀ + bd) * col_scale) Wuᵀ + bu) (+ base)``; returns ``(y, pre)``.
 
@@ -410,66 +566,27 @@ def bottleneck_fwd(x, wd, bd, wu, bu, col_scale, scale: float, base=None, save_p
     pre = torch.empty((n, r), device=x.device, dtype=x.dtype) if save_pre else None
     if n == 0:
         return y, pre
-    bu = bu.contiguous()
-    bd = bd.contiguous()
-    col_scale = col_scale.contiguous()
-
-    ra, rb = column_groups(r)
 
     def grid(meta):
         return (triton.cdiv(n, meta["BLOCK_M"]),)
 
-    _bottleneck_fwd_kernel[grid](
-        x, wd, bd, wu, bu, col_scale, base if base is not None else x, y, pre if pre is not None else y,
-        n, d, r,
-        x.stride(0), wd.stride(0), wd.stride(1), wu.stride(0), wu.stride(1),
-        base.stride(0) if base is not None else 0, y.stride(0), pre.stride(0) if pre is not None else 0,
-        float(scale),
-        HAS_BASE=base is not None, SAVE_PRE=pre is not None, IEEE=_ieee(x.dtype), R_A=ra, R_B=rb,
-    )
+    _bottleneck_fwd_kernel[grid](**_fwd_args(x, wd, bd.contiguous(), wu, bu.contiguous(), col_scale.contiguous(),
+                                             base, y, pre, scale, precision(x.dtype)))
     return y, pre
-
-
-def _num_splits(n: int, p: int, q: int, device: torch.device) -> int:
-    """How many row slices the weight-gradient reduction uses: enough programs to fill the GPU
-    (about two waves of 64x64 tiles), never more than one slice per ``_SPLIT_ROWS`` rows."""
-    if device.type == "cuda":
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
-    else:
-        sms = 2  # interpreter: a couple of splits, enough to exercise the reduction
-    tiles = triton.cdiv(p, 64) * triton.cdiv(q, 64)
-    want = max(1, (2 * sms) // tiles)
-    return max(1, min(want, triton.cdiv(n, _SPLIT_ROWS)))
 
 
 def _atb(a, b, out_layout_qp: bool, sum_a: bool, sum_b: bool):
     """``aᵀ b`` in fp32, shape (P, Q) or, with ``out_layout_qp``, its transpose (Q, P) contiguous;
-    plus the column sums of a (P,) and b (Q,) when asked. Deterministic split-K."""
+    plus the column sums of a (P,) and b (Q,) when asked. Deterministic split-K (:func:`plan_atb`)."""
     n, p = a.shape
     q = b.shape[1]
-    s = _num_splits(n, p, q, a.device)
-    rows_per_split = triton.cdiv(triton.cdiv(n, s), _SPLIT_ROWS) * _SPLIT_ROWS
-    s = triton.cdiv(n, rows_per_split)
-    f32 = dict(device=a.device, dtype=torch.float32)
-    if out_layout_qp:
-        part = torch.empty((s, q, p), **f32)
-        stride_cp, stride_cq = part.stride(2), part.stride(1)
-    else:
-        part = torch.empty((s, p, q), **f32)
-        stride_cp, stride_cq = part.stride(1), part.stride(2)
-    sa = torch.empty((s, p), **f32) if sum_a else part
-    sb = torch.empty((s, q), **f32) if sum_b else part
+    plan = plan_atb(n, p, q, a.dtype, device_props(a.device), b.dtype)
+    part, sa, sb, args = _atb_buffers(a, b, out_layout_qp, sum_a, sum_b, plan)
 
     def grid(meta):
-        return (triton.cdiv(p, meta["BLOCK_P"]), triton.cdiv(q, meta["BLOCK_Q"]), s)
+        return (triton.cdiv(p, meta["BLOCK_P"]), triton.cdiv(q, meta["BLOCK_Q"]), plan.splits)
 
-    _atb_splitk_kernel[grid](
-        a, b, part, sa, sb,
-        n, p, q, rows_per_split,
-        a.stride(0), b.stride(0), part.stride(0), stride_cp, stride_cq,
-        sa.stride(0) if sum_a else 0, sb.stride(0) if sum_b else 0,
-        SUM_A=sum_a, SUM_B=sum_b, IEEE=_ieee(a.dtype),
-    )
+    _atb_splitk_kernel[grid](**args)
     c = part.sum(0)
     return c, (sa.sum(0) if sum_a else None), (sb.sum(0) if sum_b else None)
 
@@ -495,25 +612,14 @@ def bottleneck_bwd(dy, x, pre, wd, bd, wu, col_scale, scale: float):
     dy = _rows(dy)
     x = _rows(x)
     pre = _rows(pre) if pre is not None else None
-    bd = bd.contiguous()
-    col_scale = col_scale.contiguous()
     dpre = torch.empty((n, r), device=x.device, dtype=x.dtype)
     g = torch.empty((n, r), device=x.device, dtype=x.dtype)
-    ieee = _ieee(x.dtype)
-    ra, rb = column_groups(r)
 
     def grid(meta):
         return (triton.cdiv(n, meta["BLOCK_M"]),)
 
-    _bottleneck_bwd_rows_kernel[grid](
-        dy, x, pre if pre is not None else dpre, wd, bd, wu, col_scale, dx, dpre, g,
-        n, d, r,
-        dy.stride(0), x.stride(0), pre.stride(0) if pre is not None else 0,
-        wd.stride(0), wd.stride(1), wu.stride(0), wu.stride(1),
-        dx.stride(0), dpre.stride(0), g.stride(0),
-        float(scale),
-        RECOMPUTE=pre is None, IEEE=ieee, R_A=ra, R_B=rb,
-    )
+    _bottleneck_bwd_rows_kernel[grid](**_bwd_rows_args(dy, x, pre, wd, bd.contiguous(), wu, col_scale.contiguous(),
+                                                       dx, dpre, g, scale, precision(x.dtype)))
     dwd, dbd, _ = _atb(dpre, x, out_layout_qp=False, sum_a=True, sum_b=False)  # (R, d), (R,)
     gt, _, sdy = _atb(g, dy, out_layout_qp=True, sum_a=False, sum_b=True)  # G = dyᵀ g (d, R), Σ dy (d,)
     scale = float(scale)
@@ -521,3 +627,65 @@ def bottleneck_bwd(dy, x, pre, wd, bd, wu, col_scale, scale: float):
     dbu = sdy * scale
     dcs = (gt * wu.float()).sum(0) * scale
     return dx, dwd, dbd, dwu, dbu, dcs
+
+
+# ----------------------------------------------------------------------------------------------
+# AOT: the launches of each case on an arch, for benchmarks/aot_compile.py
+# ----------------------------------------------------------------------------------------------
+# (label, d, rates or r, rows, has_base, edge): SPEC §2 shapes; EQAM runs the same bottleneck kernels.
+AOT_CASES = [
+    ("MuFA ViT-B/16 D768 R168", 768, (8, 16, 32), 64 * 197, True, False),
+    ("MuFA Swin-T D96 R21", 96, (8, 16, 32), 64 * 3136, True, False),
+    ("EQAM s1 D128 R32", 128, 32, 64 * 56 * 56, False, False),
+    ("EQAM s4 D1024 R256", 1024, 256, 64 * 7 * 7, False, False),
+    # edges: MuFA on wider backbones (ViT-L d = 1024, ViT-H 1280, ViT-g/2048), rates 8/16/32
+    ("edge MuFA D1024 R224", 1024, (8, 16, 32), 32 * 257, True, True),
+    ("edge MuFA D2048 R448", 2048, (8, 16, 32), 8 * 577, True, True),
+]
+
+
+def _case_r(d, rates_or_r):
+    return sum(d // q for q in rates_or_r) if isinstance(rates_or_r, tuple) else int(rates_or_r)
+
+
+def aot_launches(props: DeviceProps, dtype: str, profile: str = "quick") -> list:
+    """Every launch of :func:`bottleneck_fwd` / :func:`bottleneck_bwd` at :data:`AOT_CASES` on ``props``, as
+    ``kernels._launch.AotLaunch`` records (meta-tensor arguments, the plan's configs). ``dtype``: ``"fp32"``,
+    ``"tf32"`` (fp32 with TF32 allowed), ``"bf16"`` or ``"fp16"``. ``profile="quick"``: SPEC cases, training
+    variants only outside bf16; ``"full"``: every variant and the edge cases."""
+    from ._launch import AotLaunch, aot_dtype
+
+    tdt, prec = aot_dtype(dtype)
+    quick = profile == "quick"
+    meta = lambda *shape, dt=tdt: torch.empty(shape, device="meta", dtype=dt)  # noqa: E731
+    out = []
+    for label, d, rr, n, has_base, edge in AOT_CASES:
+        if edge and quick:
+            continue
+        r = _case_r(d, rr)
+        case = f"{dtype} {label}"
+        x, wd, bd, wu = meta(n, d), meta(r, d), meta(r), meta(d, r)
+        bu, cs = meta(d, dt=torch.float32), meta(r, dt=torch.float32)  # autocast keeps the fp32 up bias
+        for save_pre, base in ((True, has_base), (False, False)):
+            if quick and not save_pre and dtype != "bf16":
+                continue
+            args = _fwd_args(x, wd, bd, wu, bu, cs, meta(n, d) if base else None, meta(n, d),
+                             meta(n, r) if save_pre else None, 0.5, prec)
+            out.append(AotLaunch("mufa._bottleneck_fwd_kernel", f"{case} {'train' if save_pre else 'infer'}", args,
+                                 plan_fwd(n, d, r, tdt, props, save_pre=save_pre, has_base=base), True, edge))
+        for recompute in (False, True):
+            if quick and recompute and dtype != "bf16":
+                continue
+            args = _bwd_rows_args(meta(n, d), x, None if recompute else meta(n, r), wd, bd, wu, cs, meta(n, d),
+                                  meta(n, r), meta(n, r), 0.5, prec)
+            out.append(AotLaunch("mufa._bottleneck_bwd_rows_kernel", f"{case} {'recompute' if recompute else 'saved pre'}",
+                                 args, plan_bwd_rows(n, d, r, tdt, props, recompute=recompute), True, edge))
+        # _atb(dpre, x): dWd (R, d) + Σ dpre;  _atb(g, dy, out_layout_qp): G (d, R) + Σ dy
+        for what, a, b, q_layout, sum_a, sum_b in (("dWd", meta(n, r), x, False, True, False),
+                                                  ("dWu", meta(n, r), meta(n, d), True, False, True)):
+            plan = plan_atb(n, r, d, tdt, props, b.dtype)
+            _, _, _, args = _atb_buffers(a, b, q_layout, sum_a, sum_b, plan)
+            args["PREC"] = prec
+            out.append(AotLaunch("mufa._atb_splitk_kernel", f"{case} {what} splits={plan.splits}", args,
+                                 plan.configs, True, edge))
+    return out

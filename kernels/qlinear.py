@@ -30,13 +30,17 @@ Written for triton >= 3.0 (GPU machines have 3.6, CI's interpreter 3.8).
 """
 from __future__ import annotations
 
-import os
+from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
 from ._common import gelu, gelu_grad
+from ._launch import (
+    SUPPORTED_DTYPES, DeviceProps, arch_unsupported, cast, cdiv, device_props, dot, dtype_bytes, pad_pow2, precision,
+    smem_bytes, split_rows,
+)
 
 SCALE_EPS = 1e-8
 
@@ -79,16 +83,6 @@ def _weight_tile(W, n2, k2, mask, s2, stride_wn, stride_wk, W_MODE: tl.constexpr
     return q * s2
 
 
-@triton.jit
-def _dot(a, b, acc, PRECISION: tl.constexpr):
-    """``acc + a @ b``; ``PRECISION="upcast"`` multiplies in float32 (the interpreter's bfloat16 dot is broken
-    in triton 3.8: it returns garbage; bfloat16 products are exact in float32, so this is the same maths)."""
-    if PRECISION == "upcast":
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-    else:
-        return tl.dot(a, b, acc, input_precision=PRECISION)
-
-
 # ----------------------------------------------------------------------------- kernels
 
 
@@ -109,7 +103,8 @@ def _row_scale_kernel(W, S, N, K, stride_wn, stride_wk, QMAX: tl.constexpr, BLOC
 
 
 @triton.jit
-def _weight_kernel(W, S, Q, N, K, stride_wn, stride_wk, stride_qn, W_MODE: tl.constexpr, QMAX: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _weight_kernel(W, S, Q, N, K, stride_wn, stride_wk, stride_qn, W_MODE: tl.constexpr, QMAX: tl.constexpr, PREC: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """``Q[n, k] = q * s`` in Q's dtype (for small weights only)."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -119,11 +114,12 @@ def _weight_kernel(W, S, Q, N, K, stride_wn, stride_wk, stride_qn, W_MODE: tl.co
     mask = nmask[:, None] & (offs_k[None, :] < K)
     s = tl.load(S + offs_n, mask=nmask, other=1.0)
     wq = _weight_tile(W, offs_n[:, None], offs_k[None, :], mask, s[:, None], stride_wn, stride_wk, W_MODE, QMAX)
-    tl.store(Q + offs_n[:, None] * stride_qn + offs_k[None, :], wq.to(Q.dtype.element_ty), mask=mask)
+    tl.store(Q + offs_n[:, None] * stride_qn + offs_k[None, :], cast(wq, Q.dtype.element_ty, PREC), mask=mask)
 
 
 @triton.jit
-def _quantize_rows_kernel(W, Q, S, N, K, stride_wn, stride_wk, stride_qn, QMAX: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _quantize_rows_kernel(W, Q, S, N, K, stride_wn, stride_wk, stride_qn, QMAX: tl.constexpr, PREC: tl.constexpr,
+                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """Scales and ``Wq = q * s`` of ``BLOCK_N`` whole rows in one program (two passes over each row)."""
     pid = tl.program_id(0)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -141,7 +137,7 @@ def _quantize_rows_kernel(W, Q, S, N, K, stride_wn, stride_wk, stride_qn, QMAX: 
         offs_k = k0 + tl.arange(0, BLOCK_K)
         m = nmask[:, None] & (offs_k[None, :] < K)
         wq = _weight_tile(W, offs_n[:, None], offs_k[None, :], m, s[:, None], stride_wn, stride_wk, 0, QMAX)
-        tl.store(Q + offs_n[:, None] * stride_qn + offs_k[None, :], wq.to(Q.dtype.element_ty), mask=m)
+        tl.store(Q + offs_n[:, None] * stride_qn + offs_k[None, :], cast(wq, Q.dtype.element_ty, PREC), mask=m)
 
 
 @triton.jit
@@ -150,7 +146,7 @@ def _fwd_kernel(
     M, N, K,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_ym,
     W_MODE: tl.constexpr, QMAX: tl.constexpr, HAS_BIAS: tl.constexpr, GELU: tl.constexpr, SAVE_PRE: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -174,16 +170,16 @@ def _fwd_kernel(
         x = tl.load(X + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk, mask=mmask[:, None] & kmask[None, :], other=0.0)
         # Wqᵀ tile (BLOCK_K, BLOCK_N)
         wt = _weight_tile(W, offs_n[None, :], offs_k[:, None], kmask[:, None] & nmask[None, :], s[None, :], stride_wn, stride_wk, W_MODE, QMAX)
-        acc = _dot(x, wt.to(x.dtype), acc, PRECISION)
+        acc = dot(x, cast(wt, x.dtype, PREC), acc, PREC)
     if HAS_BIAS:
         acc += tl.load(B + offs_n, mask=nmask, other=0.0).to(tl.float32)[None, :]
     omask = mmask[:, None] & nmask[None, :]
     optr = offs_m[:, None] * stride_ym + offs_n[None, :]
     if SAVE_PRE:
-        tl.store(PRE + optr, acc.to(PRE.dtype.element_ty), mask=omask)
+        tl.store(PRE + optr, cast(acc, PRE.dtype.element_ty, PREC), mask=omask)
     if GELU:
         acc = gelu(acc)
-    tl.store(Y + optr, acc.to(Y.dtype.element_ty), mask=omask)
+    tl.store(Y + optr, cast(acc, Y.dtype.element_ty, PREC), mask=omask)
 
 
 @triton.jit
@@ -191,7 +187,7 @@ def _bwd_dx_kernel(
     DY, PRE, W, S, DX, DPRE,
     M, N, K,
     stride_dym, stride_wn, stride_wk, stride_dxm,
-    QMAX: tl.constexpr, GELU: tl.constexpr, WRITE_DPRE: tl.constexpr, PRECISION: tl.constexpr,
+    QMAX: tl.constexpr, GELU: tl.constexpr, WRITE_DPRE: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """``DX (M, K) = dPre (M, N) @ Wq (N, K)``, looping over N; ``dPre = DY * GELU'(PRE)`` if GELU."""
@@ -210,13 +206,13 @@ def _bwd_dx_kernel(
         g = tl.load(DY + gptr, mask=gmask, other=0.0)
         if GELU:
             pre = tl.load(PRE + gptr, mask=gmask, other=0.0).to(tl.float32)
-            g = (g.to(tl.float32) * gelu_grad(pre)).to(DY.dtype.element_ty)
+            g = cast(g.to(tl.float32) * gelu_grad(pre), DY.dtype.element_ty, PREC)
             if WRITE_DPRE:
                 tl.store(DPRE + gptr, g, mask=gmask & (pid_k == 0))
         s = tl.load(S + offs_n, mask=nmask, other=1.0)
         w = _weight_tile(W, offs_n[:, None], offs_k[None, :], nmask[:, None] & kmask[None, :], s[:, None], stride_wn, stride_wk, 0, QMAX)
-        acc = _dot(g, w.to(g.dtype), acc, PRECISION)
-    tl.store(DX + offs_m[:, None] * stride_dxm + offs_k[None, :], acc.to(DX.dtype.element_ty), mask=mmask[:, None] & kmask[None, :])
+        acc = dot(g, cast(w, g.dtype, PREC), acc, PREC)
+    tl.store(DX + offs_m[:, None] * stride_dxm + offs_k[None, :], cast(acc, DX.dtype.element_ty, PREC), mask=mmask[:, None] & kmask[None, :])
 
 
 @triton.jit
@@ -224,7 +220,7 @@ def _bwd_dw_kernel(
     G, X, DW, DB,
     M, N, K, ROWS_PER_SPLIT,
     stride_gm, stride_xm, stride_xk, stride_dws, stride_dwn, stride_dbs,
-    HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_BIAS: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """``DW[split] (N, K) = Gᵀ X`` and ``DB[split] (N,) = Σ G`` over this split's rows (float32)."""
@@ -244,12 +240,151 @@ def _bwd_dw_kernel(
         mmask = offs_m < row_end
         gt = tl.load(G + offs_m[None, :] * stride_gm + offs_n[:, None], mask=nmask[:, None] & mmask[None, :], other=0.0)
         x = tl.load(X + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk, mask=mmask[:, None] & kmask[None, :], other=0.0)
-        acc = _dot(gt, x.to(gt.dtype), acc, PRECISION)
+        acc = dot(gt, cast(x, gt.dtype, PREC), acc, PREC)
         if HAS_BIAS:
             bacc += tl.sum(gt.to(tl.float32), axis=1)
     tl.store(DW + pid_s * stride_dws + offs_n[:, None] * stride_dwn + offs_k[None, :], acc, mask=nmask[:, None] & kmask[None, :])
     if HAS_BIAS:
         tl.store(DB + pid_s * stride_dbs + offs_n, bacc, mask=nmask & (pid_k == 0))
+
+
+# ----------------------------------------------------------------------------- plans
+
+# Preferred tiles; a plan shrinks them (stages first, then the K chunk, then N, then M) until the
+# shared-memory estimate fits the device: the same choice on sm_90 as the fixed tiles these kernels had
+# (sm_90 AOT-checked), smaller ones on 99 KB cards (sm_86 / sm_89 / sm_120) and in fp32.
+
+
+class TilePlan(NamedTuple):
+    """One launch's tiles: ``BLOCK_M/N/K``, ``num_warps``, ``num_stages`` (and the estimate it was chosen by)."""
+
+    BLOCK_M: int
+    BLOCK_N: int
+    BLOCK_K: int
+    num_warps: int
+    num_stages: int
+    smem: int
+
+    def blocks(self) -> dict:
+        """The block constexprs (``BLOCK_M`` is 0 for the row kernels, which take only ``BLOCK_N/K``)."""
+        b = dict(BLOCK_M=self.BLOCK_M, BLOCK_N=self.BLOCK_N, BLOCK_K=self.BLOCK_K)
+        return b if self.BLOCK_M else {k: v for k, v in b.items() if k != "BLOCK_M"}
+
+    def config(self) -> triton.Config:
+        return triton.Config(self.blocks(), num_warps=self.num_warps, num_stages=self.num_stages)
+
+    def launch_kwargs(self) -> dict:
+        return dict(self.blocks(), num_warps=self.num_warps, num_stages=self.num_stages)
+
+
+def _warps(a: int, b: int) -> int:
+    return 8 if a * b >= 128 * 128 else 4
+
+
+def _shrink(bm, bn, bk, stages, estimate, props, warps_of, min_stages=2):
+    """The first of ``(bm, bn, bk, stages)`` shrunk step by step (stages → ``min_stages``, then halving bk,
+    bn, bm down to 16) whose ``estimate(bm, bn, bk, stages)`` fits ``props``; the smallest if none does."""
+    while True:
+        est = estimate(bm, bn, bk, stages)
+        if est <= props.smem_per_block:
+            break
+        if stages > min_stages:
+            stages -= 1
+        elif bk > 32:
+            bk //= 2
+        elif bn > 32:
+            bn //= 2
+        elif bm > 32:
+            bm //= 2
+        elif bk > 16:
+            bk //= 2
+        elif bn > 16:
+            bn //= 2
+        elif bm > 16:
+            bm //= 2
+        elif stages > 1:
+            stages -= 1
+        else:
+            break
+    return TilePlan(bm, bn, bk, warps_of(bm, bn, bk), stages, est)
+
+
+def _wbytes(mode: int, wdtype) -> int:
+    return 1 if mode in (INT8, INT4) else dtype_bytes(wdtype)
+
+
+def plan_fwd(m: int, n: int, k: int, dtype: torch.dtype, props: DeviceProps, *, mode: int = FLOAT,
+             w_dtype: torch.dtype = torch.float32) -> TilePlan:
+    """Tiles of ``_fwd_kernel`` for ``x (m, k)`` in ``dtype`` times a ``(n, k)`` weight (float ``w_dtype``, or
+    int8 / int4 codes with ``mode``). Estimate: ``stages - 1`` pipelined (x, W) chunks, the weight chunk
+    converted to ``dtype`` as a dot operand, one fp32 (BLOCK_M, BLOCK_N) epilogue tile."""
+    e, we = dtype_bytes(dtype), _wbytes(mode, w_dtype)
+
+    def est(bm, bn, bk, s):
+        return smem_bytes(max(1, s - 1), [bm * bk * e, bk * bn * we], scratch=bk * bn * e + bm * bn * 4)
+
+    bm = 128 if m >= 128 else pad_pow2(m, 16, 128)
+    return _shrink(bm, pad_pow2(n, 16, 128), pad_pow2(k, 16, 64), 3, est, props, lambda bm, bn, bk: _warps(bm, bn))
+
+
+def plan_bwd_dx(m: int, n: int, k: int, dtype: torch.dtype, props: DeviceProps, *, gelu: bool = False,
+                w_dtype: torch.dtype = torch.float32) -> TilePlan:
+    """Tiles of ``_bwd_dx_kernel``: ``dX (m, k) = dPre (m, n) @ Wq (n, k)``, ``dy`` in ``dtype``. Estimate:
+    pipelined (dy, pre if GELU, W) chunks, W converted as a dot operand, one fp32 (BLOCK_M, BLOCK_K) tile."""
+    e, we = dtype_bytes(dtype), dtype_bytes(w_dtype)
+
+    def est(bm, bn, bk, s):
+        return smem_bytes(max(1, s - 1), [bm * bn * e * (2 if gelu else 1), bn * bk * we],
+                          scratch=bn * bk * e + bm * bk * 4)
+
+    bm = 128 if m >= 128 else pad_pow2(m, 16, 128)
+    # the K axis (output columns) is this kernel's "N": shrink it before the reduction chunk
+    p = _shrink(bm, pad_pow2(k, 16, 128), pad_pow2(n, 16, 64), 3,
+                lambda bm, bk_, bn_, s: est(bm, bn_, bk_, s), props, lambda bm, bk_, bn_: _warps(bm, bk_))
+    return TilePlan(p.BLOCK_M, p.BLOCK_K, p.BLOCK_N, p.num_warps, p.num_stages, p.smem)
+
+
+class DwPlan(NamedTuple):
+    tiles: TilePlan
+    rows_per_split: int
+    splits: int
+
+
+def plan_bwd_dw(m: int, n: int, k: int, dtype: torch.dtype, props: DeviceProps, *, split: int | None = None) -> DwPlan:
+    """Tiles and row split of ``_bwd_dw_kernel``: ``dW (n, k) = dPreᵀ X`` over ``m`` rows (``dPre``/``X`` in
+    ``dtype``); about two waves of output tiles over the SMs, each split at least ``4 * BLOCK_M`` rows.
+    ``split`` overrides the number of splits (clamped)."""
+    e = dtype_bytes(dtype)
+
+    def est(bm, bn, bk, s):
+        return smem_bytes(max(1, s - 1), [bn * bm * e, bm * bk * e], scratch=bn * bk * 4)
+
+    p = _shrink(64, pad_pow2(n, 16, 128), pad_pow2(k, 16, 128), 3, lambda bm, bn, bk, s: est(bm, bn, bk, s), props,
+                lambda bm, bn, bk: _warps(bn, bk))
+    tiles = cdiv(n, p.BLOCK_N) * cdiv(k, p.BLOCK_K)
+    if split is None:
+        rows, s = split_rows(m, tiles, props, 4 * p.BLOCK_M)
+    else:
+        s = max(1, min(int(split), cdiv(m, p.BLOCK_M)))
+        rows = cdiv(cdiv(m, s), p.BLOCK_M) * p.BLOCK_M
+        s = cdiv(m, rows)
+    return DwPlan(p, rows, s)
+
+
+def plan_rows(n: int, k: int, props: DeviceProps, *, rows_hi: int = 16, k_hi: int = 256, rows_lo: int = 1) -> TilePlan:
+    """Tiles of the element-wise weight kernels (scales, quantise, dequantise): ``BLOCK_N`` rows ×
+    ``BLOCK_K`` columns in registers (no pipelined loads: a few KB of reduction scratch at most)."""
+    bn, bk = pad_pow2(n, rows_lo, rows_hi), pad_pow2(k, 16, k_hi)
+    return TilePlan(0, bn, bk, 4, 3, bn * 4)  # Triton's default warps/stages (what these launches always used)
+
+
+def why_unsupported(*, dtype: torch.dtype, props: DeviceProps, **shapes) -> str | None:
+    """Why the Q-Linear kernels cannot run these inputs on ``props`` (None: they can): any ``m, n, k``, any
+    bit width 2..8, float32/float16/bfloat16 activations on sm_75+ (``benchmarks/aot_compile.py``)."""
+    bits = shapes.get("bits")
+    if bits is not None and (isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 8):
+        return f"bits={bits!r} (Q-Linear takes 2..8)"
+    return arch_unsupported(dtype, props, bf16_min_arch=0)
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -262,23 +397,61 @@ def qmax_of(bits: int) -> int:
 
 
 def _pow2(n: int, lo: int, hi: int) -> int:
-    return max(lo, min(hi, triton.next_power_of_2(max(int(n), 1))))
-
-
-def _precision(dtype: torch.dtype) -> str:
-    """float32 activations get full IEEE float32 dots unless the user allowed TF32 for float32 matmuls
-    (``torch.set_float32_matmul_precision``), as eager ``F.linear`` does (same policy as ``kernels/mufa.py``);
-    bfloat16 under the interpreter is multiplied in float32 (see ``_dot``)."""
-    if dtype == torch.float32:
-        return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
-    if dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET", "0") == "1":
-        return "upcast"
-    return "tf32"
+    return pad_pow2(n, lo, hi)
 
 
 def _check_2d(name: str, t: torch.Tensor) -> None:
     if t.dim() != 2:
         raise ValueError(f"{name} must be 2-D, got shape {tuple(t.shape)}")
+
+
+# Argument lists, built in one place for the launchers and for aot_launches (meta tensors there).
+def _row_scale_args(weight, s, qmax, plan):
+    n, k = weight.shape
+    return dict(W=weight, S=s, N=n, K=k, stride_wn=weight.stride(0), stride_wk=weight.stride(1), QMAX=qmax,
+                **plan.launch_kwargs())
+
+
+def _weight_args(weight, scale, out, n, k, mode, qmax, plan, prec):
+    return dict(W=weight, S=scale, Q=out, N=n, K=k, stride_wn=weight.stride(0), stride_wk=weight.stride(1),
+                stride_qn=out.stride(0), W_MODE=mode, QMAX=qmax, PREC=prec, **plan.launch_kwargs())
+
+
+def _quantize_args(weight, out, s, qmax, plan, prec):
+    n, k = weight.shape
+    return dict(W=weight, Q=out, S=s, N=n, K=k, stride_wn=weight.stride(0), stride_wk=weight.stride(1),
+                stride_qn=out.stride(0), QMAX=qmax, PREC=prec, **plan.launch_kwargs())
+
+
+def _fwd_args(x, weight, scale, bias, y, pre, mode, qmax, gelu, plan, prec):
+    m, k = x.shape
+    n = weight.shape[0]
+    return dict(
+        X=x, W=weight, S=scale, B=bias if bias is not None else scale, Y=y, PRE=pre if pre is not None else y,
+        M=m, N=n, K=k,
+        stride_xm=x.stride(0), stride_xk=x.stride(1), stride_wn=weight.stride(0), stride_wk=weight.stride(1),
+        stride_ym=y.stride(0),
+        W_MODE=mode, QMAX=qmax, HAS_BIAS=bias is not None, GELU=bool(gelu), SAVE_PRE=pre is not None, PREC=prec,
+        GROUP_M=8, **plan.launch_kwargs(),
+    )
+
+
+def _dx_args(dy, pre, weight, scale, dx_t, dpre, m, n, kk, qmax, gelu, plan, prec):
+    return dict(
+        DY=dy, PRE=pre if gelu else dy, W=weight, S=scale, DX=dx_t, DPRE=dpre if dpre is not None else dy,
+        M=m, N=n, K=kk,
+        stride_dym=dy.stride(0), stride_wn=weight.stride(0), stride_wk=weight.stride(1), stride_dxm=dx_t.stride(0),
+        QMAX=qmax, GELU=bool(gelu), WRITE_DPRE=dpre is not None, PREC=prec, **plan.launch_kwargs(),
+    )
+
+
+def _dw_args(g, x, dwp, dbp, m, n, k, needs_db, plan, prec):
+    return dict(
+        G=g, X=x, DW=dwp, DB=dbp, M=m, N=n, K=k, ROWS_PER_SPLIT=plan.rows_per_split,
+        stride_gm=g.stride(0), stride_xm=x.stride(0), stride_xk=x.stride(1), stride_dws=dwp.stride(0),
+        stride_dwn=dwp.stride(1), stride_dbs=dbp.stride(0),
+        HAS_BIAS=needs_db, PREC=prec, **plan.tiles.launch_kwargs(),
+    )
 
 
 def row_scales(weight: torch.Tensor, bits: int) -> torch.Tensor:
@@ -289,9 +462,8 @@ def row_scales(weight: torch.Tensor, bits: int) -> torch.Tensor:
     s = torch.empty(n, device=weight.device, dtype=torch.float32)
     if n == 0:
         return s
-    bn = _pow2(n, 1, 16)
-    bk = _pow2(k, 16, 256)
-    _row_scale_kernel[(triton.cdiv(n, bn),)](weight, s, n, k, weight.stride(0), weight.stride(1), QMAX=qmax, BLOCK_N=bn, BLOCK_K=bk)
+    plan = plan_rows(n, k, device_props(weight.device))
+    _row_scale_kernel[(triton.cdiv(n, plan.BLOCK_N),)](**_row_scale_args(weight, s, qmax, plan))
     return s
 
 
@@ -307,11 +479,9 @@ def weight_values(weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype,
     out = torch.empty(n, k, device=weight.device, dtype=dtype)
     if out.numel() == 0:
         return out
-    bn, bk = _pow2(n, 16, 64), _pow2(k, 16, 128)
-    _weight_kernel[(triton.cdiv(n, bn), triton.cdiv(k, bk))](
-        weight, scale, out, n, k, weight.stride(0), weight.stride(1), out.stride(0),
-        W_MODE=mode, QMAX=qmax, BLOCK_N=bn, BLOCK_K=bk,
-    )
+    plan = plan_rows(n, k, device_props(weight.device), rows_hi=64, k_hi=128, rows_lo=16)
+    _weight_kernel[(triton.cdiv(n, plan.BLOCK_N), triton.cdiv(k, plan.BLOCK_K))](
+        **_weight_args(weight, scale, out, n, k, mode, qmax, plan, precision(dtype)))
     return out
 
 
@@ -324,19 +494,16 @@ def fake_quant(weight: torch.Tensor, bits: int, dtype: torch.dtype) -> tuple[tor
     s = torch.empty(n, device=weight.device, dtype=torch.float32)
     if n == 0:
         return out, s
-    bn, bk = _pow2(n, 1, 16), _pow2(k, 16, 256)
-    _quantize_rows_kernel[(triton.cdiv(n, bn),)](
-        weight, out, s, n, k, weight.stride(0), weight.stride(1), out.stride(0), QMAX=qmax, BLOCK_N=bn, BLOCK_K=bk,
-    )
+    plan = plan_rows(n, k, device_props(weight.device))
+    _quantize_rows_kernel[(triton.cdiv(n, plan.BLOCK_N),)](**_quantize_args(weight, out, s, qmax, plan, precision(dtype)))
     return out, s
 
 
-def _fwd_blocks(m: int, n: int, k: int) -> tuple[int, int, int, int]:
-    bm = 128 if m >= 128 else _pow2(m, 16, 128)
-    bn = _pow2(n, 16, 128)
-    bk = _pow2(k, 16, 64)
-    num_warps = 8 if bm * bn >= 128 * 128 else 4
-    return bm, bn, bk, num_warps
+def _fwd_blocks(m: int, n: int, k: int, dtype: torch.dtype = torch.bfloat16, props: DeviceProps | None = None,
+                mode: int = FLOAT) -> tuple[int, int, int, int]:
+    """``(BLOCK_M, BLOCK_N, BLOCK_K, num_warps)`` of :func:`plan_fwd` (kept for callers of the old helper)."""
+    p = plan_fwd(m, n, k, dtype, props or device_props("cpu"), mode=mode)
+    return p.BLOCK_M, p.BLOCK_N, p.BLOCK_K, p.num_warps
 
 
 def qlinear_fwd(
@@ -370,6 +537,8 @@ def qlinear_fwd(
             raise ValueError(f"int4 weight of shape {tuple(weight.shape)} does not hold in_features={in_features}")
     if kw != k:
         raise ValueError(f"x has {k} features but the weight expects {kw}")
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"qlinear: the Triton kernels support float32/float16/bfloat16 inputs, got x.dtype={x.dtype}")
     qmax = qmax_of(bits) if mode == FLOAT else 127
     y = torch.empty(m, n, device=x.device, dtype=x.dtype)
     pre = torch.empty(m, n, device=x.device, dtype=x.dtype) if save_pre else None
@@ -384,25 +553,10 @@ def qlinear_fwd(
         if gelu:
             y = torch.nn.functional.gelu(y)
         return y, pre
-    bm, bn, bk, nw = _fwd_blocks(m, n, k)
-    grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
-    _fwd_kernel[grid](
-        x, weight, scale, bias if bias is not None else scale, y, pre if save_pre else y,
-        m, n, k,
-        x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), y.stride(0),
-        W_MODE=mode, QMAX=qmax, HAS_BIAS=bias is not None, GELU=bool(gelu), SAVE_PRE=bool(save_pre),
-        PRECISION=_precision(x.dtype),
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=nw, num_stages=3,
-    )
+    plan = plan_fwd(m, n, k, x.dtype, device_props(x.device), mode=mode, w_dtype=weight.dtype)
+    grid = (triton.cdiv(m, plan.BLOCK_M) * triton.cdiv(n, plan.BLOCK_N),)
+    _fwd_kernel[grid](**_fwd_args(x, weight, scale, bias, y, pre, mode, qmax, gelu, plan, precision(x.dtype)))
     return y, pre
-
-
-def _dw_split(m: int, tiles: int, bm: int, device: torch.device) -> int:
-    if device.type != "cuda":
-        return 1
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    want = triton.cdiv(2 * sms, tiles)
-    return max(1, min(want, triton.cdiv(m, 4 * bm)))
 
 
 def qlinear_bwd(
@@ -440,6 +594,7 @@ def qlinear_bwd(
     needs_db = has_bias
     if m == 0 or n == 0 or k == 0:
         return _bwd_degenerate(dy, x, weight, pre, gelu, needs_db, needs_dx, needs_dw)
+    props = device_props(dy.device)
     dx = dw = db = None
     g = dy
     write_dpre = gelu and (needs_dw or needs_db)
@@ -447,47 +602,24 @@ def qlinear_bwd(
         # when only dPre is needed (no dx), one column block of programs runs and writes it
         dpre = torch.empty_like(dy) if write_dpre else None
         dx_t = torch.empty(m, k if needs_dx else 1, device=dy.device, dtype=dy.dtype)
-        bm = 128 if m >= 128 else _pow2(m, 16, 128)
-        bk = _pow2(k, 16, 128)
-        bn = _pow2(n, 16, 64)
-        grid = (triton.cdiv(m, bm), triton.cdiv(k, bk) if needs_dx else 1)
-        _bwd_dx_kernel[grid](
-            dy, pre if gelu else dy, weight, scale, dx_t, dpre if write_dpre else dy,
-            m, n, k if needs_dx else 1,
-            dy.stride(0), weight.stride(0), weight.stride(1), dx_t.stride(0),
-            QMAX=qmax, GELU=bool(gelu), WRITE_DPRE=write_dpre, PRECISION=_precision(dy.dtype),
-            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=8 if bm * bk >= 128 * 128 else 4,
-            # fp32 tiles: 3 stages need 262656 B of shared memory at 1024->256 with GELU (> sm_90's 232448 B,
-            # OutOfResources at launch; benchmarks/aot_compile.py); 2 stages need 164096 B
-            num_stages=2 if dy.dtype == torch.float32 else 3,
-        )
+        plan = plan_bwd_dx(m, n, k, dy.dtype, props, gelu=gelu, w_dtype=weight.dtype)
+        grid = (triton.cdiv(m, plan.BLOCK_M), triton.cdiv(k, plan.BLOCK_K) if needs_dx else 1)
+        _bwd_dx_kernel[grid](**_dx_args(dy, pre, weight, scale, dx_t, dpre, m, n, k if needs_dx else 1, qmax, gelu,
+                                        plan, precision(dy.dtype)))
         if needs_dx:
             dx = dx_t
         if write_dpre:
             g = dpre
     if needs_dw or needs_db:
-        bn = _pow2(n, 16, 128)
-        bk = _pow2(k, 16, 128)
-        bm = 64
-        tiles = triton.cdiv(n, bn) * triton.cdiv(k, bk)
-        nsplit = split if split is not None else _dw_split(m, tiles, bm, dy.device)
-        nsplit = max(1, min(int(nsplit), triton.cdiv(m, bm)))
-        rows = triton.cdiv(triton.cdiv(m, nsplit), bm) * bm
-        nsplit = triton.cdiv(m, rows)
-        dwp = torch.empty(nsplit, n, k, device=dy.device, dtype=torch.float32)
-        dbp = torch.empty(nsplit, n, device=dy.device, dtype=torch.float32)
-        grid = (triton.cdiv(n, bn), triton.cdiv(k, bk), nsplit)
-        _bwd_dw_kernel[grid](
-            g, x, dwp, dbp,
-            m, n, k, rows,
-            g.stride(0), x.stride(0), x.stride(1), dwp.stride(0), dwp.stride(1), dbp.stride(0),
-            HAS_BIAS=needs_db, PRECISION=_precision(g.dtype),
-            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=8 if bn * bk >= 128 * 128 else 4, num_stages=3,
-        )
+        plan = plan_bwd_dw(m, n, k, g.dtype, props, split=split)
+        dwp = torch.empty(plan.splits, n, k, device=dy.device, dtype=torch.float32)
+        dbp = torch.empty(plan.splits, n, device=dy.device, dtype=torch.float32)
+        grid = (triton.cdiv(n, plan.tiles.BLOCK_N), triton.cdiv(k, plan.tiles.BLOCK_K), plan.splits)
+        _bwd_dw_kernel[grid](**_dw_args(g, x, dwp, dbp, m, n, k, needs_db, plan, precision(g.dtype)))
         if needs_dw:
-            dw = (dwp[0] if nsplit == 1 else dwp.sum(0)).to(weight.dtype)
+            dw = (dwp[0] if plan.splits == 1 else dwp.sum(0)).to(weight.dtype)
         if needs_db:
-            db = dbp[0] if nsplit == 1 else dbp.sum(0)
+            db = dbp[0] if plan.splits == 1 else dbp.sum(0)
     return dx, dw, db
 
 
@@ -502,3 +634,82 @@ def _bwd_degenerate(dy, x, weight, pre, gelu, needs_db, needs_dx, needs_dw):
     dw = torch.zeros(n, k, device=dy.device, dtype=weight.dtype) if needs_dw else None
     db = g.sum(0) if needs_db else None
     return dx, dw, db
+
+
+# ----------------------------------------------------------------------------- AOT
+
+# (label, in, out, rows, gelu, edge): the two Q-Linear layers of EQAM at both ConvNeXt stages (SPEC §2); the
+# stage-4 layers 1024 -> 256 and 256 -> 1024 are the reduction-4 widths (the paper's budget is hidden 16)
+AOT_CASES = [
+    ("s1 down 128->32", 128, 32, 64 * 56 * 56, True, False),
+    ("s1 up 32->128", 32, 128, 64 * 56 * 56, False, False),
+    ("s4 down 1024->256", 1024, 256, 64 * 7 * 7, True, False),
+    ("s4 up 256->1024", 256, 1024, 64 * 7 * 7, False, False),
+    ("s4 down 1024->16", 1024, 16, 64 * 7 * 7, True, False),
+    ("s4 up 16->1024", 16, 1024, 64 * 7 * 7, False, False),
+]
+
+
+def _strip(args: dict) -> dict:
+    """A launch's kernel arguments without the config part (blocks, warps, stages: the AotLaunch's config)."""
+    return {k: v for k, v in args.items() if k not in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages")}
+
+
+def aot_launches(props: DeviceProps, dtype: str, profile: str = "quick") -> list:
+    """Every launch of the Q-Linear launchers at :data:`AOT_CASES` on ``props`` (``kernels._launch.AotLaunch``
+    records built by the launchers' own argument helpers and plans). The float master weight is fp32 (autocast
+    training) for a 16-bit compute dtype. ``profile="quick"``: outside bf16 no dequantisation kernel and no
+    packed int4 forward."""
+    from ._launch import AotLaunch, aot_dtype
+
+    tdt, prec = aot_dtype(dtype)
+    lean = profile == "quick"
+    meta = lambda *shape, dt=tdt: torch.empty(shape, device="meta", dtype=dt)  # noqa: E731
+    f32 = lambda *shape: meta(*shape, dt=torch.float32)  # noqa: E731
+    out = []
+    bits_list = (8, 4) if dtype == "bf16" or not lean else (8,)
+    for label, k, n, m, gelu, edge in AOT_CASES:
+        case = f"{dtype} {label}"
+        w = f32(n, k)
+        for bits in bits_list:
+            qmax = qmax_of(bits)
+            p = plan_rows(n, k, props)
+            out.append(AotLaunch("qlinear._row_scale_kernel", f"{case} bits{bits}",
+                                 _strip(_row_scale_args(w, f32(n), qmax, p)), (p.config(),), False, edge))
+            out.append(AotLaunch("qlinear._quantize_rows_kernel", f"{case} bits{bits}",
+                                 _strip(_quantize_args(w, meta(n, k), f32(n), qmax, p, prec)), (p.config(),), False, edge))
+        for mode, mname in ((FLOAT, "float"), (INT8, "int8"), (INT4, "int4")):
+            if lean and dtype != "bf16":
+                break
+            wq = {FLOAT: w, INT8: meta(n, k, dt=torch.int8), INT4: meta(n, (k + 1) // 2, dt=torch.uint8)}[mode]
+            p = plan_rows(n, k, props, rows_hi=64, k_hi=128, rows_lo=16)
+            out.append(AotLaunch("qlinear._weight_kernel", f"{case} {mname}",
+                                 _strip(_weight_args(wq, f32(n), meta(n, k), n, k, mode, 127 if mode != FLOAT else 7, p, prec)),
+                                 (p.config(),), False, edge))
+        # forward: training (float weight, both bit widths) and packed inference (int8 / int4 codes)
+        variants = [(FLOAT, b, gelu, gelu) for b in bits_list] + [(INT8, 8, gelu, False)]
+        if not (lean and dtype != "bf16"):
+            variants.append((INT4, 4, gelu, False))
+        x = meta(m, k)
+        for mode, bits, use_gelu, save_pre in variants:
+            wq = {FLOAT: w, INT8: meta(n, k, dt=torch.int8), INT4: meta(n, (k + 1) // 2, dt=torch.uint8)}[mode]
+            p = plan_fwd(m, n, k, tdt, props, mode=mode, w_dtype=torch.float32)
+            mname = {FLOAT: f"float bits{bits}", INT8: "packed int8", INT4: "packed int4"}[mode]
+            args = _fwd_args(x, wq, f32(n), f32(n), meta(m, n), meta(m, n) if save_pre else None, mode,
+                             qmax_of(bits) if mode == FLOAT else 127, use_gelu, p, prec)
+            args = _strip(args)
+            out.append(AotLaunch("qlinear._fwd_kernel", f"{case} {mname}{' gelu' if use_gelu else ''}", args,
+                                 (p.config(),), False, edge))
+        # backward (float weight): dX = dPre Wq (dPre written when GELU), dW = dPreᵀ X (+ Σ dPre)
+        p = plan_bwd_dx(m, n, k, tdt, props, gelu=gelu, w_dtype=torch.float32)
+        args = _dx_args(meta(m, n), meta(m, n), w, f32(n), meta(m, k), meta(m, n) if gelu else None, m, n, k, 127,
+                        gelu, p, prec)
+        args = _strip(args)
+        out.append(AotLaunch("qlinear._bwd_dx_kernel", f"{case}{' gelu' if gelu else ''}", args, (p.config(),), False,
+                             edge))
+        dp = plan_bwd_dw(m, n, k, tdt, props)
+        args = _dw_args(meta(m, n), x, f32(dp.splits, n, k), f32(dp.splits, n), m, n, k, True, dp, prec)
+        args = _strip(args)
+        out.append(AotLaunch("qlinear._bwd_dw_kernel", f"{case} splits={dp.splits}", args, (dp.tiles.config(),), False,
+                             edge))
+    return out
