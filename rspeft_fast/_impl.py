@@ -31,6 +31,7 @@ __all__ = [
     "ImplUnavailableError",
     "IMPLS",
     "check_impl",
+    "impl_property",
     "resolve_impl",
     "kernel_limits",
     "triton_available",
@@ -93,7 +94,9 @@ def force_reference() -> bool:
 IMPLS: dict[str, tuple[str, ...]] = {
     "mufa": ("triton",),
     "qlinear": ("triton",),
+    "qlinear_packed": ("triton",),
     "eqam": ("triton",),
+    "eqam_packed": ("triton",),
     "mga": ("triton",),
     "weighted_triplet_loss": ("cuda", "cpu"),
 }
@@ -120,6 +123,19 @@ def check_impl(op: str, impl: str, choices: Optional[tuple[str, ...]] = None) ->
     if not isinstance(impl, str) or impl not in valid:
         raise ValueError(f"{op}: impl={impl!r} is not one of {valid}")
     return impl
+
+
+def impl_property(op: str) -> property:
+    """An ``impl`` attribute for a module of ``op``: validated by :func:`check_impl` whenever it is set
+    (at construction and later), stored as ``_impl``."""
+
+    def get(self) -> str:
+        return self.__dict__["_impl"]
+
+    def set_(self, value: str) -> None:
+        self.__dict__["_impl"] = check_impl(op, value)
+
+    return property(get, set_, doc=f"implementation of {op}: one of ('auto', 'reference') + IMPLS[{op!r}]")
 
 
 def resolve_impl(op: str, impl: str, device: torch.device | str, choices: Optional[tuple[str, ...]] = None,

@@ -41,3 +41,29 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
     """
     ac = autocast_dtype(x.device.type)
     return ac if ac is not None else x.dtype
+
+
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def check_matching_dtypes(op: str, x: torch.Tensor, *named: tuple[str, torch.Tensor | None]) -> None:
+    """The input contract every implementation shares (eager ``F.linear``'s rule): outside autocast, the
+    named tensors (weights multiplied with ``x``) must have ``x``'s dtype; under autocast for x's device any
+    float dtypes are accepted (they are cast to the autocast dtype, as eager does). Raises a TypeError naming
+    the tensors and dtypes before any kernel runs (after checking they share x's device)."""
+    check_same_device(("x", x), *named)
+    if torch.is_autocast_enabled(x.device.type):
+        return
+    bad = [(n, t.dtype) for n, t in named if t is not None and t.dtype != x.dtype]
+    if bad:
+        desc = ", ".join(f"{n} has dtype {dt}" for n, dt in bad)
+        raise TypeError(f"{op}: x has dtype {x.dtype} but {desc}; they must match outside autocast (as for F.linear): "
+                        f"cast the input or the module (e.g. module.to({x.dtype})), or run under torch.autocast")
+
+
+def check_kernel_dtype(op: str, impl: str, dtype: torch.dtype) -> None:
+    """An explicit ``impl="triton"`` with a compute dtype the kernels do not take raises a TypeError
+    (``"auto"`` runs the reference instead, see ``_impl.resolve_impl``)."""
+    if impl == "triton" and dtype not in KERNEL_DTYPES:
+        raise TypeError(f"{op}: the Triton kernels compute in float32/float16/bfloat16, got {dtype}; "
+                        "use impl='reference' (or 'auto') for float64")

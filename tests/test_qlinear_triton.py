@@ -144,14 +144,15 @@ def test_dw_split_reduction(split, device):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_qlinear_half_inputs(dtype, device):
-    """16-bit activations with a float32 master weight: compared with the reference in float32 on the
-    same (rounded) inputs, allowing 16-bit rounding of the output."""
+    """16-bit activations and master weight (outside autocast they must match, as for F.linear: a float32
+    master weight with 16-bit x raises, tests/test_hardening_ops.py): compared with the reference in float32
+    on the same (rounded) inputs, allowing 16-bit rounding of the output."""
     x = torch.randn(37, 96, device=device, dtype=dtype)
-    w = torch.randn(40, 96, device=device) * 0.2
-    b = torch.randn(40, device=device)
+    w = (torch.randn(40, 96, device=device) * 0.2).to(dtype)
+    b = torch.randn(40, device=device).to(dtype)
     y = Q.qlinear(x, w, b, 8)
     assert y.dtype == dtype
-    yr = qlinear_ref(x.float(), w, b, 8)
+    yr = qlinear_ref(x.float(), w.float(), b.float(), 8)
     assert_close(y.float(), yr, *tolerances(dtype), name="y")
 
 
@@ -303,7 +304,7 @@ def test_bad_inputs(device):
     with pytest.raises(TypeError, match="floating"):
         Q.qlinear(torch.ones(5, 16, dtype=torch.int32, device=device), w, None, 4)
     with pytest.raises(TypeError, match="float32/float16/bfloat16"):
-        Q.qlinear(x.double(), w, None, 4)
+        Q.qlinear(x.double(), w.double(), None, 4)
     with pytest.raises(ValueError, match="bias"):
         Q.qlinear(x, w, torch.randn(7, device=device), 4)
     with pytest.raises(RuntimeError, match="one device"):

@@ -4,8 +4,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .._impl import resolve_impl
-from .._validate import check_float, check_last_dim
+from .._impl import impl_property, resolve_impl
+from .._validate import check_float, check_last_dim, check_matching_dtypes
 from ..reference.mga import bishare_ref, mga_ref
 
 GATE_INIT = 0.6
@@ -34,7 +34,9 @@ class BiShareAdapter(nn.Module):
 
     ``down: hidden → hidden/2``, ``up: hidden/2 → hidden`` (zero-init), ``attn`` an
     ``nn.MultiheadAttention(hidden/2, heads)`` used as the parameter container, scalar ``gate`` (0.6).
-    ``x (B, L, hidden)`` → ``(B, L, hidden)``.
+    ``x (B, L, hidden)`` → ``(B, L, hidden)``. Standalone it runs the eager reference; inside an
+    :class:`MGAdapter` (``share=``) it runs with the adapter's implementation (the fused MGA kernels
+    compute it between the two MSA calls), so it has no ``impl`` of its own.
     """
 
     def __init__(self, hidden: int = 128, heads: int = 8):
@@ -67,6 +69,7 @@ class BiShareAdapter(nn.Module):
         check_float(x, "x")
         check_last_dim(x, self.hidden, "x")
         _check_mask(key_padding_mask, x)
+        check_matching_dtypes("BiShareAdapter", x, *_linear_dtypes(self))
         return bishare_ref(x, key_padding_mask=key_padding_mask, **self.tensors())
 
 
@@ -79,8 +82,12 @@ class MGAdapter(nn.Module):
     ``gate`` (0.6), ``share`` an optional :class:`BiShareAdapter` (may be shared across adapters).
 
     Forward: ``x (B, L, dim)``, optional ``key_padding_mask (B, L)`` bool (True = padded) → ``(B, L, dim)``.
-    ``impl``: ``"auto" | "reference" | "triton"``.
+    ``impl``: ``"auto" | "reference" | "triton"`` (validated here; ``"auto"`` runs the Triton kernels on CUDA
+    inside their limits, ``kernels.mga.why_unsupported``, else the reference with one warning per limit).
+    Dtypes as eager PyTorch: outside autocast ``x`` and the weights share one dtype (TypeError otherwise).
     """
+
+    impl = impl_property("mga")
 
     def __init__(self, dim: int, hidden: int = 128, heads: int = 8, share: BiShareAdapter | None = None, impl: str = "auto"):
         super().__init__()
@@ -109,11 +116,27 @@ class MGAdapter(nn.Module):
             raise ValueError(f"MGAdapter expects x of shape (B, L, {self.dim}), got {tuple(x.shape)}")
         check_last_dim(x, self.dim, "x")
         _check_mask(key_padding_mask, x)
-        impl = resolve_impl("MGAdapter", self.impl, x.device, ("triton",))
+        check_matching_dtypes("MGAdapter", x, *_linear_dtypes(self))
+        if self.share is not None:
+            check_matching_dtypes("MGAdapter (share)", x, *_linear_dtypes(self.share))
+        from ..ops import mga as ops_mga
+
+        limits = None
+        mga_limits = getattr(ops_mga, "mga_limits", None)  # kernels.mga.why_unsupported through kernel_limits
+        if mga_limits is not None and self.impl != "reference" and not torch.compiler.is_compiling():
+            sh = self.share
+            limits = mga_limits(x, self.hidden, self.heads, sh.hidden // 2 if sh is not None else None,
+                                        sh.heads if sh is not None else None)
+        impl = resolve_impl("mga", self.impl, x.device, limits=limits)
         share = self.share.tensors() if self.share is not None else None
         args = (x, self.down.weight, self.down.bias, self.up.weight, self.up.bias, _attn_tensors(self.attn), self.gate, self.heads)
         if impl == "reference":
             return mga_ref(*args, share=share, key_padding_mask=key_padding_mask)
-        from ..ops.mga import mga
+        return ops_mga.mga(*args, share=share, key_padding_mask=key_padding_mask)
 
-        return mga(*args, share=share, key_padding_mask=key_padding_mask)
+
+def _linear_dtypes(m: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """The weights an adapter multiplies with its input (eager F.linear / MHA require x's dtype for them)."""
+    return [("down.weight", m.down.weight), ("down.bias", m.down.bias), ("up.weight", m.up.weight),
+            ("up.bias", m.up.bias), ("attn.in_proj_weight", m.attn.in_proj_weight),
+            ("attn.out_proj.weight", m.attn.out_proj.weight)]

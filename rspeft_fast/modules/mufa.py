@@ -6,9 +6,9 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from .._impl import resolve_impl
-from .._validate import check_float, check_last_dim
-from ..reference.mufa import branch_sizes, mufa_ref
+from .._impl import impl_property
+from ..ops.mufa import mufa
+from ..reference.mufa import branch_sizes
 
 
 class MuFAAdapter(nn.Module):
@@ -18,7 +18,7 @@ class MuFAAdapter(nn.Module):
         dim: feature size ``d``.
         rates: down-sampling rate of each branch; branch ``i`` has width ``dim // rates[i]``.
         scale: output scale.
-        impl: ``"auto" | "reference" | "triton"``.
+        impl: ``"auto" | "reference" | "triton"`` (validated here; see :func:`rspeft_fast.ops.mufa.mufa`).
 
     Parameters: ``down.weight (R, d)``, ``down.bias (R,)``, ``up.weight (d, R)`` (zero-initialised),
     ``up.bias (d,)`` (zero), ``gate (n,)`` (init ``1/n``), ``R = Σ dim // rate``.
@@ -26,6 +26,8 @@ class MuFAAdapter(nn.Module):
     Forward: ``x (..., d)`` → ``(..., d)``. With ``base`` (same shape as ``x``) returns ``base + delta``
     (the fused path adds it in the kernel's epilogue, saving one pass over memory).
     """
+
+    impl = impl_property("mufa")
 
     def __init__(self, dim: int, rates: Sequence[int] = (8, 16, 32), scale: float = 1.0, impl: str = "auto"):
         super().__init__()
@@ -49,14 +51,5 @@ class MuFAAdapter(nn.Module):
         return f"dim={self.dim}, rates={self.rates}, sizes={self.sizes}, scale={self.scale}, impl={self.impl!r}"
 
     def forward(self, x: torch.Tensor, base: torch.Tensor | None = None) -> torch.Tensor:
-        check_float(x, "x")
-        check_last_dim(x, self.dim, "x")
-        if base is not None and base.shape != x.shape:
-            raise ValueError(f"base must have the shape of x {tuple(x.shape)}, got {tuple(base.shape)}")
-        impl = resolve_impl("MuFAAdapter", self.impl, x.device, ("triton",))
-        args = (x, self.down.weight, self.down.bias, self.up.weight, self.up.bias, self.gate)
-        if impl == "reference":
-            return mufa_ref(*args, self.sizes, self.scale, base)
-        from ..ops.mufa import mufa
-
-        return mufa(*args, self.sizes, self.scale, base)
+        return mufa(x, self.down.weight, self.down.bias, self.up.weight, self.up.bias, self.gate, self.sizes,
+                    self.scale, base, impl=self.impl)

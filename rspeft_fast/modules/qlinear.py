@@ -24,13 +24,12 @@ dequantised weight). Its output equals the fake-quant output of the weight it wa
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .._impl import resolve_impl
-from .._validate import check_float, check_last_dim
-from ..reference.qlinear import check_bits, eqam_ref, qlinear_ref
-from ..reference.qlinear_pack import dequantize, pack_weight, qlinear_packed_ref, storage_dtype
+from .._impl import impl_property
+from ..ops.qlinear import PackedLinear, eqam, eqam_packed, qlinear, qlinear_packed
+from ..reference.qlinear import check_bits
+from ..reference.qlinear_pack import dequantize, pack_weight, storage_dtype
 
 __all__ = ["QLinear", "EQAM", "pack_adapters"]
 
@@ -43,6 +42,8 @@ class QLinear(nn.Module):
     ``x (..., in)`` → ``(..., out)``. ``impl``: ``"auto" | "reference" | "triton"``.
     After :meth:`pack`: buffers ``qweight``/``scale`` instead of ``weight``, inference only (module docstring).
     """
+
+    impl = impl_property("qlinear")
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, bits: int = 8, impl: str = "auto"):
         super().__init__()
@@ -156,48 +157,60 @@ class QLinear(nn.Module):
 
     # ------------------------------------------------------------------ forward
 
+    def packed_form(self) -> PackedLinear:
+        """``(qweight, scale, bias, in_features)`` of a packed layer (what the packed ops take)."""
+        if not self.packed:
+            raise RuntimeError("QLinear.packed_form: the layer is not packed; call .pack() first")
+        return PackedLinear(self.qweight, self.scale, self.bias, self.in_features)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_float(x, "x")
-        check_last_dim(x, self.in_features, "x")
-        impl = resolve_impl("QLinear", self.impl, x.device, ("triton",))
         if self.packed:
-            if torch.is_grad_enabled() and x.requires_grad:
-                raise RuntimeError(
-                    "QLinear is packed (inference-only): run it under torch.no_grad()/torch.inference_mode() with an "
-                    "input that does not require grad, or call .unpack() to train again"
-                )
-            if impl == "reference":
-                return qlinear_packed_ref(x, self.qweight, self.scale, self.bias, self.in_features)
-            from ..ops.qlinear import qlinear_packed
+            _check_inference("QLinear", x)
+            return qlinear_packed(x, *self.packed_form(), impl=self.impl)
+        return qlinear(x, self.weight, self.bias, self.bits, impl=self.impl)
 
-            return qlinear_packed(x, self.qweight, self.scale, self.bias, self.in_features)
-        if impl == "reference":
-            return qlinear_ref(x, self.weight, self.bias, self.bits)
-        from ..ops.qlinear import qlinear
 
-        return qlinear(x, self.weight, self.bias, self.bits)
+def _check_inference(name: str, x: torch.Tensor) -> None:
+    if torch.is_grad_enabled() and isinstance(x, torch.Tensor) and x.requires_grad:
+        raise RuntimeError(
+            f"{name} is packed (inference-only): run it under torch.no_grad()/torch.inference_mode() with an "
+            "input that does not require grad, or call .unpack() to train again"
+        )
 
 
 class EQAM(nn.Module):
     """UPetu's efficient quantisation adapter: ``delta = QLinear_up(GELU(QLinear_down(x)))``.
 
-    ``down: dim → dim // reduction``, ``up: dim // reduction → dim`` (zero-initialised, so the adapter
-    starts as the identity of the backbone). ``x (..., dim)`` (channels-last) → delta ``(..., dim)``.
-    ``impl="triton"``: one fused bottleneck launch (training) / two dequantise-in-the-matmul launches
-    (after :meth:`pack`).
+    ``down: dim → hidden``, ``up: hidden → dim`` (zero-initialised, so the adapter starts as the identity of
+    the backbone). ``hidden`` defaults to 16 (:data:`DEFAULT_HIDDEN`), UPetu's budget (SPEC §1: 0.73 % of
+    ConvNeXt-B's parameters with CAPM); ``reduction=r`` gives the width ``dim // r`` instead (``reduction=4``:
+    eight times that budget). ``x (..., dim)`` (channels-last) → delta ``(..., dim)``.
+    ``impl="triton"``: one fused bottleneck launch (training) / one dequantise-and-bottleneck launch
+    (after :meth:`pack`); ``impl`` is validated here and passed to :func:`rspeft_fast.ops.qlinear.eqam`.
     """
 
-    def __init__(self, dim: int, reduction: int = 4, bits: int = 8, impl: str = "auto"):
+    DEFAULT_HIDDEN = 16
+    impl = impl_property("eqam")
+
+    def __init__(self, dim: int, hidden: int | None = None, bits: int = 8, impl: str = "auto",
+                 reduction: int | None = None):
         super().__init__()
-        if reduction <= 0 or dim % reduction:
-            raise ValueError(f"dim={dim} is not divisible by reduction={reduction}")
         self.dim = int(dim)
-        self.reduction = int(reduction)
+        if hidden is not None and reduction is not None:
+            raise ValueError(f"EQAM: give hidden={hidden} or reduction={reduction}, not both")
+        if reduction is not None:
+            if isinstance(reduction, bool) or int(reduction) <= 0 or self.dim % int(reduction):
+                raise ValueError(f"EQAM: dim={dim} is not divisible by reduction={reduction}")
+            hidden = self.dim // int(reduction)
+        hidden = self.DEFAULT_HIDDEN if hidden is None else hidden
+        if isinstance(hidden, bool) or int(hidden) <= 0:
+            raise ValueError(f"EQAM: hidden must be a positive integer, got {hidden!r}")
+        self.reduction = None if reduction is None else int(reduction)
+        self.hidden = int(hidden)
         self.bits = check_bits(bits)
         self.impl = impl
-        hidden = self.dim // self.reduction
-        self.down = QLinear(self.dim, hidden, bits=bits, impl=impl)
-        self.up = QLinear(hidden, self.dim, bits=bits, impl=impl)
+        self.down = QLinear(self.dim, self.hidden, bits=bits, impl=impl)
+        self.up = QLinear(self.hidden, self.dim, bits=bits, impl=impl)
         nn.init.zeros_(self.up.weight)
         nn.init.zeros_(self.up.bias)
 
@@ -216,32 +229,16 @@ class EQAM(nn.Module):
         return self
 
     def extra_repr(self) -> str:
-        return f"dim={self.dim}, reduction={self.reduction}, bits={self.bits}, impl={self.impl!r}"
+        red = "" if self.reduction is None else f", reduction={self.reduction}"
+        return f"dim={self.dim}, hidden={self.hidden}{red}, bits={self.bits}, impl={self.impl!r}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_float(x, "x")
-        check_last_dim(x, self.dim, "x")
-        impl = resolve_impl("EQAM", self.impl, x.device, ("triton",))
         if self.down.packed or self.up.packed:
             if not self.packed:
                 raise RuntimeError("EQAM: only one of down/up is packed; call .pack() (or .unpack()) on the whole adapter")
-            if torch.is_grad_enabled() and x.requires_grad:
-                raise RuntimeError(
-                    "EQAM is packed (inference-only): run it under torch.no_grad()/torch.inference_mode() with an "
-                    "input that does not require grad, or call .unpack() to train again"
-                )
-            d, u = self.down, self.up
-            if impl == "reference":
-                h = F.gelu(qlinear_packed_ref(x, d.qweight, d.scale, d.bias, d.in_features))
-                return qlinear_packed_ref(h, u.qweight, u.scale, u.bias, u.in_features)
-            from ..ops.qlinear import eqam_packed
-
-            return eqam_packed(x, (d.qweight, d.scale, d.bias, d.in_features), (u.qweight, u.scale, u.bias, u.in_features))
-        if impl == "reference":
-            return eqam_ref(x, self.down.weight, self.down.bias, self.up.weight, self.up.bias, self.bits)
-        from ..ops.qlinear import eqam
-
-        return eqam(x, self.down.weight, self.down.bias, self.up.weight, self.up.bias, self.bits)
+            _check_inference("EQAM", x)
+            return eqam_packed(x, self.down.packed_form(), self.up.packed_form(), impl=self.impl)
+        return eqam(x, self.down.weight, self.down.bias, self.up.weight, self.up.bias, self.bits, impl=self.impl)
 
 
 @torch.no_grad()

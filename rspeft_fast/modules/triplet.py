@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from .._impl import impl_property
 from ..ops.triplet import weighted_triplet_loss
 
 
@@ -13,6 +14,8 @@ class WeightedTripletLoss(nn.Module):
     the local shard) and compute this rank's rows and columns of the global loss (the ranks' losses sum
     to it); see :func:`rspeft_fast.ops.triplet.weighted_triplet_loss`.
     """
+
+    impl = impl_property("weighted_triplet_loss")
 
     def __init__(
         self,

@@ -1,16 +1,16 @@
 """MuFA (and AdaptFormer / Houlsby) through the fused bottleneck kernels of ``rspeft_fast.kernels.mufa``.
 
-Layers, bottom-up:
+The op pattern of every fused op in this package (as ``ops/qlinear.py``, ``ops/mga.py``, ``ops/triplet.py``):
 
-* ``torch.ops.rspeft_fast.bottleneck_fwd`` / ``bottleneck_bwd``: ``torch.library`` custom ops around the
-  generic launchers (``y = scale * ((GELU(x Wdᵀ + bd) * col_scale) Wuᵀ + bu) (+ base)``), with fake
-  (meta) implementations, and ``register_autograd`` on the forward, so that ``torch.compile`` sees one
-  opaque op each way (no graph break) and the forward op is differentiable on its own (EQAM can reuse it
-  with ``col_scale = ones``).
-* :class:`MuFAFunction`: the autograd Function the module uses: flattens ``x`` to rows, casts to the
-  compute dtype (autocast), expands ``gate`` to ``col_scale``, calls the two ops, and reduces
-  ``d col_scale`` to ``d gate`` per branch.
-* :func:`mufa`: the functional entry point called by ``MuFAAdapter(impl="triton")``.
+* ``torch.ops.rspeft_fast.bottleneck_fwd``: a ``torch.library`` custom op around the launcher
+  (``y = scale * ((GELU(x Wdᵀ + bd) * col_scale) Wuᵀ + bu) (+ base)``, ``x (..., d)`` of any leading shape),
+  with a fake (meta) implementation and its backward registered with ``register_autograd``: the op
+  ``torch.ops.rspeft_fast.bottleneck_bwd`` (with its own fake). ``torch.compile`` sees one opaque op each
+  way (no graph break).
+* :func:`mufa`: the functional. It validates the inputs (one contract for every implementation), resolves
+  ``impl`` (:func:`rspeft_fast._impl.resolve_impl`, the kernels' limits included) and runs either the eager
+  reference or the op: casting to the compute dtype (autocast) and expanding ``gate`` to ``col_scale`` are
+  ordinary differentiable torch ops around it, so autograd reduces ``d col_scale`` to ``d gate`` per branch.
 """
 from __future__ import annotations
 
@@ -18,11 +18,13 @@ from typing import Optional, Sequence
 
 import torch
 
-from .._impl import ImplUnavailableError, triton_available
-from .._validate import check_float, check_last_dim, check_same_device, compute_dtype
-from ._common import as_rows, cast_for_compute
+from .._impl import ImplUnavailableError, kernel_limits, resolve_impl, triton_available
+from .._validate import (check_float, check_kernel_dtype, check_last_dim, check_matching_dtypes, check_same_device,
+                         compute_dtype)
+from ..reference.mufa import mufa_ref
+from ._common import cast_for_compute
 
-__all__ = ["mufa", "MuFAFunction", "bottleneck_fwd_op", "bottleneck_bwd_op"]
+__all__ = ["mufa", "bottleneck_fwd_op", "bottleneck_bwd_op"]
 
 
 def _kernels():
@@ -54,18 +56,22 @@ def bottleneck_fwd_op(
     save_pre: bool,
     out_dtype: torch.dtype,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Returns ``(y, pre)``; ``pre`` is an empty tensor when ``save_pre`` is False."""
+    """``x (..., d)``, ``base`` None or ``(..., d)``: returns ``(y (..., d) in out_dtype, pre (N, R))``, ``N`` the
+    number of rows of ``x``; ``pre`` is an empty tensor when ``save_pre`` is False."""
     _require_triton(x.device)
-    y, pre = _kernels().bottleneck_fwd(x, wd, bd, wu, bu, col_scale, scale, base, save_pre, out_dtype)
+    d = x.shape[-1]
+    rows = x.reshape(-1, d)
+    base_rows = base.reshape(-1, d) if base is not None else None
+    y, pre = _kernels().bottleneck_fwd(rows, wd, bd, wu, bu, col_scale, scale, base_rows, save_pre, out_dtype)[:2]
     if pre is None:
         pre = x.new_empty((0,))
-    return y, pre
+    return y.view(x.shape), pre
 
 
 @bottleneck_fwd_op.register_fake
 def _(x, wd, bd, wu, bu, col_scale, scale, base, save_pre, out_dtype):
     y = x.new_empty(x.shape, dtype=out_dtype)
-    pre = x.new_empty((x.shape[0], wd.shape[0])) if save_pre else x.new_empty((0,))
+    pre = x.new_empty((x.numel() // x.shape[-1], wd.shape[0])) if save_pre else x.new_empty((0,))
     return y, pre
 
 
@@ -80,9 +86,13 @@ def bottleneck_bwd_op(
     col_scale: torch.Tensor,
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns ``(dx, dwd, dbd, dwu, dbu, dcol_scale)``; weight gradients in float32."""
+    """``dy``, ``x`` ``(..., d)``, ``pre (N, R)`` or None: returns ``(dx (..., d), dwd, dbd, dwu, dbu, dcol_scale)``;
+    weight gradients in float32."""
     _require_triton(x.device)
-    return _kernels().bottleneck_bwd(dy, x, pre, wd, bd, wu, col_scale, scale)
+    d = x.shape[-1]
+    dx, dwd, dbd, dwu, dbu, dcs = _kernels().bottleneck_bwd(dy.reshape(-1, d), x.reshape(-1, d), pre, wd, bd, wu,
+                                                            col_scale, scale)[:6]
+    return dx.view(x.shape), dwd, dbd, dwu, dbu, dcs
 
 
 @bottleneck_bwd_op.register_fake
@@ -104,77 +114,23 @@ def _fwd_setup_context(ctx, inputs, output):
     _, pre = output
     ctx.save_for_backward(x, pre if save_pre else None, wd, bd, wu, col_scale)
     ctx.scale = scale
-    ctx.has_base = base is not None
     ctx.dtypes = (bu.dtype, base.dtype if base is not None else None)
     ctx.mark_non_differentiable(pre)
 
 
 def _fwd_backward(ctx, dy, _dpre):
     x, pre, wd, bd, wu, col_scale = ctx.saved_tensors
+    need = ctx.needs_input_grad
     dx, dwd, dbd, dwu, dbu, dcs = bottleneck_bwd_op(dy.contiguous(), x, pre, wd, bd, wu, col_scale, ctx.scale)
     bu_dtype, base_dtype = ctx.dtypes
-    dbase = dy.to(base_dtype) if ctx.has_base else None
-    return (dx, dwd.to(wd.dtype), dbd.to(bd.dtype), dwu.to(wu.dtype), dbu.to(bu_dtype), dcs,
+    # d base is dy itself (as eager's AddBackward), never a fresh view of it: autograd may steal a view with
+    # a use count of 1 as base.grad, which would then share storage with the caller's dy
+    dbase = dy.to(base_dtype) if base_dtype is not None and need[7] else None
+    return (dx if need[0] else None, dwd.to(wd.dtype), dbd.to(bd.dtype), dwu.to(wu.dtype), dbu.to(bu_dtype), dcs,
             None, dbase, None, None)
 
 
 bottleneck_fwd_op.register_autograd(_fwd_backward, setup_context=_fwd_setup_context)
-
-
-# ----------------------------------------------------------------------------------------------
-# autograd Function and functional entry point
-# ----------------------------------------------------------------------------------------------
-class MuFAFunction(torch.autograd.Function):
-    """``delta = scale * (Σ_i gate[i] GELU(x Wd_iᵀ + bd_i) Wu_iᵀ + bu)`` (+ ``base``) over all branches at once.
-
-    ``forward(x, down_weight, down_bias, up_weight, up_bias, gate, sizes, scale, base, save_pre,
-    cdtype, out_dtype)``: ``cdtype`` is the compute dtype (autocast dtype or x's), ``out_dtype`` the
-    dtype eager would return. Use :func:`mufa`, which validates inputs and picks both dtypes.
-    """
-
-    @staticmethod
-    def forward(ctx, x, down_weight, down_bias, up_weight, up_bias, gate, sizes, scale, base, save_pre, cdtype, out_dtype):
-        x2, _ = as_rows(x)
-        x2, wd, bd, wu = cast_for_compute(cdtype, x2, down_weight, down_bias, up_weight)
-        base2 = as_rows(base)[0] if base is not None else None
-        col_scale = torch.cat([g.expand(r) for g, r in zip(gate.detach().float().unbind(0), sizes)])
-        y, pre = bottleneck_fwd_op(x2, wd, bd, wu, up_bias, col_scale, scale, base2, save_pre, out_dtype)
-        ctx.save_for_backward(x2, pre if save_pre else None, wd, bd, wu, col_scale)
-        ctx.sizes = tuple(sizes)
-        ctx.scale = scale
-        ctx.x_meta = (x.shape, x.dtype)
-        ctx.dtypes = (down_weight.dtype, down_bias.dtype, up_weight.dtype, up_bias.dtype, gate.dtype)
-        ctx.base_meta = (base.shape, base.dtype) if base is not None else None
-        return y.view(x.shape)
-
-    @staticmethod
-    def backward(ctx, dy):
-        x2, pre, wd, bd, wu, col_scale = ctx.saved_tensors
-        x_shape, x_dtype = ctx.x_meta
-        dy2 = dy.reshape(-1, dy.shape[-1]).contiguous()
-        dx, dwd, dbd, dwu, dbu, dcs = bottleneck_bwd_op(dy2, x2, pre, wd, bd, wu, col_scale, ctx.scale)
-        wd_t, bd_t, wu_t, bu_t, g_t = ctx.dtypes
-        dgate = torch.stack([c.sum() for c in dcs.split(ctx.sizes)])
-        dbase = None
-        if ctx.base_meta is not None:
-            # dy itself (as eager's AddBackward), never a fresh view of it: autograd may steal a view with a
-            # use count of 1 as base.grad, which would then share storage with the caller's dy
-            shape, dtype = ctx.base_meta
-            dbase = (dy if dy.shape == shape else dy.reshape(shape)).to(dtype)
-        return (
-            dx.view(x_shape).to(x_dtype),
-            dwd.to(wd_t),
-            dbd.to(bd_t),
-            dwu.to(wu_t),
-            dbu.to(bu_t),
-            dgate.to(g_t),
-            None,
-            None,
-            dbase,
-            None,
-            None,
-            None,
-        )
 
 
 def _check_inputs(x, down_weight, down_bias, up_weight, up_bias, gate, sizes, base):
@@ -200,6 +156,7 @@ def _check_inputs(x, down_weight, down_bias, up_weight, up_bias, gate, sizes, ba
             raise ValueError(f"base must have the shape of x {tuple(x.shape)}, got {tuple(base.shape)}")
     check_same_device(("x", x), ("down_weight", down_weight), ("down_bias", down_bias), ("up_weight", up_weight),
                       ("up_bias", up_bias), ("gate", gate), ("base", base))
+    check_matching_dtypes("mufa", x, ("down_weight", down_weight), ("down_bias", down_bias), ("up_weight", up_weight))
     return sizes
 
 
@@ -214,29 +171,37 @@ def mufa(
     scale: float = 1.0,
     base: torch.Tensor | None = None,
     save_pre: bool = True,
+    *,
+    impl: str = "triton",
 ) -> torch.Tensor:
-    """Fused MuFA adapter (SPEC §1), same maths, shapes and dtypes as ``reference.mufa_ref``.
+    """MuFA adapter (SPEC §1), same maths, shapes and dtypes as ``reference.mufa_ref``.
 
-    ``x (..., d)`` → ``(..., d)``; any leading shape, non-contiguous inputs are copied once.
-    Computes in the autocast dtype when autocast is on (else ``x.dtype``: float32/float16/bfloat16,
-    with ``down``/``up`` weights in that dtype, as eager ``F.linear`` requires); returns the dtype eager
-    would (``up_bias`` of higher precision promotes the output, e.g. float32 under bf16 autocast).
-    ``save_pre=False`` saves memory (the (N, R) pre-activation) by recomputing it in the backward.
-    Raises :class:`ImplUnavailableError` when the Triton kernels cannot run on x's device.
+    ``x (..., d)`` → ``(..., d)``; any leading shape (zero rows included); non-contiguous inputs are copied
+    once. ``down_weight (R, d)``, ``down_bias (R,)``, ``up_weight (d, R)``, ``up_bias (d,)``, ``gate (n,)``,
+    ``sizes`` the n branch widths summing to R; ``base`` None or of x's shape (returns ``base + delta``).
+    Dtypes as eager PyTorch: outside autocast ``x``, ``down_*`` and ``up_weight`` share one dtype (else a
+    TypeError naming them, for every implementation); under autocast they are cast to the autocast dtype.
+    The output has the dtype eager returns (``up_bias`` of higher precision promotes it, e.g. float32
+    under bf16 autocast). ``save_pre=False`` saves memory (the (N, R) pre-activation) by recomputing it
+    in the backward.
+
+    ``impl``: ``"triton"`` (default: the fused kernels; :class:`ImplUnavailableError` where they cannot run,
+    before any launch), ``"reference"``, or ``"auto"`` (the kernels on CUDA inside their limits, else the
+    reference, with one warning per limit).
     """
     sizes = _check_inputs(x, down_weight, down_bias, up_weight, up_bias, gate, sizes, base)
-    if not torch.compiler.is_compiling():  # fail before any work; under compile the op itself checks
-        _require_triton(x.device)
     cdtype = compute_dtype(x)
-    k = _kernels()
-    if cdtype not in k.SUPPORTED_DTYPES:
-        raise TypeError(f"mufa: the Triton kernels compute in float32/float16/bfloat16, got {cdtype}; "
-                        "use impl='reference' for float64")
-    if not torch.is_autocast_enabled(x.device.type):
-        for name, t in (("down_weight", down_weight), ("down_bias", down_bias), ("up_weight", up_weight)):
-            if t.dtype != x.dtype:
-                raise TypeError(f"mufa: {name} has dtype {t.dtype} but x has {x.dtype}; they must match "
-                                "outside autocast (as for F.linear)")
+    check_kernel_dtype("mufa", impl, cdtype)
+    limits = None
+    if not torch.compiler.is_compiling():  # under compile the op itself checks at run time
+        limits = kernel_limits(_kernels, x.device, cdtype, n=x.numel() // x.shape[-1], d=x.shape[-1],
+                               r=down_weight.shape[0])
+    impl = resolve_impl("mufa", impl, x.device, limits=limits)
+    if impl == "reference":
+        return mufa_ref(x, down_weight, down_bias, up_weight, up_bias, gate, sizes, scale, base)
+    x_c, wd, bd, wu = cast_for_compute(cdtype, x, down_weight, down_bias, up_weight)
     out_dtype = torch.promote_types(cdtype, up_bias.dtype)
-    return MuFAFunction.apply(x, down_weight, down_bias, up_weight, up_bias, gate, sizes, float(scale), base,
-                              bool(save_pre), cdtype, out_dtype)
+    col_scale = torch.cat([g.expand(r) for g, r in zip(gate.float().unbind(0), sizes)])
+    y, _ = bottleneck_fwd_op(x_c.contiguous(), wd.contiguous(), bd, wu.contiguous(), up_bias, col_scale,
+                             float(scale), base, bool(save_pre), out_dtype)
+    return y

@@ -15,22 +15,47 @@ quantiser always runs in float32, as in the reference).
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
-import triton
+import torch.nn.functional as F
 from torch import Tensor
 
-from .._validate import check_float, check_last_dim, check_same_device, compute_dtype
-from ..kernels import qlinear as K
-from ..reference.qlinear import check_bits
+from .._impl import kernel_limits, resolve_impl
+from .._validate import (check_float, check_kernel_dtype, check_last_dim, check_matching_dtypes, check_same_device,
+                         compute_dtype)
+from ..reference.qlinear import check_bits, eqam_ref, qlinear_ref
+from ..reference.qlinear_pack import qlinear_packed_ref
 from ._common import as_rows, cast_for_compute
 
-__all__ = ["QLinearFunction", "qlinear", "eqam", "qlinear_packed", "eqam_packed"]
+__all__ = ["qlinear_rows", "qlinear", "eqam", "qlinear_packed", "eqam_packed", "PackedLinear"]
 
 
-def _none_if_empty(t: Tensor, wanted: bool) -> Optional[Tensor]:
-    return t if wanted else None
+def _kernels():
+    """``rspeft_fast.kernels.qlinear``, imported when a fused path runs (the reference needs no Triton)."""
+    from ..kernels import qlinear as k
+
+    return k
+
+
+def _grad_or_none(grad: Tensor, wanted: bool) -> Optional[Tensor]:
+    """The gradient a backward returns for an input: ``grad`` if that input needs one, else None."""
+    return grad if wanted else None
+
+
+def _next_pow2(n: int) -> int:
+    return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
+
+
+def _limits(x: Tensor, out_features: int, in_features: int, rank: int | None = None):
+    """``limits=`` of resolve_impl: the Q-Linear kernels' ``why_unsupported`` for these shapes (None under
+    torch.compile, where the op checks at run time)."""
+    if torch.compiler.is_compiling():
+        return None
+    shapes = dict(n=x.numel() // max(x.shape[-1], 1), k=int(in_features), m=int(out_features))
+    if rank is not None:
+        shapes["r"] = int(rank)
+    return kernel_limits(_kernels, x.device, compute_dtype(x), **shapes)
 
 
 # ----------------------------------------------------------------------------- Q-Linear (training)
@@ -38,8 +63,8 @@ def _none_if_empty(t: Tensor, wanted: bool) -> Optional[Tensor]:
 
 @torch.library.custom_op("rspeft_fast::qlinear_fwd", mutates_args=())
 def _qlinear_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], bits: int, gelu: bool, save_pre: bool) -> tuple[Tensor, Tensor, Tensor]:
-    scale = K.row_scales(weight, bits)
-    y, pre = K.qlinear_fwd(x, weight, scale, bias, bits, gelu=gelu, save_pre=save_pre)
+    scale = _kernels().row_scales(weight, bits)
+    y, pre = _kernels().qlinear_fwd(x, weight, scale, bias, bits, gelu=gelu, save_pre=save_pre)
     return y, (pre if pre is not None else x.new_empty(0)), scale
 
 
@@ -55,7 +80,7 @@ def _qlinear_bwd(
     dy: Tensor, x: Tensor, weight: Tensor, scale: Tensor, pre: Tensor,
     bits: int, gelu: bool, has_bias: bool, needs_dx: bool, needs_dw: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    dx, dw, db = K.qlinear_bwd(dy, x, weight, scale, pre if gelu else None, bits, gelu, has_bias, needs_dx, needs_dw)
+    dx, dw, db = _kernels().qlinear_bwd(dy, x, weight, scale, pre if gelu else None, bits, gelu, has_bias, needs_dx, needs_dw)
     # unused outputs: distinct empty tensors (custom-op outputs may not alias each other)
     return (
         dx if dx is not None else dy.new_empty(0),
@@ -90,8 +115,8 @@ def _qlinear_backward(ctx, dy, _dpre, _dscale):
     has_bias = ctx.bias_dtype is not None and need_b
     dx, dw, db = _qlinear_bwd(dy.contiguous(), x, weight, scale, pre, ctx.bits, ctx.gelu, has_bias, need_x, need_w)
     return (
-        _none_if_empty(dx, need_x),
-        _none_if_empty(dw, need_w),
+        _grad_or_none(dx, need_x),
+        _grad_or_none(dw, need_w),
         db.to(ctx.bias_dtype) if has_bias else None,
         None, None, None,
     )
@@ -100,21 +125,18 @@ def _qlinear_backward(ctx, dy, _dpre, _dscale):
 _qlinear_fwd.register_autograd(_qlinear_backward, setup_context=_qlinear_setup)
 
 
-class QLinearFunction:
-    """Autograd entry point of the fused Q-Linear on rows: ``apply(x (M, in), weight, bias, bits, gelu=False)``.
+def qlinear_rows(x: Tensor, weight: Tensor, bias: Optional[Tensor], bits: int, gelu: bool = False) -> Tensor:
+    """The fused Q-Linear on rows, differentiable: ``[GELU](x (M, in) Wqᵀ + bias)`` → ``(M, out)``.
 
-    It is the ``rspeft_fast::qlinear_fwd`` custom op with its autograd registered through
-    ``torch.library.register_autograd`` (backward: the ``rspeft_fast::qlinear_bwd`` op), rather than a
-    ``torch.autograd.Function`` subclass, so ``torch.compile`` sees one op in the forward and one in the backward.
+    The ``rspeft_fast::qlinear_fwd`` custom op, whose autograd is registered with
+    ``torch.library.register_autograd`` (backward: the ``rspeft_fast::qlinear_bwd`` op), so ``torch.compile``
+    sees one op in the forward and one in the backward. Inputs unchecked: use :func:`qlinear`.
     """
-
-    @staticmethod
-    def apply(x: Tensor, weight: Tensor, bias: Optional[Tensor], bits: int, gelu: bool = False) -> Tensor:
-        save_pre = bool(gelu) and torch.is_grad_enabled() and (
-            x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
-        )
-        y, _, _ = _qlinear_fwd(x, weight, bias, bits, bool(gelu), save_pre)
-        return y
+    save_pre = bool(gelu) and torch.is_grad_enabled() and (
+        x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
+    )
+    y, _, _ = _qlinear_fwd(x, weight, bias, bits, bool(gelu), save_pre)
+    return y
 
 
 def _check_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], name: str = "weight") -> None:
@@ -130,27 +152,35 @@ def _check_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], name: str =
     check_same_device(("x", x), (name, weight), ("bias", bias))
 
 
-SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
 def _rows(x: Tensor) -> tuple[Tensor, tuple[int, ...]]:
-    cdt = compute_dtype(x)
-    if cdt not in SUPPORTED_DTYPES:
-        raise TypeError(f"the Triton Q-Linear kernels compute in float32/float16/bfloat16, got {cdt}; use impl='reference'")
-    (xc,) = cast_for_compute(cdt, x)
+    """``x`` cast to the compute dtype and flattened to contiguous rows, with its leading shape."""
+    (xc,) = cast_for_compute(compute_dtype(x), x)
     return as_rows(xc)
 
 
-def qlinear(x: Tensor, weight: Tensor, bias: Optional[Tensor], bits: int, gelu: bool = False) -> Tensor:
-    """Fused Q-Linear ``[GELU](x Wqᵀ + bias)`` (SPEC §1): ``x (..., in)``, ``weight (out, in)`` → ``(..., out)``.
+def _resolve(op: str, impl: str, x: Tensor, limits) -> str:
+    check_kernel_dtype(op, impl, compute_dtype(x))
+    return resolve_impl(op, impl, x.device, limits=limits)
 
-    Straight-through gradients to ``x``, ``weight`` and ``bias``. Runs the Triton kernels (CUDA, or CPU under
-    ``TRITON_INTERPRET=1``).
+
+def qlinear(x: Tensor, weight: Tensor, bias: Optional[Tensor], bits: int, gelu: bool = False, *,
+            impl: str = "triton") -> Tensor:
+    """Q-Linear ``[GELU](x Wqᵀ + bias)`` (SPEC §1): ``x (..., in)``, ``weight (out, in)``, ``bias (out,)`` or None
+    → ``(..., out)``; straight-through gradients to ``x``, ``weight`` and ``bias``.
+
+    Dtypes as eager ``F.linear``: outside autocast ``x``, ``weight`` and ``bias`` share one dtype (else a
+    TypeError naming them, for every implementation); the quantiser runs in float32 whatever the weight's
+    dtype. ``impl``: ``"triton"`` (default: the fused kernels, CUDA or CPU under ``TRITON_INTERPRET=1``),
+    ``"reference"`` or ``"auto"`` (see :func:`rspeft_fast._impl.resolve_impl`).
     """
     check_bits(bits)
     _check_linear(x, weight, bias)
+    check_matching_dtypes("qlinear", x, ("weight", weight), ("bias", bias))
+    if _resolve("qlinear", impl, x, _limits(x, weight.shape[0], weight.shape[1])) == "reference":
+        y = qlinear_ref(x, weight, bias, bits)
+        return F.gelu(y) if gelu else y
     x2, lead = _rows(x)
-    y = QLinearFunction.apply(x2, weight, bias, bits, gelu)
+    y = qlinear_rows(x2, weight, bias, bits, gelu)
     return y.reshape(*lead, weight.shape[0])
 
 
@@ -168,8 +198,8 @@ FUSED_MAX_RANK = 256
 
 def _eqam_weights(down_w, down_b, up_w, up_b, bits, dtype):
     r, d = down_w.shape
-    wdq, _ = K.fake_quant(down_w, bits, dtype)
-    wuq, _ = K.fake_quant(up_w, bits, dtype)
+    wdq, _ = _kernels().fake_quant(down_w, bits, dtype)
+    wuq, _ = _kernels().fake_quant(up_w, bits, dtype)
     bd = down_b.to(dtype) if down_b is not None else down_w.new_zeros(r, dtype=dtype)
     bu = up_b if up_b is not None else up_w.new_zeros(up_w.shape[0], dtype=torch.float32)
     ones = torch.ones(r, device=down_w.device, dtype=torch.float32)
@@ -228,11 +258,13 @@ def _eqam_backward(ctx, dy, _dpre):
 _eqam_fwd.register_autograd(_eqam_backward, setup_context=_eqam_setup)
 
 
-def eqam(x: Tensor, down_w: Tensor, down_b: Optional[Tensor], up_w: Tensor, up_b: Optional[Tensor], bits: int) -> Tensor:
+def eqam(x: Tensor, down_w: Tensor, down_b: Optional[Tensor], up_w: Tensor, up_b: Optional[Tensor], bits: int, *,
+         impl: str = "triton") -> Tensor:
     """EQAM delta ``QLinear_up(GELU(QLinear_down(x)))``: ``x (..., d)`` → ``(..., d)``, STE gradients to all.
 
-    ``down_w (R, d)``, ``up_w (d, R)``. One fused bottleneck launch (forward) when the padded ``R`` is at most
-    ``FUSED_MAX_RANK``, else two fused Q-Linear launches.
+    ``down_w (R, d)``, ``down_b (R,)`` or None, ``up_w (d, R)``, ``up_b (d,)`` or None; dtypes as
+    :func:`qlinear`. Fused: one bottleneck launch (forward) when the padded ``R`` is at most
+    ``FUSED_MAX_RANK``, else two fused Q-Linear launches. ``impl`` as :func:`qlinear`.
     """
     check_bits(bits)
     _check_linear(x, down_w, down_b, "down_w")
@@ -244,15 +276,18 @@ def eqam(x: Tensor, down_w: Tensor, down_b: Optional[Tensor], up_w: Tensor, up_b
         if up_b.shape != (up_w.shape[0],):
             raise ValueError(f"up_b must have shape ({up_w.shape[0]},), got {tuple(up_b.shape)}")
     check_same_device(("x", x), ("down_w", down_w), ("up_w", up_w), ("down_b", down_b), ("up_b", up_b))
+    check_matching_dtypes("eqam", x, ("down_w", down_w), ("down_b", down_b), ("up_w", up_w), ("up_b", up_b))
+    if _resolve("eqam", impl, x, _limits(x, down_w.shape[0], down_w.shape[1], rank=down_w.shape[0])) == "reference":
+        return eqam_ref(x, down_w, down_b, up_w, up_b, bits)
     x2, lead = _rows(x)
-    if max(16, triton.next_power_of_2(down_w.shape[0])) <= FUSED_MAX_RANK:
+    if max(16, _next_pow2(down_w.shape[0])) <= FUSED_MAX_RANK:
         save_pre = torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (x2, down_w, down_b, up_w, up_b)
         )
         y, _ = _eqam_fwd(x2, down_w, down_b, up_w, up_b, bits, save_pre)
     else:
-        h = QLinearFunction.apply(x2, down_w, down_b, bits, True)
-        y = QLinearFunction.apply(h, up_w, up_b, bits, False)
+        h = qlinear_rows(x2, down_w, down_b, bits, True)
+        y = qlinear_rows(h, up_w, up_b, bits, False)
     return y.reshape(*lead, up_w.shape[0])
 
 
@@ -261,7 +296,7 @@ def eqam(x: Tensor, down_w: Tensor, down_b: Optional[Tensor], up_w: Tensor, up_b
 
 @torch.library.custom_op("rspeft_fast::qlinear_packed", mutates_args=())
 def _qlinear_packed(x: Tensor, qweight: Tensor, scale: Tensor, bias: Optional[Tensor], in_features: int, gelu: bool) -> Tensor:
-    y, _ = K.qlinear_fwd(x, qweight, scale, bias, gelu=gelu, mode=_mode(qweight), in_features=in_features)
+    y, _ = _kernels().qlinear_fwd(x, qweight, scale, bias, gelu=gelu, mode=_mode(qweight), in_features=in_features)
     return y
 
 
@@ -293,16 +328,32 @@ def _check_packed(x: Tensor, qweight: Tensor, scale: Tensor, bias: Optional[Tens
         )
 
 
-def qlinear_packed(x: Tensor, qweight: Tensor, scale: Tensor, bias: Optional[Tensor], in_features: int, gelu: bool = False) -> Tensor:
-    """Inference Q-Linear from packed storage (int8 codes, or uint8 int4 pairs), dequantised inside the matmul."""
+class PackedLinear(NamedTuple):
+    """The stored form of a packed :class:`~rspeft_fast.modules.qlinear.QLinear`: ``qweight`` int8 ``(out, in)``
+    or uint8 ``(out, ceil(in/2))`` (two int4 codes per byte), ``scale`` float32 ``(out,)``, ``bias (out,)`` or
+    None, ``in_features``."""
+
+    qweight: Tensor
+    scale: Tensor
+    bias: Optional[Tensor]
+    in_features: int
+
+
+def qlinear_packed(x: Tensor, qweight: Tensor, scale: Tensor, bias: Optional[Tensor], in_features: int,
+                   gelu: bool = False, *, impl: str = "triton") -> Tensor:
+    """Inference Q-Linear from packed storage (:class:`PackedLinear`'s fields): ``x (..., in_features)`` →
+    ``(..., out)``; fused: dequantised inside the matmul. Computes in the autocast dtype if on, else x's."""
     _check_packed(x, qweight, scale, bias, in_features)
+    if _resolve("qlinear_packed", impl, x, _limits(x, qweight.shape[0], in_features)) == "reference":
+        y = qlinear_packed_ref(x, qweight, scale, bias, in_features)
+        return F.gelu(y) if gelu else y
     x2, lead = _rows(x)
     y = _qlinear_packed(x2, qweight, scale, bias, int(in_features), bool(gelu))
     return y.reshape(*lead, qweight.shape[0])
 
 
 def _mode(qweight: Tensor) -> int:
-    return K.INT8 if qweight.dtype == torch.int8 else K.INT4
+    return _kernels().INT8 if qweight.dtype == torch.int8 else _kernels().INT4
 
 
 @torch.library.custom_op("rspeft_fast::eqam_packed", mutates_args=())
@@ -313,8 +364,8 @@ def _eqam_packed(
     from ..kernels.mufa import bottleneck_fwd
 
     r = down_q.shape[0]
-    wd = K.weight_values(down_q, down_s, x.dtype, mode=_mode(down_q), in_features=dim)
-    wu = K.weight_values(up_q, up_s, x.dtype, mode=_mode(up_q), in_features=r)
+    wd = _kernels().weight_values(down_q, down_s, x.dtype, mode=_mode(down_q), in_features=dim)
+    wu = _kernels().weight_values(up_q, up_s, x.dtype, mode=_mode(up_q), in_features=r)
     bd = down_b.to(x.dtype) if down_b is not None else x.new_zeros(r)
     bu = up_b if up_b is not None else x.new_zeros(dim, dtype=torch.float32)
     ones = torch.ones(r, device=x.device, dtype=torch.float32)
@@ -327,21 +378,25 @@ def _(x, down_q, down_s, down_b, up_q, up_s, up_b, dim):
     return x.new_empty(x.shape[0], up_q.shape[0])
 
 
-def eqam_packed(x: Tensor, down: tuple, up: tuple) -> Tensor:
-    """Packed EQAM delta (inference); ``down``/``up`` are ``(qweight, scale, bias, in_features)`` tuples.
+def eqam_packed(x: Tensor, down: PackedLinear, up: PackedLinear, *, impl: str = "triton") -> Tensor:
+    """Packed EQAM delta (inference): ``x (..., d)`` → ``(..., d)``; ``down``/``up`` are :class:`PackedLinear`
+    (or plain ``(qweight, scale, bias, in_features)`` tuples).
 
-    Small bottleneck (padded ``R <= FUSED_MAX_RANK``): the two small weights are dequantised by a tiny kernel
-    and one bottleneck launch does the rest (``h`` never leaves the chip); otherwise two packed Q-Linear
-    launches (dequantise-in-the-matmul, GELU epilogue on the first).
+    Fused, small bottleneck (padded ``R <= FUSED_MAX_RANK``): the two small weights are dequantised by a tiny
+    kernel and one bottleneck launch does the rest (``h`` never leaves the chip); otherwise two packed
+    Q-Linear launches (dequantise-in-the-matmul, GELU epilogue on the first).
     """
-    dq, ds, db, din = down
-    uq, us, ub, uin = up
+    dq, ds, db, din = down = PackedLinear(*down)
+    uq, us, ub, uin = up = PackedLinear(*up)
     _check_packed(x, dq, ds, db, din)
     if uin != dq.shape[0] or uq.shape[0] != din:
         raise ValueError(f"EQAM packed: up must map {dq.shape[0]} -> {din} features, got {uin} -> {uq.shape[0]}")
     _check_packed(x.new_empty(0, uin), uq, us, ub, uin)
+    if _resolve("eqam_packed", impl, x, _limits(x, dq.shape[0], din, rank=dq.shape[0])) == "reference":
+        h = F.gelu(qlinear_packed_ref(x, dq, ds, db, din))
+        return qlinear_packed_ref(h, uq, us, ub, uin)
     x2, lead = _rows(x)
-    if max(16, triton.next_power_of_2(dq.shape[0])) <= FUSED_MAX_RANK:
+    if max(16, _next_pow2(dq.shape[0])) <= FUSED_MAX_RANK:
         y = _eqam_packed(x2, dq, ds, db, uq, us, ub, int(din))
     else:
         h = _qlinear_packed(x2, dq, ds, db, int(din), True)
