@@ -1,7 +1,7 @@
 """The retrieval job's model: an open_clip dual encoder with MGA in both towers and a learnable temperature.
 
-* :data:`TINY_CLIP` (``"rspeft-tiny-clip"``): a CPU-sized CLIP (32² images, patch 8, width 128, 3 layers per
-  tower, 64-d embeddings, open_clip's BPE tokenizer, context 32) registered in open_clip's model registry by
+* :data:`TINY_CLIP` (``"rspeft-tiny-clip"``): a CPU-sized CLIP (32² images, patch 8, width 128, 2 layers per
+  tower, 64-d embeddings, open_clip's BPE tokenizer, context 24) registered in open_clip's model registry by
   :func:`register_tiny_clip`, so ``open_clip.create_model`` / ``get_tokenizer`` and ``--model`` accept it.
 * :func:`create_clip`: model, tokenizer, train / eval image transforms from an open_clip name, optionally
   weights from ``--checkpoint`` (:func:`load_clip_checkpoint`).
@@ -32,8 +32,8 @@ __all__ = ["TINY_CLIP", "TINY_CLIP_CFG", "register_tiny_clip", "create_clip", "l
 TINY_CLIP = "rspeft-tiny-clip"
 TINY_CLIP_CFG = {
     "embed_dim": 64,
-    "vision_cfg": {"image_size": 32, "layers": 3, "width": 128, "patch_size": 8, "head_width": 32},
-    "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 128, "heads": 4, "layers": 3},
+    "vision_cfg": {"image_size": 32, "layers": 2, "width": 128, "patch_size": 8, "head_width": 32},
+    "text_cfg": {"context_length": 24, "vocab_size": 49408, "width": 128, "heads": 4, "layers": 2},
 }
 TEMP_INIT, TEMP_MIN, TEMP_MAX = 0.07, 0.001, 0.5
 

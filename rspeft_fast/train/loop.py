@@ -141,9 +141,23 @@ def wrap_model(model: nn.Module, args, dist: DistInfo, shard_modules: Callable[[
     if getattr(args, "fsdp", False):
         from torch.distributed.fsdp import fully_shard
 
+        # fully_shard cannot shard 0-d tensors (MGA gates, the temperature, CLIP's logit_scale): they stay
+        # replicated, and the trainable ones get their gradients averaged across ranks right after accumulation
+        scalars = {p for p in model.parameters() if p.dim() == 0}
         for m in (shard_modules(model) if shard_modules is not None else []):
-            fully_shard(m)
-        fully_shard(model)
+            fully_shard(m, ignored_params=scalars)
+        fully_shard(model, ignored_params=scalars)
+        import torch.distributed as tdist
+
+        world = tdist.get_world_size()
+        if world > 1:
+            def _average(p):
+                tdist.all_reduce(p.grad)
+                p.grad.div_(world)
+
+            for p in scalars:
+                if p.requires_grad:
+                    p.register_post_accumulate_grad_hook(_average)
         return model
     if dist.world > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
