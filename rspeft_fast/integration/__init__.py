@@ -21,6 +21,8 @@ from .config import (
     MuFAConfig,
     VPTConfig,
     METHODS,
+    OptionError,
+    coerce_options,
     config_for,
 )
 from .inject import (
@@ -49,6 +51,8 @@ __all__ = [
     "SUPPORTED",
     "METHODS",
     "config_for",
+    "coerce_options",
+    "OptionError",
     "AdapterConfig",
     "MuFAConfig",
     "AdaptFormerConfig",

@@ -14,6 +14,12 @@ Every config carries the options common to all methods:
 * ``impl``: kernel switch passed to the adapter modules: ``"auto" | "reference" | "triton"``, or a
   dict per op, keys ``"mufa"``, ``"eqam"``, ``"mga"`` (missing keys mean ``"auto"``). Not part of the
   method's identity: it is not compared when loading adapter weights.
+
+Option values are validated and coerced in ONE place, :func:`coerce_options` (the configs' ``validate``,
+hence ``inject(model, "mufa", rates=16)``, the config constructors and the CLI's ``--option key=value``):
+``rates=16``, ``rates="8,16,32"``, ``rates=[8, 16]`` all mean what they say, ``"4"`` is an int option's 4,
+``"true"``/``"0"`` a bool's; nonsense raises :class:`OptionError` (a ValueError and a TypeError) with one
+line naming the option and the method.
 """
 from __future__ import annotations
 
@@ -37,10 +43,109 @@ __all__ = [
     "CAPMConfig",
     "MGAConfig",
     "config_for",
+    "coerce_options",
+    "OptionError",
     "METHODS",
 ]
 
 ImplSpec = Union[str, dict]
+
+
+class OptionError(ValueError, TypeError):
+    """A method option that is unknown or whose value means nothing (one line naming the option)."""
+
+
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
+def _as_int(v: Any) -> int:
+    if isinstance(v, bool):
+        raise ValueError("a boolean is not an integer")
+    if isinstance(v, int):
+        return v
+    if isinstance(v, float) and v.is_integer():
+        return int(v)
+    if isinstance(v, str) and v.strip().lstrip("+-").isdigit():
+        return int(v.strip())
+    raise ValueError("expected an integer")
+
+
+def _as_float(v: Any) -> float:
+    if isinstance(v, bool):
+        raise ValueError("a boolean is not a number")
+    if isinstance(v, (int, float)):
+        return float(v)
+    if isinstance(v, str):
+        return float(v.strip())  # ValueError for nonsense
+    raise ValueError("expected a number")
+
+
+def _as_bool(v: Any) -> bool:
+    if isinstance(v, bool):
+        return v
+    if isinstance(v, int) and v in (0, 1):
+        return bool(v)
+    if isinstance(v, str) and v.strip().lower() in _TRUE + _FALSE:
+        return v.strip().lower() in _TRUE
+    raise ValueError("expected true/false")
+
+
+def _as_int_tuple(v: Any) -> tuple:
+    """``16`` / ``"16"`` / ``"8,16,32"`` / ``"(8, 16)"`` / ``[8, 16]`` → a tuple of ints."""
+    if isinstance(v, str):
+        text = v.strip().strip("()[]")
+        parts = [t for t in (p.strip() for p in text.split(",")) if t]
+        if not parts:
+            raise ValueError("expected integers like 8,16,32")
+        return tuple(_as_int(t) for t in parts)
+    if isinstance(v, (list, tuple)):
+        return tuple(_as_int(t) for t in v)
+    return (_as_int(v),)
+
+
+def _as_optional(conv):
+    def f(v: Any):
+        if v is None or (isinstance(v, str) and v.strip().lower() in ("none", "null")):
+            return None
+        return conv(v)
+    return f
+
+
+def _as_str(v: Any) -> str:
+    if not isinstance(v, str):
+        raise ValueError("expected a string")
+    return v
+
+
+# annotation (as written in the dataclasses below) -> converter
+_CONVERTERS = {
+    "int": _as_int,
+    "float": _as_float,
+    "bool": _as_bool,
+    "str": _as_str,
+    "tuple": _as_int_tuple,
+    "Optional[int]": _as_optional(_as_int),
+}
+
+
+def _coerce_field(cls: type, name: str, value: Any) -> Any:
+    ann = {f.name: f.type for f in dataclasses.fields(cls)}.get(name)
+    conv = _CONVERTERS.get(ann if isinstance(ann, str) else getattr(ann, "__name__", ""))
+    if conv is None:  # target / impl: checked by AdapterConfig.validate
+        return value
+    try:
+        return conv(value)
+    except (TypeError, ValueError) as e:
+        raise OptionError(f"{cls.method}: option {name}={value!r} is not valid ({e})") from None
+
+
+def coerce_options(method: Union[str, "AdapterConfig"], options: dict) -> dict:
+    """Validate and coerce ``options`` for ``method`` (a name or a config class/instance): returns the options
+    with their values as the config holds them (``{"rates": "8,16"}`` → ``{"rates": (8, 16)}``), after the
+    config's own checks. Raises :class:`OptionError` naming the option (unknown key or bad value).
+    Used by :func:`config_for` (hence ``inject``) and by the CLI's ``--option``."""
+    cfg = config_for(method, **options)
+    return {k: getattr(cfg, k) for k in options}
 
 _IMPLS = ("auto", "reference", "triton")
 _IMPL_OPS = ("mufa", "eqam", "mga")
@@ -65,9 +170,11 @@ class AdapterConfig:
 
     # -- validation ---------------------------------------------------------------------------
     def validate(self) -> None:
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, _coerce_field(type(self), f.name, getattr(self, f.name)))
         if isinstance(self.target, (list, tuple)):  # names, exact or dotted suffix (integration.inject.Target)
             if not all(isinstance(t, str) and t for t in self.target):
-                raise ValueError(f"{type(self).__name__}.target: a list of target names must hold non-empty strings, got {self.target!r}")
+                raise OptionError(f"{type(self).__name__}.target: a list of target names must hold non-empty strings, got {self.target!r}")
             self.target = list(self.target)
         elif self.target is not None:
             import re
@@ -75,9 +182,9 @@ class AdapterConfig:
             try:
                 re.compile(self.target)
             except re.error as e:
-                raise ValueError(f"{type(self).__name__}.target={self.target!r} is not a valid regular expression: {e}") from None
+                raise OptionError(f"{type(self).__name__}.target={self.target!r} is not a valid regular expression: {e}") from None
         if self.num_classes is not None and int(self.num_classes) < 0:
-            raise ValueError(f"num_classes must be >= 0, got {self.num_classes}")
+            raise OptionError(f"num_classes must be >= 0, got {self.num_classes}")
         self.impl_for("mufa")  # validates impl
 
     def impl_for(self, op: str) -> str:
@@ -87,12 +194,12 @@ class AdapterConfig:
         elif isinstance(self.impl, dict):
             bad = set(self.impl) - set(_IMPL_OPS)
             if bad:
-                raise ValueError(f"impl dict keys must be among {_IMPL_OPS}, got {sorted(bad)}")
+                raise OptionError(f"impl dict keys must be among {_IMPL_OPS}, got {sorted(bad)}")
             impl = self.impl.get(op, "auto")
         else:
             raise TypeError(f"impl must be a str or a dict per op, got {type(self.impl).__name__}")
         if impl not in _IMPLS:
-            raise ValueError(f"impl={impl!r} is not one of {_IMPLS}")
+            raise OptionError(f"impl={impl!r} is not one of {_IMPLS}")
         return impl
 
     # -- (de)serialisation ----------------------------------------------------------------------
@@ -114,7 +221,7 @@ class AdapterConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - names
         if unknown:
-            raise ValueError(f"unknown options for method {method!r}: {sorted(unknown)} (known: {sorted(names)})")
+            raise OptionError(f"unknown options for method {method!r}: {sorted(unknown)} (known: {sorted(names)})")
         for f in dataclasses.fields(cls):
             if f.name in d and isinstance(f.default, tuple) and isinstance(d[f.name], list):
                 d[f.name] = tuple(d[f.name])
@@ -136,9 +243,9 @@ class AdapterConfig:
 
 
 def _check_rates(rates) -> tuple:
-    rates = tuple(int(r) for r in rates)
+    rates = _as_int_tuple(rates)
     if not rates or any(r <= 0 for r in rates):
-        raise ValueError(f"rates must be a non-empty sequence of positive integers, got {rates}")
+        raise OptionError(f"rates must be a non-empty sequence of positive integers, got {rates}")
     return rates
 
 
@@ -155,7 +262,7 @@ class MuFAConfig(AdapterConfig):
         super().validate()
         self.rates = _check_rates(self.rates)
         if self.placement not in ("parallel", "serial"):
-            raise ValueError(f"placement must be 'parallel' or 'serial', got {self.placement!r}")
+            raise OptionError(f"placement must be 'parallel' or 'serial', got {self.placement!r}")
 
 
 @dataclass
@@ -193,7 +300,7 @@ class LoRAConfig(AdapterConfig):
     def validate(self) -> None:
         super().validate()
         if int(self.rank) <= 0:
-            raise ValueError(f"rank must be positive, got {self.rank}")
+            raise OptionError(f"rank must be positive, got {self.rank}")
 
 
 @dataclass
@@ -237,16 +344,23 @@ class VPTConfig(AdapterConfig):
     def validate(self) -> None:
         super().validate()
         if int(self.num_tokens) <= 0:
-            raise ValueError(f"num_tokens must be positive, got {self.num_tokens}")
+            raise OptionError(f"num_tokens must be positive, got {self.num_tokens}")
 
 
 @dataclass
 class EQAMConfig(AdapterConfig):
     """UPetu's EQAM parallel to each ConvNeXt block's MLP (channels-last), optionally with CAPM
-    after each stage (``with_capm=True`` is method ``"eqam+capm"``)."""
+    after each stage (``with_capm=True`` is method ``"eqam+capm"``).
+
+    Bottleneck width: ``hidden`` channels in every block (default 16: UPetu's budget, 0.73 % of ConvNeXt-B
+    with CAPM and a 55-class head, SPEC §1), or ``reduction=r`` for ``dim // r`` (``reduction=4`` is eight
+    times the paper's budget); not both. Files saved before ``hidden`` existed hold ``reduction`` and load
+    as they were saved."""
 
     method: ClassVar[str] = "eqam"
-    reduction: int = 4
+    DEFAULT_HIDDEN: ClassVar[int] = 16
+    hidden: Optional[int] = None
+    reduction: Optional[int] = None
     bits: int = 8
     with_capm: bool = False
     num_prompts: int = 8
@@ -254,9 +368,15 @@ class EQAMConfig(AdapterConfig):
     def validate(self) -> None:
         super().validate()
         if not 2 <= int(self.bits) <= 8:
-            raise ValueError(f"bits must be in [2, 8], got {self.bits}")
-        if int(self.reduction) <= 0:
-            raise ValueError(f"reduction must be positive, got {self.reduction}")
+            raise OptionError(f"bits must be in [2, 8], got {self.bits}")
+        if self.hidden is not None and self.reduction is not None:
+            raise OptionError(f"eqam: give hidden={self.hidden} or reduction={self.reduction}, not both")
+        if self.reduction is not None and int(self.reduction) <= 0:
+            raise OptionError(f"reduction must be positive, got {self.reduction}")
+        if self.reduction is None and self.hidden is None:
+            self.hidden = self.DEFAULT_HIDDEN
+        if self.hidden is not None and int(self.hidden) <= 0:
+            raise OptionError(f"hidden must be positive, got {self.hidden}")
 
     def to_dict(self) -> dict:
         d = super().to_dict()
@@ -275,7 +395,7 @@ class CAPMConfig(AdapterConfig):
     def validate(self) -> None:
         super().validate()
         if int(self.num_prompts) <= 0:
-            raise ValueError(f"num_prompts must be positive, got {self.num_prompts}")
+            raise OptionError(f"num_prompts must be positive, got {self.num_prompts}")
 
 
 @dataclass
@@ -303,9 +423,9 @@ class MGAConfig(AdapterConfig):
     def validate(self) -> None:
         super().validate()
         if self.towers not in ("both", "image", "text"):
-            raise ValueError(f"towers must be 'both', 'image' or 'text', got {self.towers!r}")
+            raise OptionError(f"towers must be 'both', 'image' or 'text', got {self.towers!r}")
         if int(self.hidden) % int(self.heads):
-            raise ValueError(f"hidden={self.hidden} must be divisible by heads={self.heads}")
+            raise OptionError(f"hidden={self.hidden} must be divisible by heads={self.heads}")
 
 
 _CLASSES = [
@@ -331,7 +451,7 @@ def config_class(method: Any) -> type:
         return EQAMConfig
     cls = _BY_METHOD.get(method)
     if cls is None:
-        raise ValueError(f"unknown method {method!r}; supported methods: {', '.join(METHODS)}")
+        raise OptionError(f"unknown method {method!r}; supported methods: {', '.join(METHODS)}")
     return cls
 
 
@@ -347,5 +467,5 @@ def config_for(method: Union[str, AdapterConfig], **options) -> AdapterConfig:
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = set(options) - names
     if unknown:
-        raise TypeError(f"unknown options for method {method!r}: {sorted(unknown)} (known: {sorted(names)})")
+        raise OptionError(f"unknown options for method {method!r}: {sorted(unknown)} (known: {sorted(names)})")
     return cls(**options)
