@@ -265,6 +265,9 @@ def cases(op: str, size: str) -> list[Case]:
         for bits in (8, 4):
             out.append(_eqam_case(f"convnext_s1_b{bits}", (b, 56, 56), 128, 4, bits, lo, a1, note if a1 else ""))
             out.append(_eqam_case(f"convnext_s4_b{bits}", (b, 7, 7), 1024, 4, bits, lo, a4, note if a4 else ""))
+            # EQAM's default width, hidden = 16 (UPetu's budget, SPEC §1): reduction d // 16
+            out.append(_eqam_case(f"convnext_s1_h16_b{bits}", (b, 56, 56), 128, 128 // 16, bits, lo))
+            out.append(_eqam_case(f"convnext_s4_h16_b{bits}", (b, 7, 7), 1024, 1024 // 16, bits, lo))
         return out
     if op == "mga":
         if size == "tiny":
