@@ -11,8 +11,7 @@ The work is a matrix: arch (``--arch``, compute capabilities of ``kernels._launc
 come from the kernel modules themselves: ``kernels.<mod>.aot_launches(props, dtype, profile)`` builds each
 launch with the launcher's own argument helper on meta tensors (dtypes, strides, constexprs) and lists the
 configs its plan function (``plan_<launch>(shapes, dtype, props)``) allows on that arch — no launch logic is
-copied here. MGA uses ``kernels.mga.aot_launches`` when the module has it, else the job list below
-(``mga_jobs``, mirrored from its launchers). Each job is specialised the way ``JITFunction.run`` specialises
+copied here. Each job is specialised the way ``JITFunction.run`` specialises
 a real launch (16-byte aligned pointers, integers divisible by 16, integers equal to 1 become constants).
 
 For each compile it reports registers / spills / stack (``cuobjdump -res-usage``; spilled registers live in
@@ -70,24 +69,6 @@ def _group_of(kernel: str) -> str:
         return {"_bottleneck_fwd_kernel": "mufa_fwd", "_bottleneck_bwd_rows_kernel": "mufa_bwd",
                 "_atb_splitk_kernel": "mufa_atb"}.get(name, "mufa_fwd")
     return mod
-
-
-# MGA SPEC §2 shapes for the mirrored job list (mga_jobs) below
-MGA_CASES = [  # (label, B, L, D, hidden, heads, share (hidden, heads) or None, mask)
-    ("image L50 D768 h128/8", 214, 50, 768, 128, 8, None, False),
-    ("text L77 D512 h128/8 +BiShare h64/8", 214, 77, 512, 128, 8, (64, 8), True),
-]
-MGA_EDGE_CASES = [  # the largest sequence the kernels accept (MAX_L = 256, LP = 256): not a SPEC shape
-    ("edge L256 D512 h128/8 +BiShare h64/8", 8, 256, 512, 128, 8, (64, 8), True),
-]
-MGA_LONG_CASES = [  # (label, B, L, hidden, heads, mask): the blocked attention backward of padded L > LONG_LP
-    ("long L197 h128/8", 64, 197, 128, 8, False),  # ViT-B/16 tokens
-    ("long L256 h64/8 +mask", 8, 256, 64, 8, True),  # BiShare head dim 8 at MAX_L
-]
-
-# dtype variants of mga_jobs: (name, torch dtype name of the compute dtype, fp32 "IEEE" flag)
-DTYPES = (("bf16", "bfloat16", False), ("fp16", "float16", False), ("fp32", "float32", True),
-          ("tf32", "float32", False))
 
 
 @dataclass
@@ -180,92 +161,6 @@ def module_jobs(mod, arch, dtypes, profile, coverage):
     return jobs
 
 
-def mga_jobs(dtypes, edge=False, lean=False):  # noqa: C901 - one launcher mirrored per block
-    """MGA kernels. Per-sequence kernels at the SPEC cases (and, with ``edge``, the forward at MAX_L);
-    the blocked attention-backward kernels (padded L > LONG_LP) at L = 197 / 256 (cheap: always).
-    ``lean`` (quick profile) leaves out the fp32-IEEE per-sequence kernels of the text + BiShare case (their
-    FMA attention costs ~260 CPU seconds to compile) and the fp32 inference forward."""
-    from rspeft_fast.kernels import mga as K
-
-    long_lp = getattr(K, "LONG_LP", None)  # None: every L through the per-sequence kernels
-    jobs = []
-    G = "mga"
-    cases = [(c, False) for c in MGA_CASES] + ([(c, True) for c in MGA_EDGE_CASES] if edge else [])
-    for dname, tname, ieee in DTYPES:
-        if dname not in dtypes:
-            continue
-        prec = "ieee" if ieee else "tf32"  # kernels.mga._prec on a GPU (fp32: ieee unless TF32 is allowed)
-        c = lambda: _ptr(tname)  # noqa: E731  compute dtype (weights, saved activations, x and y here)
-        f32 = lambda: _ptr("float32")  # noqa: E731
-        gate = f32  # the gate parameter stays fp32 (bf16 compute under autocast)
-        for (label, B, L, D, H, NH, share, has_mask), is_edge in cases:
-            if dname == "fp32" and share is not None and lean and not is_edge:
-                continue
-            case = f"{dname} {label}"
-            DH = H // NH
-            if share is not None:
-                H2, NH2 = share
-            else:
-                H2, NH2 = 16, 1
-            DH2 = H2 // NH2
-            p2 = K._p2
-            LP, HP, DHP, H2P, DH2P = p2(L), p2(H), p2(DH), p2(H2), p2(DH2)
-            BD = 32 if HP > 128 or LP > 64 else 64
-            nw = K._warps(LP, HP)
-            mask = _ptr("uint8") if has_mask else c()
-            for save in ((True,) if lean and dname != "bf16" else (True, False)):
-                args = dict(
-                    X=c(), sxb=L * D, sxl=D, sxd=1, Y=c(), MASK=mask,
-                    Wd=c(), bd=c(), Wu=c(), bu=c(), Win=c(), bin=c(), Wo=c(), bo=c(), GATE=gate(),
-                    SWd=c(), Sbd=c(), SWu=c(), Sbu=c(), SWin=c(), Sbin=c(), SWo=c(), Sbo=c(),
-                    SGATE=gate() if share else c(),
-                    HPRE=c(), Z1=c(), Z2=c(), WS=c(),
-                    L=L, D=D, H=H, NH=NH, DH=DH, H2=H2, NH2=NH2, DH2=DH2, scale=1.0 / math.sqrt(DH),
-                    scale2=1.0 / math.sqrt(DH2),
-                    LP=LP, HP=HP, DHP=DHP, H2P=H2P, DH2P=DH2P, BD=BD, HAS_MASK=has_mask, SHARE=share is not None,
-                    SAVE=save, PREC=prec,
-                )
-                jobs.append(Job(G, "mga._mga_fwd_kernel", f"{case} {'train' if save else 'infer'}", f"BD{BD} w{nw}",
-                                args, dict(num_warps=nw), edge=is_edge))
-            if long_lp is not None and LP > long_lp:
-                continue  # the backward of this L is the blocked path (below)
-            scale = 1.0 / math.sqrt(DH)
-            jobs.append(Job(G, "mga._bwd_msa2_kernel", case, f"BD{BD} w{nw}", dict(
-                DY=c(), sdb=L * D, sdl=D, sdd=1, MASK=mask, Wu=c(), Win=c(), bin=c(), Wo=c(), bo=c(), GATE=gate(),
-                HPRE=c(), Z2=c(), DQKV=c(), O=c(), G=c(), U=c(), DU=c(), DZ2=c(), GP=f32(),
-                L=L, D=D, H=H, NH=NH, DH=DH, scale=scale,
-                LP=LP, HP=HP, DHP=DHP, BD=BD, HAS_MASK=has_mask, PREC=prec,
-            ), dict(num_warps=nw), edge=is_edge))
-            if share is not None:
-                jobs.append(Job(G, "mga._bwd_share_kernel", case, f"w{nw}", dict(
-                    DZ2=c(), MASK=mask, SWd=c(), SWu=c(), SWin=c(), Sbin=c(), SWo=c(), Sbo=c(), SGATE=gate(),
-                    WS=c(), DQKV=c(), O=c(), G=c(), VS=c(), DW=c(), DZ1=c(), GP=f32(),
-                    L=L, H=H, H2=H2, NH2=NH2, DH2=DH2, scale2=1.0 / math.sqrt(DH2),
-                    LP=LP, HP=HP, H2P=H2P, DH2P=DH2P, HAS_MASK=has_mask, PREC=prec,
-                ), dict(num_warps=nw), edge=is_edge))
-            fuse_dx = True if long_lp is not None else LP <= 128  # mga_backward: always fused since LONG_LP
-            jobs.append(Job(G, "mga._bwd_msa1_kernel", f"{case}{' fused dx' if fuse_dx else ''}", f"BD{BD} w{nw}", dict(
-                DY=c(), sdb=L * D, sdl=D, sdd=1, DX=c(), MASK=mask, Wd=c(), Win=c(), bin=c(), Wo=c(), bo=c(),
-                GATE=gate(), HPRE=c(), G1=c(), DU=c(), DQKV=c(), O=c(), Z0=c(), DPRE=c(),
-                L=L, D=D, H=H, NH=NH, DH=DH, scale=scale,
-                LP=LP, HP=HP, DHP=DHP, BD=BD, HAS_MASK=has_mask, FUSE_DX=fuse_dx, PREC=prec,
-            ), dict(num_warps=nw), edge=is_edge))
-        if long_lp is None:
-            continue
-        # blocked attention backward (mga.attention_backward_blocked): long sequences, both head dims
-        for label, B, L, H, NH, has_mask in MGA_LONG_CASES:
-            DH = H // NH
-            mask = _ptr("uint8") if has_mask else f32()  # no mask: the stats buffer stands in
-            common = dict(L=L, H=H, NH=NH, DH=DH, scale=1.0 / math.sqrt(DH),
-                          BQ=K.LONG_BQ, BK=K.LONG_BK, DHP=K._p2(DH), HAS_MASK=has_mask, PREC=prec)
-            cfg = f"BQ{K.LONG_BQ} BK{K.LONG_BK} w4"
-            jobs.append(Job(G, "mga._attn_bwd_dq_kernel", f"{dname} {label}", cfg, dict(
-                QKV=c(), DO=c(), MASK=mask, DQKV=c(), O=c(), STATS=f32(), **common), dict(num_warps=4), edge=True))
-            jobs.append(Job(G, "mga._attn_bwd_dkdv_kernel", f"{dname} {label}", cfg, dict(
-                QKV=c(), DO=c(), MASK=mask, DQKV=c(), STATS=f32(), **common), dict(num_warps=4), edge=True))
-    return jobs
-
-
 PROFILES = {
     # the CI/"done when" profile: bf16 with every config its plan allows (inference / recompute variants:
     # fewer); fp32 (IEEE dots) with the first config of each autotuned launch, training variants, without the
@@ -305,13 +200,7 @@ def all_jobs(groups=GROUPS, profile="quick", dtypes=None, coverage=None, edge=No
         if "qlinear" in groups:
             jobs += module_jobs("qlinear", arch, dtypes, kprofile, cov)
         if "mga" in groups:
-            mga = importlib.import_module("rspeft_fast.kernels.mga")
-            if hasattr(mga, "aot_launches"):
-                jobs += module_jobs("mga", arch, dtypes, kprofile, cov)
-            else:
-                for j in mga_jobs(dtypes, edge, lean):
-                    j.arch = arch
-                    jobs.append(j)
+            jobs += module_jobs("mga", arch, dtypes, kprofile, cov)
     return jobs
 
 
@@ -449,7 +338,9 @@ def compile_job(job, target=None):
     c0 = _cpu_seconds()
     try:
         src = source_of(job)
-        k = triton.compile(src, target=target, options=dict(job.options))
+        from rspeft_fast.kernels._launch import LAUNCH_OPTIONS
+
+        k = triton.compile(src, target=target, options={**LAUNCH_OPTIONS, **job.options})
         regs, stack, local = resource_usage(k.asm["cubin"])
         res.update(ok=True, regs=regs, stack=stack, local=local, spill_bytes=stack + local,
                    shared=int(k.metadata.shared), mma=mma_kind(k.asm["ptx"]), num_warps=k.metadata.num_warps,

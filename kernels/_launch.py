@@ -71,7 +71,7 @@ import triton
 import triton.language as tl
 
 __all__ = [
-    "DeviceProps", "ARCH_PROPS", "INTERPRETER_PROPS", "MIN_ARCH", "INTERPRET", "SUPPORTED_DTYPES", "DTYPE_BYTES",
+    "LAUNCH_OPTIONS", "DeviceProps", "ARCH_PROPS", "INTERPRETER_PROPS", "MIN_ARCH", "INTERPRET", "SUPPORTED_DTYPES", "DTYPE_BYTES",
     "device_props", "props_for_arch", "smem_bytes", "prune_configs", "autotune_pruner", "precision",
     "dot", "cast", "pad_pow2", "cdiv", "split_rows", "arch_unsupported", "dtype_bytes", "AotLaunch", "aot_dtype",
     "AOT_DTYPES",
@@ -82,6 +82,14 @@ INTERPRET: bool = os.environ.get("TRITON_INTERPRET", "0").strip() == "1"
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 DTYPE_BYTES = {torch.float32: 4, torch.float16: 2, torch.bfloat16: 2}
+
+# Options every launch passes (and benchmarks/aot_compile.py compiles with). FP fusion (a*b + c contracted to
+# one FMA) ON: Triton 3.9 warns that its default flips to OFF in 3.10. The kernels want it on: eager PyTorch's
+# CUDA kernels are built with nvcc's default --fmad=true (so fused results track eager's the same way), the
+# GELU / softmax / epilogue arithmetic is faster with FMAs, and no result depends on an uncontracted a*b + c
+# (Q-Linear's scales and codes use div_rn / floor / exact products: bit-exact either way). Setting it on every
+# launch also keeps 3.6 / 3.8 / 3.9 / 3.10 compiling the same code. The interpreter ignores it.
+LAUNCH_OPTIONS = dict(enable_fp_fusion=True)
 
 # The oldest compute capability the kernels are compiled and checked for (benchmarks/aot_compile.py --arch 75).
 MIN_ARCH = 75

@@ -59,7 +59,7 @@ import triton.language as tl
 
 from ._common import gelu, gelu_grad
 from ._launch import (
-    INTERPRET, SUPPORTED_DTYPES, DeviceProps, arch_unsupported, cast, cdiv, device_props, dot, dtype_bytes,
+    INTERPRET, LAUNCH_OPTIONS, SUPPORTED_DTYPES, DeviceProps, arch_unsupported, cast, cdiv, device_props, dot, dtype_bytes,
     pad_pow2, precision, prune_configs, smem_bytes, split_rows,
 )
 
@@ -571,7 +571,7 @@ def bottleneck_fwd(x, wd, bd, wu, bu, col_scale, scale: float, base=None, save_p
         return (triton.cdiv(n, meta["BLOCK_M"]),)
 
     _bottleneck_fwd_kernel[grid](**_fwd_args(x, wd, bd.contiguous(), wu, bu.contiguous(), col_scale.contiguous(),
-                                             base, y, pre, scale, precision(x.dtype)))
+                                             base, y, pre, scale, precision(x.dtype)), **LAUNCH_OPTIONS)
     return y, pre
 
 
@@ -586,7 +586,7 @@ def _atb(a, b, out_layout_qp: bool, sum_a: bool, sum_b: bool):
     def grid(meta):
         return (triton.cdiv(p, meta["BLOCK_P"]), triton.cdiv(q, meta["BLOCK_Q"]), plan.splits)
 
-    _atb_splitk_kernel[grid](**args)
+    _atb_splitk_kernel[grid](**args, **LAUNCH_OPTIONS)
     c = part.sum(0)
     return c, (sa.sum(0) if sum_a else None), (sb.sum(0) if sum_b else None)
 
@@ -619,7 +619,7 @@ def bottleneck_bwd(dy, x, pre, wd, bd, wu, col_scale, scale: float):
         return (triton.cdiv(n, meta["BLOCK_M"]),)
 
     _bottleneck_bwd_rows_kernel[grid](**_bwd_rows_args(dy, x, pre, wd, bd.contiguous(), wu, col_scale.contiguous(),
-                                                       dx, dpre, g, scale, precision(x.dtype)))
+                                                       dx, dpre, g, scale, precision(x.dtype)), **LAUNCH_OPTIONS)
     dwd, dbd, _ = _atb(dpre, x, out_layout_qp=False, sum_a=True, sum_b=False)  # (R, d), (R,)
     gt, _, sdy = _atb(g, dy, out_layout_qp=True, sum_a=False, sum_b=True)  # G = dyᵀ g (d, R), Σ dy (d,)
     scale = float(scale)

@@ -38,7 +38,7 @@ import triton.language as tl
 
 from ._common import gelu, gelu_grad
 from ._launch import (
-    SUPPORTED_DTYPES, DeviceProps, arch_unsupported, cast, cdiv, device_props, dot, dtype_bytes, pad_pow2, precision,
+    LAUNCH_OPTIONS, SUPPORTED_DTYPES, DeviceProps, arch_unsupported, cast, cdiv, device_props, dot, dtype_bytes, pad_pow2, precision,
     smem_bytes, split_rows,
 )
 
@@ -463,7 +463,7 @@ def row_scales(weight: torch.Tensor, bits: int) -> torch.Tensor:
     if n == 0:
         return s
     plan = plan_rows(n, k, device_props(weight.device))
-    _row_scale_kernel[(triton.cdiv(n, plan.BLOCK_N),)](**_row_scale_args(weight, s, qmax, plan))
+    _row_scale_kernel[(triton.cdiv(n, plan.BLOCK_N),)](**_row_scale_args(weight, s, qmax, plan), **LAUNCH_OPTIONS)
     return s
 
 
@@ -481,7 +481,7 @@ def weight_values(weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype,
         return out
     plan = plan_rows(n, k, device_props(weight.device), rows_hi=64, k_hi=128, rows_lo=16)
     _weight_kernel[(triton.cdiv(n, plan.BLOCK_N), triton.cdiv(k, plan.BLOCK_K))](
-        **_weight_args(weight, scale, out, n, k, mode, qmax, plan, precision(dtype)))
+        **_weight_args(weight, scale, out, n, k, mode, qmax, plan, precision(dtype)), **LAUNCH_OPTIONS)
     return out
 
 
@@ -495,7 +495,7 @@ def fake_quant(weight: torch.Tensor, bits: int, dtype: torch.dtype) -> tuple[tor
     if n == 0:
         return out, s
     plan = plan_rows(n, k, device_props(weight.device))
-    _quantize_rows_kernel[(triton.cdiv(n, plan.BLOCK_N),)](**_quantize_args(weight, out, s, qmax, plan, precision(dtype)))
+    _quantize_rows_kernel[(triton.cdiv(n, plan.BLOCK_N),)](**_quantize_args(weight, out, s, qmax, plan, precision(dtype)), **LAUNCH_OPTIONS)
     return out, s
 
 
@@ -555,7 +555,7 @@ def qlinear_fwd(
         return y, pre
     plan = plan_fwd(m, n, k, x.dtype, device_props(x.device), mode=mode, w_dtype=weight.dtype)
     grid = (triton.cdiv(m, plan.BLOCK_M) * triton.cdiv(n, plan.BLOCK_N),)
-    _fwd_kernel[grid](**_fwd_args(x, weight, scale, bias, y, pre, mode, qmax, gelu, plan, precision(x.dtype)))
+    _fwd_kernel[grid](**_fwd_args(x, weight, scale, bias, y, pre, mode, qmax, gelu, plan, precision(x.dtype)), **LAUNCH_OPTIONS)
     return y, pre
 
 
@@ -605,7 +605,7 @@ def qlinear_bwd(
         plan = plan_bwd_dx(m, n, k, dy.dtype, props, gelu=gelu, w_dtype=weight.dtype)
         grid = (triton.cdiv(m, plan.BLOCK_M), triton.cdiv(k, plan.BLOCK_K) if needs_dx else 1)
         _bwd_dx_kernel[grid](**_dx_args(dy, pre, weight, scale, dx_t, dpre, m, n, k if needs_dx else 1, qmax, gelu,
-                                        plan, precision(dy.dtype)))
+                                        plan, precision(dy.dtype)), **LAUNCH_OPTIONS)
         if needs_dx:
             dx = dx_t
         if write_dpre:
@@ -615,7 +615,7 @@ def qlinear_bwd(
         dwp = torch.empty(plan.splits, n, k, device=dy.device, dtype=torch.float32)
         dbp = torch.empty(plan.splits, n, device=dy.device, dtype=torch.float32)
         grid = (triton.cdiv(n, plan.tiles.BLOCK_N), triton.cdiv(k, plan.tiles.BLOCK_K), plan.splits)
-        _bwd_dw_kernel[grid](**_dw_args(g, x, dwp, dbp, m, n, k, needs_db, plan, precision(g.dtype)))
+        _bwd_dw_kernel[grid](**_dw_args(g, x, dwp, dbp, m, n, k, needs_db, plan, precision(g.dtype)), **LAUNCH_OPTIONS)
         if needs_dw:
             dw = (dwp[0] if plan.splits == 1 else dwp.sum(0)).to(weight.dtype)
         if needs_db:
