@@ -110,6 +110,7 @@ setup(
         "triton": ["triton>=3.0"],
         "timm": ["timm>=1.0"],
         "clip": ["open-clip-torch>=2.24"],
+        "hf": ["transformers>=5.0"],  # HF backbones: CLIPModel, ViT, Dinov2, DINOv3ViT, Swin, ConvNext (integration/families.py)
         "test": ["pytest", "pytest-benchmark", "hypothesis", "timm>=1.0", "open-clip-torch>=2.24"],
         "bench": ["pytest-benchmark", "matplotlib"],
     },

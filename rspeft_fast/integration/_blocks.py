@@ -75,7 +75,6 @@ def hf_layer_text_mask(ctx: TextMaskContext, module, args, kwargs):
     The last query row of a causal mask sees every key, so a key masked there is padding. The hook runs at
     every call of the layer, so a checkpoint recomputation sees the same mask."""
     am = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
-    mlp = getattr(module, "mlp", None)
     if not isinstance(am, torch.Tensor) or am.dim() != 4:
         mask = None
     else:
@@ -83,8 +82,7 @@ def hf_layer_text_mask(ctx: TextMaskContext, module, args, kwargs):
         mask = ~row if row.dtype == torch.bool else row < torch.finfo(row.dtype).min / 2
         if not bool(mask.any()):
             mask = None
-    if mlp is not None:
-        mlp.adapter_text_mask = mask
+    module.adapter_text_mask = mask
     return None
 
 
@@ -144,10 +142,20 @@ def adapt_mlp_output(holder, n: torch.Tensor, y: torch.Tensor, mask=None) -> tor
 
 def _adapted_mlp_forward(self, x, *args, **kwargs):
     y = self._rspeft_base_cls.forward(self, x, *args, **kwargs)
-    if getattr(self, "adapter", None) is None or not self.adapter_enabled:
+    # the adapter and its switches live on the block (``holder``), not on the MLP: an MLP that is an
+    # nn.Sequential (torchvision, open_clip) would otherwise run the adapter as one more layer
+    holder = self.__dict__.get("_rspeft_holder")
+    if holder is None or getattr(holder, "adapter", None) is None or not holder.adapter_enabled:
         return y
-    mask = self.__dict__.get("adapter_text_mask") if getattr(self, "adapter_text_ctx", None) is not None else None
-    return adapt_mlp_output(self, x, y, mask)
+    mask = holder.__dict__.get("adapter_text_mask") if getattr(holder, "adapter_text_ctx", None) is not None else None
+    return adapt_mlp_output(holder, x, y, mask)
+
+
+def wrap_mlp(mlp: nn.Module, holder: nn.Module) -> None:
+    """Swap ``mlp``'s class for its adapted subclass, reading the adapter from ``holder`` (its block; a plain
+    attribute, not a registered child: the module tree and state-dict keys stay as they are)."""
+    mlp.__class__ = adapted_mlp_class(type(mlp))
+    object.__setattr__(mlp, "_rspeft_holder", holder)
 
 
 _ADAPTED_MLP_CLASSES: dict = {}

@@ -21,7 +21,7 @@ Methods per family and why not the others: :data:`WHY_NOT` (also the error messa
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Tuple
+from typing import Optional, Tuple
 
 from torch import nn
 
@@ -60,13 +60,13 @@ class Family:
         mlp: attribute of a block holding the MLP module (input: that norm's output).
         swap_block: adapt by swapping the block's class for its subclass in ``_blocks.ADAPTED_BLOCKS`` (timm /
             open_clip), else by the generic MLP wrap.
-        head: ``"timm"`` (``get_classifier`` / ``reset_classifier``), ``"hf"`` (an ``nn.Linear`` named ``classifier``
-            when the model has one) or ``None``.
+        head: ``"timm"`` (``get_classifier`` / ``reset_classifier``), the attribute holding the classifier
+            (``"classifier"``: HF ``...ForImageClassification``; ``"head"``: torchvision) or ``None``.
         attn_linears: regex over the child ``nn.Linear`` names of an attention module that LoRA adapts when
             ``LoRAConfig.modules`` keeps its default (``^qkv$``).
         attn: regex a module name must ``search`` to count as an attention module (LoRA).
         grad_ckpt: how to switch gradient checkpointing on (``"timm"``: ``set_grad_checkpointing``, ``"hf"``:
-            ``gradient_checkpointing_enable``).
+            ``gradient_checkpointing_enable``, ``None``: the model has no switch).
         hf_model_types: for HF models, the ``config.model_type`` values of the family (the model class may be any
             head class: ``ViTModel``, ``ViTForImageClassification``, ...).
     """
@@ -82,7 +82,7 @@ class Family:
     head: Optional[str] = "timm"
     attn_linears: str = r"^qkv$"
     attn: str = r"(^|\.)attn$"
-    grad_ckpt: str = "timm"
+    grad_ckpt: Optional[str] = "timm"
     hf_model_types: Tuple[str, ...] = field(default=())
 
     def model_classes(self) -> Tuple[type, ...]:
@@ -121,20 +121,24 @@ FAMILIES: Tuple[Family, ...] = (
     Family("clip", "open_clip CLIP / CustomTextCLIP", ("open_clip:CLIP", "open_clip:CustomTextCLIP"),
            ("open_clip.transformer:ResidualAttentionBlock",), ("mga",) + _GENERIC, norm="ln_2",
            swap_block=True, head=None),
+    # torchvision Swin V1 / V2 (Satlas' swin_v2_b); V2 is post-norm: its MLP takes the block's stream `x` itself
+    Family("tv-swin", "torchvision SwinTransformer (V1, V2)", ("torchvision.models.swin_transformer:SwinTransformer",),
+           ("torchvision.models.swin_transformer:SwinTransformerBlock", "torchvision.models.swin_transformer:SwinTransformerBlockV2"),
+           _BOTTLENECK + _GENERIC + ("linear",), head="head", grad_ckpt=None),
     # ---- Hugging Face transformers: the generic MLP wrap (every block has `mlp` fed by a norm)
     Family("hf-vit", "HF transformers ViT", (), (f"{_HF}.vit.modeling_vit:ViTLayer",),
-           _BOTTLENECK + ("lora",) + _GENERIC + ("linear", "mga"), norm="layernorm_after", head="hf",
+           _BOTTLENECK + ("lora",) + _GENERIC + ("linear", "mga"), norm="layernorm_after", head="classifier",
            **_HF_ATTN, grad_ckpt="hf", hf_model_types=("vit",)),
     Family("hf-dinov2", "HF transformers Dinov2", (), (f"{_HF}.dinov2.modeling_dinov2:Dinov2Layer",),
-           _BOTTLENECK + ("lora",) + _GENERIC + ("linear", "mga"), head="hf",
+           _BOTTLENECK + ("lora",) + _GENERIC + ("linear", "mga"), head="classifier",
            **_HF_ATTN, grad_ckpt="hf", hf_model_types=("dinov2",)),
     Family("hf-dinov3", "HF transformers DINOv3ViT", (), (f"{_HF}.dinov3_vit.modeling_dinov3_vit:DINOv3ViTLayer",),
-           _BOTTLENECK + ("lora",) + _GENERIC + ("linear", "mga"), head="hf",
+           _BOTTLENECK + ("lora",) + _GENERIC + ("linear", "mga"), head="classifier",
            **_HF_ATTN, grad_ckpt="hf", hf_model_types=("dinov3_vit",)),
     Family("hf-swin", "HF transformers Swin", (), (f"{_HF}.swin.modeling_swin:SwinLayer",),
-           _BOTTLENECK + ("lora",) + _GENERIC + ("linear",), norm="layernorm_after", head="hf",
+           _BOTTLENECK + ("lora",) + _GENERIC + ("linear",), norm="layernorm_after", head="classifier",
            **_HF_ATTN, grad_ckpt="hf", hf_model_types=("swin",)),
-    Family("hf-convnext", "HF transformers ConvNext", (), (), _GENERIC + ("linear",), head="hf", grad_ckpt="hf",
+    Family("hf-convnext", "HF transformers ConvNext", (), (), _GENERIC + ("linear",), head="classifier", grad_ckpt="hf",
            hf_model_types=("convnext",)),
     Family("hf-clip", "HF transformers CLIP", (), (f"{_HF}.clip.modeling_clip:CLIPEncoderLayer",), ("mga",) + _GENERIC,
            norm="layer_norm2", head=None, **_HF_ATTN, grad_ckpt="hf",
@@ -150,6 +154,9 @@ WHY_NOT = {
     ("hf-dinov2", "vpt"): "not wired for HF models",
     ("hf-dinov3", "vpt"): "DINOv3's rotary position table is sized to the patch grid",
     ("hf-swin", "vpt"): "Swin attends inside fixed windows",
+    ("tv-swin", "vpt"): "Swin attends inside fixed windows",
+    ("tv-swin", "lora"): "torchvision's window attention reads qkv.weight directly (F.linear), so a LoRA Linear would "
+                         "never run; use timm swin* or HF Swin for LoRA",
     ("hf-convnext", "eqam"): "HF ConvNextLayer computes its MLP inline (pwconv1/act/pwconv2): no MLP module to wrap; "
                              "use timm convnext_* for EQAM/CAPM",
     ("hf-convnext", "capm"): "not wired for HF ConvNext stages; use timm convnext_*",

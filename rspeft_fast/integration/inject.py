@@ -137,8 +137,8 @@ def _head(model: nn.Module, fam: Family) -> Optional[nn.Module]:
     if fam.head == "timm":
         h = model.get_classifier()
         return h if isinstance(h, nn.Module) else None
-    if fam.head == "hf":
-        h = getattr(model, "classifier", None)
+    if fam.head is not None:
+        h = getattr(model, fam.head, None)
         return h if isinstance(h, nn.Module) else None
     return None
 
@@ -330,20 +330,17 @@ def _blocks_of(model: nn.Module, fam: Family) -> list:
 
 def _attach(fam: Family, name: str, blk: nn.Module, adapter: nn.Module, kind: str, gate=None, ctx=None) -> str:
     """Put ``adapter`` on block ``blk`` by the family's protocol; returns the name of the adapted module."""
+    holder = blk  # the adapter, its gate and switches live on the block in both cases
+    _check_free(blk, name, "adapter", "adapter_gate")
     if fam.swap_block:
-        holder, hname = blk, name
         swapped = _blocks.ADAPTED_BLOCKS.get(type(blk))
         if swapped is None:
             raise TypeError(f"{name}: no adapted forward for {type(blk).__name__}")
-        _check_free(blk, name, "adapter", "adapter_gate")
         blk.__class__ = swapped
         if _blocks.ClipBlock is not None and swapped is _blocks.AdaptedClipBlock:
             blk.adapter_seq_first = not blk.attn.batch_first
     else:
-        hname = f"{name}.{fam.mlp}"
-        holder = getattr(blk, fam.mlp)
-        _check_free(holder, hname, "adapter", "adapter_gate")
-        holder.__class__ = _blocks.adapted_mlp_class(type(holder))
+        _blocks.wrap_mlp(getattr(blk, fam.mlp), blk)
     holder.adapter = adapter
     holder.adapter_kind = kind
     if gate is not None:
@@ -351,7 +348,7 @@ def _attach(fam: Family, name: str, blk: nn.Module, adapter: nn.Module, kind: st
     if ctx is not None:
         holder.adapter_text_ctx = ctx
     holder.adapter_enabled = True
-    return hname
+    return name
 
 
 # --------------------------------------------------------------------------------------------------
@@ -388,6 +385,11 @@ def _inject_lora(model, fam: Family, cfg: LoRAConfig, target: Target) -> list:
     out = []
     for name, lin in target.select(cands, "attention projections"):
         _check_free(lin, name, "lora_A", "lora_B")
+        parent = model.get_submodule(name.rpartition(".")[0])
+        if getattr(parent, "q_bias", None) is not None and hasattr(parent, "qkv_bias_separate"):
+            # timm EvaAttention with q/k/v biases (EVA-02) runs F.linear(x, qkv.weight, bias) and never calls the
+            # qkv module; its own switch makes it call qkv(x) and add the biases after (same maths, last-bit rounding)
+            parent.qkv_bias_separate = True
         _blocks.make_lora(lin, int(cfg.rank), cfg.alpha)
         out.append(name)
     return out
@@ -512,12 +514,13 @@ def _inject_mga_open_clip(model, fam: Family, cfg: MGAConfig, target: Target) ->
     from open_clip.transformer import VisionTransformer as ClipViT
 
     # image tower: open_clip's ViT, or a timm ViT trunk (SigLIP / SigLIP2 and other timm towers)
+    trunk = getattr(model.visual, "trunk", None)  # open_clip's TimmModel tower
+    img_fam = fam
     if isinstance(model.visual, ClipViT):
         img_blocks = _exact_blocks(model.visual.transformer.resblocks, "visual.transformer.resblocks.", (_blocks.ClipBlock,))
-    elif type(getattr(getattr(model.visual, "trunk", None), "blocks", None)).__name__ == "Sequential" and all(
-        type(b) in (_blocks.ViTBlock, _blocks.EvaBlock) for b in model.visual.trunk.blocks
-    ):
-        img_blocks = [(f"visual.trunk.blocks.{i}", b) for i, b in enumerate(model.visual.trunk.blocks)]
+    elif trunk is not None and model_family_or_none(trunk) in ("vit", "eva"):
+        img_fam = family_of(trunk)  # the timm tower's own protocol (SigLIP / SigLIP2: timm ViT)
+        img_blocks = [(f"visual.trunk.{n}", b) for n, b in _blocks_of(trunk, img_fam)]
     else:
         raise TypeError(f"MGA on open_clip needs a ViT image tower (open_clip or timm ViT / Eva), got {type(model.visual).__name__}")
     if isinstance(model, open_clip.CustomTextCLIP):
@@ -537,7 +540,14 @@ def _inject_mga_open_clip(model, fam: Family, cfg: MGAConfig, target: Target) ->
         tok.register_forward_pre_hook(_blocks.partial(_blocks.set_text_mask, ctx, int(pad_id if pad_id is not None else cfg.pad_id)))
         tr.register_forward_hook(_blocks.partial(_blocks.clear_text_mask, ctx))
     text_blocks = _exact_blocks(tr.resblocks, f"{prefix}resblocks.", (_blocks.ClipBlock,)) if tr is not None else []
-    return _towers(cfg, target, fam, text_blocks, fam, img_blocks, ctx)
+    return _towers(cfg, target, fam, text_blocks, img_fam, img_blocks, ctx)
+
+
+def model_family_or_none(model: nn.Module) -> Optional[str]:
+    try:
+        return family_of(model).name
+    except TypeError:
+        return None
 
 
 def _inject_mga_hf_clip(model, fam: Family, cfg: MGAConfig, target: Target) -> list:
