@@ -4,13 +4,11 @@ Public API (imported lazily, so ``import rspeft_fast`` is cheap and never needs 
 
 * modules: :class:`MuFAAdapter`, :class:`QLinear`, :class:`EQAM`, :class:`CAPM`,
   :class:`BiShareAdapter`, :class:`MGAdapter`, :class:`WeightedTripletLoss`;
-* functional: :func:`weighted_triplet_loss`;
+* functional: :func:`weighted_triplet_loss` (features L2-normalised by the caller);
 * eager references: :mod:`rspeft_fast.reference`;
 * integration: :func:`inject`, :func:`trainable_parameters`, :func:`save_adapters`, :func:`load_adapters`, ...
 """
-from __future__ import annotations
-
-import importlib
+from importlib import import_module as _import_module
 
 __version__ = "0.1.0"
 
@@ -36,6 +34,8 @@ _LAZY = {
     "adapters_disabled": ".integration",
     "merge_adapters": ".integration",
     "AdapterConfig": ".integration",
+    "coerce_options": ".integration",
+    "OptionError": ".integration",
     "MuFAConfig": ".integration",
     "AdaptFormerConfig": ".integration",
     "AdapterHoulsbyConfig": ".integration",
@@ -57,11 +57,12 @@ def __getattr__(name: str):
     mod = _LAZY.get(name)
     if mod is None:
         raise AttributeError(f"module 'rspeft_fast' has no attribute {name!r}")
-    m = importlib.import_module(mod, __name__)
+    m = _import_module(mod, __name__)
     value = m if name == "reference" else getattr(m, name)
     globals()[name] = value
     return value
 
 
 def __dir__():
-    return sorted(set(globals()) | set(__all__))
+    """The public API (``__all__``) and the module's dunder attributes; no private helpers or imports."""
+    return sorted({n for n in globals() if n.startswith("__")} | set(__all__) | {"__version__"})

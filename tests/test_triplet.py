@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from rspeft_fast import _native
 from rspeft_fast._impl import ImplUnavailableError
 from rspeft_fast.modules.triplet import WeightedTripletLoss
-from rspeft_fast.ops.triplet import _triplet_fwd, weighted_triplet_local_ref, weighted_triplet_loss
-from rspeft_fast.reference.triplet import weighted_triplet_ref
+from rspeft_fast.ops.triplet import _triplet_fwd, weighted_triplet_loss
+from rspeft_fast.reference.triplet import weighted_triplet_local_ref, weighted_triplet_ref
 from rspeft_fast.testing import TOLERANCES, assert_close, assert_fused_close
 
 FLOOR_ULPS = 4

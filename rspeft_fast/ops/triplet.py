@@ -80,9 +80,9 @@ import torch
 
 from .._impl import resolve_impl
 from .._validate import check_float, check_same_device, compute_dtype
-from ..reference.triplet import focal_weighted, weighted_triplet_ref
+from ..reference.triplet import weighted_triplet_local_ref, weighted_triplet_ref
 
-__all__ = ["weighted_triplet_loss", "check_triplet_inputs", "weighted_triplet_local_ref"]
+__all__ = ["weighted_triplet_loss", "check_triplet_inputs"]
 
 _IMPLS = ("cuda", "cpu")
 
@@ -195,32 +195,6 @@ def _gather(img, txt, ids):
     return img_all, txt_all, ids_all, rank * img.shape[0]
 
 
-def weighted_triplet_local_ref(img, txt, row_start, row_count, margin=0.2, gamma=2.0, max_violation=False, ids=None):
-    """Eager oracle of the loss of rows/columns ``[row_start, row_start + row_count)`` of the batch ``img``,
-    ``txt`` ``(N, D)`` (what one rank computes under ``gather=True``); materialises ``(row_count, N)``
-    matrices. With ``row_start = 0, row_count = N`` it equals :func:`weighted_triplet_ref`.
-    Hard-mining ties: lowest index, as the reference."""
-    dt = torch.promote_types(img.dtype, torch.float32)
-    x, y = img.to(dt), txt.to(dt)
-    n = x.shape[0]
-    loc = slice(row_start, row_start + row_count)
-    d = (x[loc] * y[loc]).sum(-1)
-    idx = torch.arange(n, device=x.device)
-    key = idx if ids is None else ids
-    pos = key[loc][:, None] == key[None, :]
-    total = 0
-    for a, o in ((x[loc], y), (y[loc], x)):  # Cs rows of the local images, Ci columns of the local texts
-        cost = (margin + a @ o.t() - d[:, None]).clamp(min=0).masked_fill(pos, 0)
-        cost = focal_weighted(cost, gamma)
-        if max_violation:
-            top = cost.amax(dim=1, keepdim=True)
-            hit = (cost == top) | (cost.isnan() & top.isnan())
-            first = torch.where(hit, idx, n).amin(dim=1, keepdim=True)
-            cost = cost.gather(1, first)
-        total = total + cost.sum()
-    return total / 2
-
-
 # ----------------------------------------------------------------------------- entry point
 def weighted_triplet_loss(
     img,
@@ -234,6 +208,11 @@ def weighted_triplet_loss(
     chunk_elems=None,
 ):
     """HarMA's adaptive triplet loss (SPEC §1): ``img (B, D)``, ``txt (B, D)``, ``ids (B,)`` → scalar.
+
+    ``img`` and ``txt`` must be L2-normalised by the caller (rows of unit norm, e.g.
+    ``F.normalize(emb, dim=-1)``): the margin and the focal weight are defined on cosine similarities,
+    and nothing here normalises (any input is computed as given, so unnormalised features silently give
+    a different loss).
 
     ``impl``: ``"auto" | "reference" | "cuda" | "cpu"`` (see the module docstring for what the extension
     computes and stores). ``gather=True``: all-gather across ``torch.distributed`` ranks (gradients flow

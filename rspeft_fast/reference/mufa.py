@@ -39,6 +39,8 @@ def mufa_ref(
     Shapes: ``x (..., d)``, ``down_weight (R, d)``, ``down_bias (R,)``, ``up_weight (d, R)``,
     ``up_bias (d,)``, ``gate (n,)``, ``sizes`` the n branch widths summing to R. Returns ``(..., d)``.
     GELU is the exact (erf) GELU. Written branch by branch, as eager PyTorch code is.
+    ``upcast=True``: every tensor below float32 is computed in float32 (float64 stays float64) and the
+    result is cast back to ``x``'s dtype.
     """
     dt = x.dtype
     if upcast:

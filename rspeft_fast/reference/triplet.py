@@ -65,3 +65,25 @@ def _weighted_triplet(img, txt, margin, gamma, max_violation, ids):
         cost_s = _max_first(cost_s, dim=1)
         cost_i = _max_first(cost_i, dim=0)
     return (cost_s.sum() + cost_i.sum()) / 2
+
+
+def weighted_triplet_local_ref(img, txt, row_start, row_count, margin=0.2, gamma=2.0, max_violation=False, ids=None):
+    """The loss of rows/columns ``[row_start, row_start + row_count)`` of the batch ``img``, ``txt`` ``(N, D)``
+    (what one rank computes under ``gather=True``: its images against every text and its texts against every
+    image); materialises ``(row_count, N)`` matrices. With ``row_start = 0, row_count = N`` it equals
+    :func:`weighted_triplet_ref`. Same rules as it: float32 at least, autocast off, lowest-index ties."""
+    with torch.autocast(img.device.type, enabled=False):
+        dt = torch.promote_types(img.dtype, torch.float32)
+        x, y = img.to(dt), txt.to(dt)
+        n = x.shape[0]
+        loc = slice(row_start, row_start + row_count)
+        d = (x[loc] * y[loc]).sum(-1)
+        key = torch.arange(n, device=x.device) if ids is None else ids
+        pos = key[loc][:, None] == key[None, :]
+        total = 0
+        for a, o in ((x[loc], y), (y[loc], x)):  # Cs rows of the local images, Ci columns of the local texts
+            cost = focal_weighted((margin + a @ o.t() - d[:, None]).clamp(min=0).masked_fill(pos, 0), gamma)
+            if max_violation:
+                cost = _max_first(cost, dim=1)
+            total = total + cost.sum()
+        return total / 2
