@@ -382,3 +382,58 @@ def test_unsupported_methods_say_why():
         rf.inject(build("tv-swin-v2"), "lora")
     with pytest.raises(ValueError, match="no classifier head|has none"):
         rf.inject(build("hf-dinov3"), "linear")
+
+
+# ------------------------------------------------------------------------------ create_classifier (CLI models)
+HF_SMALL = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128, patch_size=16)
+
+
+def test_create_classifier_hf_from_class_type_and_local_checkpoints(tmp_path):
+    from rspeft_fast.integration.models import ModelBuildError, create_classifier
+
+    x = _img(32)
+    torch.manual_seed(0)
+    m = create_classifier("hf:ViTForImageClassification", num_classes=7, img_size=32, model_args=HF_SMALL).eval()
+    with torch.no_grad():
+        y = m(x)
+    assert isinstance(y, torch.Tensor) and y.shape == (2, 7)  # logits, as a timm classifier returns
+    assert rf.integration.model_family(m) == "hf-vit"
+    rf.inject(m, "mufa")
+    assert set(m.rspeft_trainable) >= {"classifier.weight", "classifier.bias"}
+    with torch.no_grad():
+        assert torch.equal(m(x), y)
+
+    # a save_pretrained folder and a weights file: backbone loaded, a classifier of another size re-initialised
+    src = create_classifier("hf:vit", num_classes=3, img_size=32, model_args=HF_SMALL).eval()
+    src.save_pretrained(tmp_path / "folder")
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in src.state_dict().items()}, str(tmp_path / "w.safetensors"))
+    for ckpt in (tmp_path / "folder", tmp_path / "w.safetensors"):
+        got = create_classifier("hf:vit", num_classes=5, img_size=32, model_args=HF_SMALL, checkpoint=str(ckpt)).eval()
+        sd, ref = got.state_dict(), src.state_dict()
+        assert got.classifier.out_features == 5
+        assert all(torch.equal(sd[k], ref[k]) for k in ref if not k.startswith("classifier")), ckpt
+    with pytest.raises(ModelBuildError, match="no hub download"):
+        create_classifier("hf:vit", num_classes=2, pretrained=True)
+    with pytest.raises(ModelBuildError, match="no such file"):
+        create_classifier("hf:vit", num_classes=2, checkpoint=str(tmp_path / "missing"))
+    with pytest.raises(ModelBuildError, match="no class"):
+        create_classifier("hf:NoSuchForImageClassification", num_classes=2)
+    with pytest.raises(ModelBuildError, match="model_type"):
+        create_classifier("hf:not-a-model-type", num_classes=2)
+
+
+def test_create_classifier_timm_eva_checkpoint_keeps_backbone_new_head(tmp_path):
+    from safetensors.torch import save_file
+
+    from rspeft_fast.integration.models import create_classifier
+
+    args = dict(embed_dim=64, depth=2, num_heads=2, init_values=0.5)
+    src = create_classifier("vit_small_patch16_dinov3", num_classes=3, img_size=32, model_args=args)
+    save_file({k: v.contiguous() for k, v in src.state_dict().items()}, str(tmp_path / "eva.safetensors"))
+    got = create_classifier("vit_small_patch16_dinov3", num_classes=6, img_size=32, model_args=args,
+                            checkpoint=str(tmp_path / "eva.safetensors"))
+    assert got.num_classes == 6
+    sd = got.state_dict()
+    assert all(torch.equal(sd[k], v) for k, v in src.state_dict().items() if not k.startswith("head"))

@@ -5,6 +5,14 @@
 * a timm model name (``"vit_base_patch16_224"``, ``"vit_large_patch16_dinov3.sat493m"``, ...): random weights,
   ``pretrained=True`` (timm's hub download) or ``checkpoint=FILE`` (local weights, loaded by timm's own
   pretrained path so position embeddings are resampled and the classifier is dropped as for hub weights).
+  torchgeo's ViT / ResNet weights are timm state dicts: the timm name plus ``checkpoint=`` their file.
+* ``"hf:<spec>"``, a Hugging Face transformers image classifier built from a config (never a download):
+  ``<spec>`` is a ``...ForImageClassification`` class name (``hf:ViTForImageClassification``), a
+  ``model_type`` (``hf:dinov2``) or a local folder / ``config.json`` path; ``model_args`` go to the config
+  (``hidden_size=...``), ``img_size`` to ``config.image_size``. ``checkpoint=`` a local folder
+  (``save_pretrained`` layout) or a weights file (safetensors / torch state dict; a classifier of another
+  size is left out and re-initialised). The model returns the logits tensor (a forward hook unwraps HF's
+  output object), so it drops into the same training loop as a timm model.
 
 Errors are :class:`ModelBuildError` (a ``ValueError``) with a one-line message naming the argument; a CLI turns
 them into ``SystemExit(str(e))``.
@@ -51,6 +59,9 @@ def create_classifier(
     Raises:
         ModelBuildError: unknown name, missing checkpoint file, or hub weights that could not be fetched.
     """
+    if name.startswith("hf:"):
+        return _create_hf(name[3:], num_classes=num_classes, pretrained=pretrained, checkpoint=checkpoint,
+                          img_size=img_size, global_pool=global_pool, model_args=model_args)
     import timm
 
     kw = dict(model_args or {})
@@ -79,3 +90,96 @@ def create_classifier(
         if "Unknown model" in str(e):
             raise ModelBuildError(f"--model {name!r}: {e}") from None
         raise
+
+
+# ----------------------------------------------------------------------------------------- HF transformers
+def _logits_only(module, args, output):
+    """Forward hook: HF's ``ImageClassifierOutput`` -> its ``logits`` tensor ``(B, num_classes)``."""
+    return output.logits if hasattr(output, "logits") else output
+
+
+def _hf_config(spec: str, num_classes: int, img_size, model_args):
+    import transformers as T
+
+    kw = dict(model_args or {})
+    kw["num_labels"] = int(num_classes)
+    if os.path.isdir(spec) or spec.endswith(".json"):
+        if not os.path.exists(spec):
+            raise ModelBuildError(f"--model hf:{spec}: no such config file or folder")
+        cfg = T.AutoConfig.from_pretrained(spec, **kw)
+        cls = None
+    elif spec.endswith("ForImageClassification"):
+        cls = getattr(T, spec, None)
+        if cls is None:
+            raise ModelBuildError(f"--model hf:{spec}: transformers {T.__version__} has no class {spec}")
+        cfg = cls.config_class(**kw)
+    else:
+        try:
+            cfg = T.AutoConfig.for_model(spec, **kw)
+        except ValueError as e:
+            raise ModelBuildError(f"--model hf:{spec}: not a ...ForImageClassification class, model_type or local config ({e})") from None
+        cls = None
+    if img_size is not None and hasattr(cfg, "image_size"):
+        cfg.image_size = int(img_size)
+    return cfg, cls
+
+
+def _create_hf(spec, *, num_classes, pretrained, checkpoint, img_size, global_pool, model_args) -> nn.Module:
+    try:
+        import transformers as T
+    except ImportError:
+        raise ModelBuildError(f"--model hf:{spec}: needs transformers (pip install 'rspeft_fast[hf]')") from None
+    if pretrained and not checkpoint:
+        raise ModelBuildError(
+            f"--model hf:{spec}: HF models are built from their config here (no hub download); "
+            "save the weights with save_pretrained elsewhere and pass --checkpoint FOLDER_OR_FILE"
+        )
+    if global_pool is not None:
+        raise ModelBuildError(f"--global-pool applies to timm models; HF's pooling is part of {spec}'s config")
+    if checkpoint and not os.path.exists(checkpoint):
+        raise ModelBuildError(f"--checkpoint {checkpoint}: no such file")
+    cfg, cls = _hf_config(spec, num_classes, img_size, model_args)
+    if checkpoint and os.path.isdir(checkpoint):
+        model = (cls or T.AutoModelForImageClassification).from_pretrained(
+            checkpoint, config=cfg, ignore_mismatched_sizes=True, local_files_only=True)
+    else:
+        try:
+            model = cls(cfg) if cls is not None else T.AutoModelForImageClassification.from_config(cfg)
+        except ValueError as e:
+            raise ModelBuildError(f"--model hf:{spec}: no image-classification head for {type(cfg).__name__} ({e})") from None
+        if checkpoint:
+            _load_hf_state(model, checkpoint)
+    model.register_forward_hook(_logits_only)
+    return model
+
+
+def _load_hf_state(model: nn.Module, path: str) -> None:
+    """Load a weights file into an HF model: keys with another prefix convention (``vit.`` vs bare) are matched,
+    tensors of another shape (a classifier of another size) are left at their initialisation."""
+    import torch
+
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        sd = load_file(path)
+    else:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+        sd = sd.get("state_dict", sd) if isinstance(sd, dict) else sd
+    own = model.state_dict()
+    prefix = getattr(model, "base_model_prefix", "")
+    fixed = {}
+    for k, v in sd.items():
+        k = k.removeprefix("module.")
+        if k not in own and prefix and f"{prefix}.{k}" in own:
+            k = f"{prefix}.{k}"
+        if k in own and tuple(own[k].shape) == tuple(v.shape):
+            fixed[k] = v
+    if not fixed:
+        raise ModelBuildError(f"--checkpoint {path}: none of its {len(sd)} tensors fits {type(model).__name__}")
+    missing = [k for k in own if k not in fixed and not k.startswith("classifier")]
+    if missing:
+        raise ModelBuildError(
+            f"--checkpoint {path}: {len(missing)} backbone tensors of {type(model).__name__} are not in the file "
+            f"(e.g. {missing[:3]})"
+        )
+    model.load_state_dict(fixed, strict=False)
