@@ -140,3 +140,57 @@ def test_atomic_save_keeps_previous_file_when_the_write_fails(tmp_path):
         atomic_torch_save({"a": torch.zeros(3), "b": Boom()}, str(path))
     assert torch.equal(torch.load(path, weights_only=True)["a"], torch.ones(3))
     assert os.listdir(tmp_path) == ["ck.pt"]  # the temporary file was removed
+
+
+def test_resume_may_extend_epochs_but_not_shorten_them(tmp_path):
+    """--epochs may grow on --resume (the cosine schedule is re-targeted to the new end); fewer is refused."""
+    from rspeft_fast.train import main as train_main
+
+    out = tmp_path / "run"
+    p = _run(["--stop-after-steps", "3"], out, check=False)
+    assert p.returncode == 143
+    args = list(BASE)
+    i = args.index("--epochs")
+    with pytest.raises(SystemExit, match="fewer than the checkpointed run's 2"):
+        train_main(args[:i] + ["--epochs", "1"] + args[i + 2:] + ["--out", str(out), "--resume"])
+    p = _run(["--resume", "--epochs", "3"], out, check=False)
+    assert p.returncode == 0, (p.stdout, p.stderr)
+    m = _metrics(out)
+    assert m["state"]["epoch"] == 3 and m["state"]["step"] == 18 and "resumed from" in p.stdout
+
+
+# --------------------------------------------------------------------------------------------------
+# the retrieval job on the same engine
+
+RET = ["--no-progress", "--device", "cpu", "--embedded-scale", "0.2", "--epochs", "2", "--batch-size", "16", "--lr", "3e-3",
+       "--impl", "reference"]
+
+
+def _run_retrieval(args, out, check=True):
+    p = subprocess.run([sys.executable, "-m", "rspeft_fast", "retrieval", *RET, "--out", str(out), *args], env=ENV,
+                       capture_output=True, text=True, timeout=300)
+    if check and p.returncode != 0:
+        raise AssertionError(f"rc={p.returncode}\n{p.stdout}\n{p.stderr}")
+    return p
+
+
+def test_retrieval_sigterm_then_resume_is_bit_exact(tmp_path):
+    """48 images x 5 captions, batch 16: 15 steps per epoch; interrupted mid-epoch 2 (step 20), resumed: the selected
+    adapters, the per-epoch losses and every reported metric equal the uninterrupted run's."""
+    ref = tmp_path / "uninterrupted"
+    _run_retrieval([], ref)
+    out = tmp_path / "run"
+    p = _run_retrieval(["--stop-after-steps", "20", "--ckpt-every", "7"], out, check=False)
+    assert p.returncode == 143, (p.stdout, p.stderr)
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["state"]["step"] == 20
+    p = _run_retrieval(["--resume", "--ckpt-every", "7"], out)
+    assert "resumed from" in p.stdout and "zero-shot test:" not in p.stdout  # the zero-shot result comes from the checkpoint
+    _assert_bit_equal(_weights(out), _weights(ref))
+    a, b = _metrics(out), _metrics(ref)
+    for k in ("zero_shot", "val", "test", "selected_epoch", "model"):
+        assert a[k] == b[k], k
+    assert [h["train_loss"] for h in a["history"]] == [h["train_loss"] for h in b["history"]]
+    with pytest.raises(SystemExit, match="other settings.*triplet_weight"):
+        from rspeft_fast.retrieval.job import main as retrieval_main
+
+        retrieval_main(RET + ["--out", str(out), "--resume", "--triplet-weight", "0.5"])

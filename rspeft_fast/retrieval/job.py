@@ -79,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-violation", action="store_true", help="hard-negative mining in the triplet term")
     p.add_argument("--triplet-diagonal-only", action="store_true",
                    help="HarMA's mask: only the pair itself is a positive in the triplet term (other captions of the same image count as negatives)")
-    add_engine_args(p, epochs=6, batch_size=32, lr=2e-3, weight_decay=0.04)
+    add_engine_args(p, epochs=10, batch_size=32, lr=2e-3, weight_decay=0.04)
     p.add_argument("--eval-batch-size", type=int, default=256)
     p.add_argument("--eval-only", action="store_true", help="evaluate the injected model (with --adapters) on the test split only")
     p.add_argument("--adapters", default=None, help="adapter file to start from (save_adapters format)")

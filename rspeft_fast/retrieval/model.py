@@ -39,13 +39,14 @@ TEMP_INIT, TEMP_MIN, TEMP_MAX = 0.07, 0.001, 0.5
 
 
 def register_tiny_clip() -> None:
-    """Add :data:`TINY_CLIP` to open_clip's model registry (idempotent)."""
+    """Add :data:`TINY_CLIP` (and its ``-quickgelu`` variant) to open_clip's model registry (idempotent)."""
     import copy
 
     from open_clip import factory
 
     if TINY_CLIP not in factory._MODEL_CONFIGS:
         factory._MODEL_CONFIGS[TINY_CLIP] = copy.deepcopy(TINY_CLIP_CFG)
+        factory._MODEL_CONFIGS[TINY_CLIP + "-quickgelu"] = {**copy.deepcopy(TINY_CLIP_CFG), "quick_gelu": True}
 
 
 def uses_quick_gelu(model: nn.Module) -> bool:
