@@ -132,6 +132,8 @@ BACKBONES = {
     "hf-dinov3": (_hf_dinov3, lambda: {"x": _img(32)}, _vision_out("last_hidden_state"), "hf-dinov3"),
     "hf-swin": (_hf_swin, lambda: {"x": _img(32)}, _vision_out("last_hidden_state"), "hf-swin"),
     "hf-convnext": (_hf_convnext, lambda: {"x": _img(32)}, _vision_out("pooler_output"), "hf-convnext"),
+    "resnet": (lambda: timm.create_model("resnet18", pretrained=False, num_classes=5), lambda: {"x": _img(32)},
+               _vision_out(None), "resnet"),
     "tv-swin-v2": (_tv_swin_v2, lambda: {"x": _img(32)}, _vision_out(None), "tv-swin"),
     "hf-clip": (_hf_clip, lambda: dict(zip(("ids", "mask"), _text()), x=_img(32)), _hf_clip_out, "hf-clip"),
     "siglip": (_siglip, lambda: {"x": _img(160, b=1), "ids": torch.where(_text(1)[1].bool(), _text(1)[0], 0)},
@@ -148,6 +150,7 @@ CASES = [
     ("hf-dinov3", "mufa", {}), ("hf-dinov3", "mga", MGA), ("hf-dinov3", "lora", {"rank": 4}),
     ("hf-swin", "mufa", {"rates": (4, 8)}), ("hf-swin", "lora", {"rank": 4}),
     ("hf-convnext", "bitfit", {}), ("hf-convnext", "layernorm", {}),
+    ("resnet", "layernorm", {}), ("resnet", "linear", {}),
     ("tv-swin-v2", "mufa", {"rates": (4, 8)}), ("tv-swin-v2", "adapter", {"rates": (4,)}), ("tv-swin-v2", "bitfit", {}),
     ("hf-clip", "mga", MGA), ("siglip", "mga", MGA),
 ]
@@ -376,6 +379,8 @@ def test_hf_clip_text_mask_reaches_text_adapters_only():
 def test_unsupported_methods_say_why():
     with pytest.raises(ValueError, match="rotary"):
         rf.inject(build("eva-dinov3"), "vpt")
+    with pytest.raises(ValueError, match="ResNets get bitfit"):
+        rf.inject(build("resnet"), "mufa")
     with pytest.raises(ValueError, match="inline"):
         rf.inject(build("hf-convnext"), "eqam")
     with pytest.raises(ValueError, match="reads qkv.weight"):

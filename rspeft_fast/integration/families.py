@@ -116,6 +116,7 @@ FAMILIES: Tuple[Family, ...] = (
            _BOTTLENECK + ("lora",) + _GENERIC + ("linear",), swap_block=True),
     Family("convnext", "timm ConvNeXt", ("timm.models.convnext:ConvNeXt",), ("timm.models.convnext:ConvNeXtBlock",),
            ("eqam", "capm", "eqam+capm") + _GENERIC + ("linear",), norm="norm", swap_block=True),
+    Family("resnet", "timm ResNet", ("timm.models.resnet:ResNet",), (), _GENERIC + ("linear",)),
     Family("eva", "timm Eva (DINOv3, EVA-02)", ("timm.models.eva:Eva",), ("timm.models.eva:EvaBlock",),
            _BOTTLENECK + ("lora",) + _GENERIC + ("linear", "mga"), swap_block=True),
     Family("clip", "open_clip CLIP / CustomTextCLIP", ("open_clip:CLIP", "open_clip:CustomTextCLIP"),
@@ -155,6 +156,11 @@ WHY_NOT = {
     ("hf-dinov3", "vpt"): "DINOv3's rotary position table is sized to the patch grid",
     ("hf-swin", "vpt"): "Swin attends inside fixed windows",
     ("tv-swin", "vpt"): "Swin attends inside fixed windows",
+    ("hf-swin", "mga"): "MGA is HarMA's adapter for CLIP-style towers (global-attention ViT blocks)",
+    ("tv-swin", "mga"): "MGA is HarMA's adapter for CLIP-style towers (global-attention ViT blocks)",
+    ("resnet", "mufa"): "the adapters are placed beside transformer MLPs / ConvNeXt blocks; ResNets get bitfit, "
+                        "layernorm (BatchNorm), linear, full",
+    ("resnet", "eqam"): "EQAM is placed in ConvNeXt blocks (UPetu)",
     ("tv-swin", "lora"): "torchvision's window attention reads qkv.weight directly (F.linear), so a LoRA Linear would "
                          "never run; use timm swin* or HF Swin for LoRA",
     ("hf-convnext", "eqam"): "HF ConvNextLayer computes its MLP inline (pwconv1/act/pwconv2): no MLP module to wrap; "
