@@ -228,8 +228,10 @@ def cast(x, DTYPE: tl.constexpr, PREC: tl.constexpr):
             xf = x.to(tl.float32)
             bits = xf.to(tl.uint32, bitcast=True)
             bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-            xf = tl.where(xf != xf, xf, bits.to(tl.float32, bitcast=True))
-            return xf.to(DTYPE)
+            raw = xf.to(tl.uint32, bitcast=True)
+            bits = tl.where(xf != xf, (raw & 0x80000000) | 0x7FC00000, bits)  # NaN → a quiet NaN (never inf)
+            # the high half as the bf16 bits (a value cast would flush bf16 subnormals in the interpreter)
+            return (bits >> 16).to(tl.uint16).to(DTYPE, bitcast=True)
         else:
             return x.to(DTYPE)
     else:

@@ -96,6 +96,7 @@ if INTERPRET:
     _BWD_CONFIGS = [_cfg(4, 1, BLOCK_M=32, BLOCK_K=64, BLOCK_N=64)]
     _ATB_CONFIGS = [_cfg(4, 1, BLOCK_M=32, BLOCK_P=16, BLOCK_Q=64)]
     _SMALL_ROW_CONFIGS = list(_FWD_CONFIGS)
+    _SMALL_ATB_CONFIGS = list(_ATB_CONFIGS)
 else:  # pragma: no cover - needs a GPU
     # Chosen from sm_90 AOT compiles (registers/spills by cuobjdump, bf16): with R = 168 (128 + 64 column
     # groups) only 8-warp BLOCK_M = 64 tiles with 32/64-wide d chunks stay spill-free; the BLOCK_M = 128
@@ -129,24 +130,35 @@ else:  # pragma: no cover - needs a GPU
         _cfg(4, 1, BLOCK_M=32, BLOCK_K=16, BLOCK_N=16),
         _cfg(4, 1, BLOCK_M=16, BLOCK_K=16, BLOCK_N=16),
     ]
+    # Fallback of the split-K kernel (64 KB sm_75 in fp32)
+    _SMALL_ATB_CONFIGS = [_cfg(4, 2, BLOCK_M=32, BLOCK_P=32, BLOCK_Q=32)]
 
 
 # ----------------------------------------------------------------------------------------------
 # plans: which configs a launch may use on a device (the launchers and benchmarks/aot_compile.py)
 # ----------------------------------------------------------------------------------------------
-def _row_smem(cfg, d: int, r: int, dtype, two_inputs: bool) -> int:
-    """Shared-memory estimate of the row kernels: the d loop stages an x (and dy) chunk and the down
-    weight chunk of every held column; the up/dx loop stages an output block of the weight and the
-    bottleneck as a dot operand; the epilogue converts one (BLOCK_M, BLOCK_N) fp32 tile."""
+def _stages(cfg, props: DeviceProps) -> int:
+    """Pipelined buffers per loop: sm_90+ keeps ``num_stages`` of them, sm_80-class ``num_stages - 1``."""
+    return max(1, cfg.num_stages if props.arch >= 90 else cfg.num_stages - 1)
+
+
+def _row_smem(cfg, d: int, r: int, dtype, two_inputs: bool, props: DeviceProps) -> int:
+    """Shared-memory estimate of the row kernels (calibrated on sm_75 / sm_86 / sm_90 compiles of
+    benchmarks/aot_compile.py; the larger of the two loops, their buffers are reused):
+
+    * the d loop: pipelined chunks of x (and dy) and of the down weight for every held column;
+    * the up / dx loop: pipelined output blocks of the weight, the bottleneck staged as a dot operand and
+      the (BLOCK_M, BLOCK_N) output tile (sm_75 has no asynchronous copies: no output staging seen there).
+    """
     e = dtype_bytes(dtype)
     kw = cfg.kwargs
     bm, bk, bn = kw["BLOCK_M"], kw["BLOCK_K"], kw["BLOCK_N"]
     ra, rb = column_groups(r)
     rp = ra + rb
-    stages = max(1, cfg.num_stages - 1)  # the pipeliner keeps num_stages - 1 loads in flight
+    stages = _stages(cfg, props)
     down = smem_bytes(stages, [bm * bk * e * (2 if two_inputs else 1), bk * rp * e])
-    up = smem_bytes(stages, [rp * bn * e], scratch=bm * rp * e)
-    return max(down, up) + bm * bn * 4
+    up = smem_bytes(stages, [rp * bn * e], scratch=bm * rp * e + (bm * bn * e if props.arch >= 80 else 0))
+    return max(down, up)
 
 
 def _pick(configs, small, estimate, props: DeviceProps) -> tuple:
@@ -161,13 +173,13 @@ def plan_fwd(n: int, d: int, r: int, dtype: torch.dtype, props: DeviceProps, *, 
              has_base: bool = False) -> tuple:
     """Candidate ``triton.Config`` s of the forward kernel for ``x (n, d)``, bottleneck ``r`` on ``props``."""
     del n, save_pre, has_base  # the estimate does not depend on them (the epilogue tile is the same)
-    return _pick(_FWD_CONFIGS, _SMALL_ROW_CONFIGS, lambda c: _row_smem(c, d, r, dtype, False), props)
+    return _pick(_FWD_CONFIGS, _SMALL_ROW_CONFIGS, lambda c: _row_smem(c, d, r, dtype, False, props), props)
 
 
 def plan_bwd_rows(n: int, d: int, r: int, dtype: torch.dtype, props: DeviceProps, *, recompute: bool = False) -> tuple:
     """Candidate configs of the backward row kernel (``recompute``: ``pre`` recomputed from ``x``)."""
     del n, recompute
-    return _pick(_BWD_CONFIGS, _SMALL_ROW_CONFIGS, lambda c: _row_smem(c, d, r, dtype, True), props)
+    return _pick(_BWD_CONFIGS, _SMALL_ROW_CONFIGS, lambda c: _row_smem(c, d, r, dtype, True, props), props)
 
 
 class AtbPlan(NamedTuple):
@@ -176,11 +188,12 @@ class AtbPlan(NamedTuple):
     splits: int
 
 
-def _atb_smem(cfg, a_dtype, b_dtype) -> int:
+def _atb_smem(cfg, a_dtype, b_dtype, props: DeviceProps) -> int:
+    """Pipelined (aᵀ chunk, b chunk) buffers plus a half-size fp32 output tile (calibrated as _row_smem)."""
     kw = cfg.kwargs
     bm, bp, bq = kw["BLOCK_M"], kw["BLOCK_P"], kw["BLOCK_Q"]
     ea, eb = dtype_bytes(a_dtype), dtype_bytes(b_dtype)
-    return smem_bytes(max(1, cfg.num_stages - 1), [bp * bm * ea, bm * bq * eb], scratch=bm * bq * ea + bp * bq * 4)
+    return smem_bytes(_stages(cfg, props), [bp * bm * ea, bm * bq * eb], scratch=bp * bq * 2)
 
 
 def plan_atb(n: int, p: int, q: int, dtype: torch.dtype, props: DeviceProps, b_dtype: torch.dtype | None = None) -> AtbPlan:
@@ -188,8 +201,7 @@ def plan_atb(n: int, p: int, q: int, dtype: torch.dtype, props: DeviceProps, b_d
     about two waves of 64x64 tiles over the SMs, each split a multiple of ``_SPLIT_ROWS`` rows."""
     b_dtype = dtype if b_dtype is None else b_dtype
     rows, splits = split_rows(n, cdiv(p, 64) * cdiv(q, 64), props, _SPLIT_ROWS)
-    cfgs = prune_configs(_ATB_CONFIGS, lambda c: _atb_smem(c, dtype, b_dtype), props)
-    return AtbPlan(tuple(cfgs), rows, splits)
+    return AtbPlan(_pick(_ATB_CONFIGS, _SMALL_ATB_CONFIGS, lambda c: _atb_smem(c, dtype, b_dtype, props), props), rows, splits)
 
 
 def _launch_props(nargs: dict) -> DeviceProps:
@@ -216,7 +228,8 @@ def _prune_rows(kind):
 def _prune_atb(configs, nargs, **kwargs):
     a = {**nargs, **kwargs}
     props = _launch_props(a)
-    return list(prune_configs(_ATB_CONFIGS, lambda c: _atb_smem(c, a["a_ptr"].dtype, a["b_ptr"].dtype), props))
+    return list(_pick(_ATB_CONFIGS, _SMALL_ATB_CONFIGS, lambda c: _atb_smem(c, a["a_ptr"].dtype, a["b_ptr"].dtype, props),
+                      props))
 
 
 def why_unsupported(*, dtype: torch.dtype, props: DeviceProps, **shapes) -> str | None:
