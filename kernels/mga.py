@@ -46,7 +46,8 @@ import triton.language as tl
 from torch import Tensor
 
 from ._common import gelu, gelu_grad
-from ._launch import DeviceProps, arch_unsupported, cast, device_props, dot, dtype_bytes, pad_pow2, precision, smem_bytes
+from ._launch import (LAUNCH_OPTIONS, DeviceProps, arch_unsupported, cast, device_props, dot, dtype_bytes,  # noqa: F401
+                      pad_pow2, precision, smem_bytes)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -614,6 +615,7 @@ class MGAGrads:
 MAX_HEAD_DIM = 128  # attention tiles (BQ, head dim) per program; above: registers (see why_unsupported)
 SEQ_MAX_LP = 128    # padded L the per-sequence kernels may take: their (LP, LP) score tiles (see plan_mga)
 SEQ_MAX_HP = 128    # padded hidden they may take: (LP, HP) activations held in registers
+SEQ_STAGES = 3      # pipelining depth of their K/N loops over the model dim (Triton's CUDA default)
 
 
 def _p2(n: int) -> int:
@@ -661,18 +663,21 @@ def plan_attention(L: int, DH: int, dtype: torch.dtype, props) -> AttnPlan | Non
     return None
 
 
-def _seq_smem(LP: int, HP: int, nbytes: int, train: bool) -> int:
-    """Shared memory estimate of the per-sequence kernels: (LP, LP) score tiles and (LP, HP) activations
-    transposed through shared memory. Fitted to the sm_90 AOT compile (NOTES.md): backward at LP = 128,
-    HP = 128 needs 120-152 KB in bf16 and 254-352 KB in fp32; the forward at LP = 256 in fp32 475 KB."""
-    return (6 if train else 2) * LP * max(LP, HP) * nbytes
+def _seq_smem(LP: int, HP: int, BD: int, nbytes: int, train: bool, stages: int) -> int:
+    """Shared memory estimate of the per-sequence kernels: the K/N loop over the model dim pipelines an
+    (LP, BD) activation and a (BD, HP) weight tile ``stages`` deep; the backward also stages (LP, LP) score
+    tiles for its transposed dots (scratch 4·LP²·bytes). Checked against the sm_90 AOT compile (bf16): image
+    LP = 64, HP = 128, BD = 64: forward 73728 B (estimate 75776), backward 94208 B (estimate 106496); text
+    LP = 128, BD = 32: forward 53248 (53248), backward 155648 (180224); fp32 text backward 254-352 KB (360448)."""
+    tiles = (LP * BD * nbytes, BD * HP * nbytes)
+    return smem_bytes(stages, tiles, scratch=(4 * LP * LP * nbytes) if train else (LP * LP * nbytes) // 4)
 
 
 class MGAPlan(NamedTuple):
     """Launch plan of one MGA layer. ``path``: ``"sequence"`` (one program per sequence, the whole forward in
     one launch) or ``"blocked"`` (GEMMs for the projections over all B·L rows + blocked attention kernels over
     (sequence·head, query block)); ``reason`` says why. Per-sequence constants ``LP, HP, DHP, H2P, DH2P, BD,
-    num_warps``; blocked attention plans ``attn`` (hidden) / ``attn_s`` (BiShare)."""
+    num_warps, num_stages``; blocked attention plans ``attn`` (hidden) / ``attn_s`` (BiShare)."""
     path: str
     reason: str
     LP: int
@@ -682,6 +687,7 @@ class MGAPlan(NamedTuple):
     DH2P: int
     BD: int
     num_warps: int
+    num_stages: int
     attn: AttnPlan | None
     attn_s: AttnPlan | None
 
@@ -709,17 +715,20 @@ def plan_mga(L: int, D: int, H: int, NH: int, H2: int | None, NH2: int | None, d
     nw = _warps(LP, HP)
     attn = plan_attention(L, DH, dtype, props)
     attn_s = plan_attention(L, DH2, dtype, props) if share else None
-    common = (LP, HP, DHP, H2P, DH2P, BD, nw, attn, attn_s)
+    def blocked(why):
+        return MGAPlan("blocked", why, LP, HP, DHP, H2P, DH2P, BD, nw, 0, attn, attn_s)
+
     if LP > SEQ_MAX_LP:
-        return MGAPlan("blocked", f"padded L={LP} > {SEQ_MAX_LP}: (L, L) score tiles do not fit one program", *common)
+        return blocked(f"padded L={LP} > {SEQ_MAX_LP}: (L, L) score tiles do not fit one program")
     if max(HP, H2P) > SEQ_MAX_HP:
-        return MGAPlan("blocked", f"padded hidden={max(HP, H2P)} > {SEQ_MAX_HP}: activations do not fit registers",
-                       *common)
-    need = _seq_smem(LP, max(HP, H2P), nb, train)
-    if need > props.smem_per_block:
-        return MGAPlan("blocked", f"per-sequence {'backward' if train else 'forward'} needs ~{need // 1024} KB of "
-                       f"shared memory > {props.smem_per_block // 1024} KB (sm_{props.arch})", *common)
-    return MGAPlan("sequence", "short sequence: one launch, every intermediate on chip", *common)
+        return blocked(f"padded hidden={max(HP, H2P)} > {SEQ_MAX_HP}: activations do not fit registers")
+    for stages in (SEQ_STAGES, 2):  # 2-deep K/N pipelining where 3 does not fit (sm_86/89/120: 99 KB)
+        need = _seq_smem(LP, max(HP, H2P), BD, nb, train, stages)
+        if need <= props.smem_per_block:
+            return MGAPlan("sequence", f"short sequence: one launch, every intermediate on chip ({stages} stages)",
+                           LP, HP, DHP, H2P, DH2P, BD, nw, stages, attn, attn_s)
+    return blocked(f"per-sequence {'backward' if train else 'forward'} needs ~{need // 1024} KB of shared memory "
+                   f"> {props.smem_per_block // 1024} KB (sm_{props.arch})")
 
 
 def why_unsupported(*, dtype: torch.dtype, props, L: int, D: int, hidden: int, heads: int,
@@ -774,11 +783,30 @@ def attention_forward_blocked(qkv, heads, mask_u8, o, lse, plan: AttnPlan, prec)
     H = H3 // 3
     NH = int(heads)
     DH = H // NH
-    mask = mask_u8 if mask_u8 is not None else lse
     _attn_fwd_kernel[(B * NH, triton.cdiv(L, plan.BQ))](
-        qkv, mask, o, lse, L, H, NH, DH, 1.0 / math.sqrt(DH),
-        BQ=plan.BQ, BK=plan.BK, DHP=plan.DHP, HAS_MASK=mask_u8 is not None, PREC=prec,
-        num_warps=plan.num_warps, num_stages=plan.num_stages)
+        **_attn_fwd_args(qkv, NH, mask_u8, o, lse, plan, prec),
+        num_warps=plan.num_warps, num_stages=plan.num_stages, **LAUNCH_OPTIONS)
+
+
+def _attn_fwd_args(qkv, NH, mask_u8, o, lse, plan: AttnPlan, prec) -> dict:
+    B, L, H3 = qkv.shape
+    H = H3 // 3
+    DH = H // NH
+    return dict(QKV=qkv, MASK=mask_u8 if mask_u8 is not None else lse, O=o, LSE=lse, L=L, H=H, NH=NH, DH=DH,
+                scale=1.0 / math.sqrt(DH), BQ=plan.BQ, BK=plan.BK, DHP=plan.DHP, HAS_MASK=mask_u8 is not None,
+                PREC=prec)
+
+
+def _attn_bwd_args(qkv, do, o, lse, NH, mask_u8, dqkv, delta, plan: AttnPlan, prec) -> tuple[dict, dict]:
+    """Arguments of (:func:`_attn_bwd_dq_kernel`, :func:`_attn_bwd_dkdv_kernel`)."""
+    B, L, H3 = qkv.shape
+    H = H3 // 3
+    DH = H // NH
+    common = dict(MASK=mask_u8 if mask_u8 is not None else delta, L=L, H=H, NH=NH, DH=DH, scale=1.0 / math.sqrt(DH),
+                  BQ=plan.BQ, BK=plan.BK, DHP=plan.DHP, HAS_MASK=mask_u8 is not None, PREC=prec)
+    dq = dict(QKV=qkv, DO=do, O=o, LSE=lse, DQKV=dqkv, DELTA=delta, **common)
+    dkdv = dict(QKV=qkv, DO=do, DQKV=dqkv, LSE=lse, DELTA=delta, **common)
+    return dq, dkdv
 
 
 def attention_backward_blocked(qkv, do, o, lse, heads, mask_u8, dqkv, plan: AttnPlan, prec):
@@ -792,14 +820,10 @@ def attention_backward_blocked(qkv, do, o, lse, heads, mask_u8, dqkv, plan: Attn
     NH = int(heads)
     DH = H // NH
     delta = torch.empty((B, NH, L), device=qkv.device, dtype=torch.float32)
-    mask = mask_u8 if mask_u8 is not None else delta
-    common = dict(BQ=plan.BQ, BK=plan.BK, DHP=plan.DHP, HAS_MASK=mask_u8 is not None, PREC=prec,
-                  num_warps=plan.num_warps, num_stages=plan.num_stages)
-    scale = 1.0 / math.sqrt(DH)
-    _attn_bwd_dq_kernel[(B * NH, triton.cdiv(L, plan.BQ))](
-        qkv, do, mask, o, lse, dqkv, delta, L, H, NH, DH, scale, **common)
-    _attn_bwd_dkdv_kernel[(B * NH, triton.cdiv(L, plan.BK))](
-        qkv, do, mask, dqkv, lse, delta, L, H, NH, DH, scale, **common)
+    a_dq, a_kv = _attn_bwd_args(qkv, do, o, lse, NH, mask_u8, dqkv, delta, plan, prec)
+    opts = dict(num_warps=plan.num_warps, num_stages=plan.num_stages, **LAUNCH_OPTIONS)
+    _attn_bwd_dq_kernel[(B * NH, triton.cdiv(L, plan.BQ))](**a_dq, **opts)
+    _attn_bwd_dkdv_kernel[(B * NH, triton.cdiv(L, plan.BK))](**a_kv, **opts)
 
 
 def _gemm(a, w, b):
@@ -854,8 +878,19 @@ def _forward_blocked(x, y, saved: MGASaved, down_weight, down_bias, up_weight, u
         saved.z2.view(BL, H).copy_(z2)
     z3 = _msa_fwd_blocked(z2, B, L, in_w, in_b, out_w, out_b, heads, mask_u8, o[1], lse[1], plan.attn, prec)
     a = torch.sigmoid(gate.to(f32).reshape(()))
-    u = (a * z0.to(f32) + (1.0 - a) * z3.to(f32)).to(cdt)
-    torch.add(x2, _gemm(u, up_weight, up_bias), out=y.view(BL, D))
+    uf = a * z0.to(f32) + (1.0 - a) * z3.to(f32)
+    if x2.dtype == cdt and y.dtype == cdt:
+        # up projection, bias and residual in ONE GEMM that reads x once and writes y once: the bias rides as
+        # row H of the weight against a column of ones in u (padded to H + 8 columns for aligned GEMM tiles)
+        u = torch.zeros((BL, H + 8), device=x.device, dtype=cdt)
+        u[:, :H] = uf
+        u[:, H] = 1.0
+        w = torch.zeros((H + 8, D), device=x.device, dtype=cdt)
+        w[:H] = up_weight.t()
+        w[H] = up_bias
+        torch.addmm(x2, u, w, out=y.view(BL, D))
+    else:  # x in another dtype (autocast: fp32 x, 16-bit compute): y = x + (u Wuᵀ + bu) as eager rounds it
+        torch.add(x2, _gemm(uf.to(cdt), up_weight, up_bias), out=y.view(BL, D))
 
 
 def mga_forward(x, down_weight, down_bias, up_weight, up_bias, in_w, in_b, out_w, out_b, gate, heads,
@@ -898,19 +933,34 @@ def mga_forward(x, down_weight, down_bias, up_weight, up_bias, in_w, in_b, out_w
         _forward_blocked(x, y, saved, down_weight, down_bias, up_weight, up_bias, in_w, in_b, out_w, out_b, gate,
                          heads, share, mask_u8, plan, prec, save)
         return y, saved
-    s = share if has_share else ShareWeights(*((down_weight,) * 9), 1)
-    mask = mask_u8 if mask_u8 is not None else y
-    keep = save and has_share
-    _mga_fwd_kernel[(B,)](
-        x, x.stride(0), x.stride(1), x.stride(2), y, mask,
-        down_weight, down_bias, up_weight, up_bias, in_w, in_b, out_w, out_b, gate,
-        s.down_w, s.down_b, s.up_w, s.up_b, s.in_w, s.in_b, s.out_w, s.out_b, s.gate,
-        saved.hpre if save else y, saved.z1 if keep else y, saved.z2 if save else y, saved.ws if keep else y,
-        L, D, H, NH, DH, H2, NH2, H2 // NH2, 1.0 / math.sqrt(DH), 1.0 / math.sqrt(H2 // NH2),
-        LP=plan.LP, HP=plan.HP, DHP=plan.DHP, H2P=plan.H2P, DH2P=plan.DH2P, BD=plan.BD,
-        HAS_MASK=mask_u8 is not None, SHARE=has_share, SAVE=bool(save), PREC=prec, num_warps=plan.num_warps,
-    )
+    args = _seq_fwd_args(x, y, mask_u8, (down_weight, down_bias, up_weight, up_bias, in_w, in_b, out_w, out_b, gate),
+                         share, saved, NH, plan, save, prec)
+    _mga_fwd_kernel[(B,)](**args, num_warps=plan.num_warps, num_stages=plan.num_stages, **LAUNCH_OPTIONS)
     return y, saved
+
+
+
+
+def _seq_fwd_args(x, y, mask_u8, w, share, saved: MGASaved, NH, plan: MGAPlan, save, prec) -> dict:
+    """Arguments of :func:`_mga_fwd_kernel` (the launcher and :func:`aot_launches` both build them here).
+    ``w`` = (down_w, down_b, up_w, up_b, in_w, in_b, out_w, out_b, gate)."""
+    B, L, D = x.shape
+    H = w[0].shape[0]
+    DH = H // NH
+    has_share = share is not None
+    s = share if has_share else ShareWeights(*((w[0],) * 9), 1)
+    H2, NH2 = (int(s.down_w.shape[0]), int(s.heads)) if has_share else (16, 1)
+    keep = save and has_share
+    return dict(
+        X=x, sxb=x.stride(0), sxl=x.stride(1), sxd=x.stride(2), Y=y, MASK=mask_u8 if mask_u8 is not None else y,
+        Wd=w[0], bd=w[1], Wu=w[2], bu=w[3], Win=w[4], bin=w[5], Wo=w[6], bo=w[7], GATE=w[8],
+        SWd=s.down_w, Sbd=s.down_b, SWu=s.up_w, Sbu=s.up_b, SWin=s.in_w, Sbin=s.in_b, SWo=s.out_w, Sbo=s.out_b,
+        SGATE=s.gate, HPRE=saved.hpre if save else y, Z1=saved.z1 if keep else y, Z2=saved.z2 if save else y,
+        WS=saved.ws if keep else y,
+        L=L, D=D, H=H, NH=NH, DH=DH, H2=H2, NH2=NH2, DH2=H2 // NH2, scale=1.0 / math.sqrt(DH),
+        scale2=1.0 / math.sqrt(H2 // NH2),
+        LP=plan.LP, HP=plan.HP, DHP=plan.DHP, H2P=plan.H2P, DH2P=plan.DH2P, BD=plan.BD,
+        HAS_MASK=mask_u8 is not None, SHARE=has_share, SAVE=bool(save), PREC=prec)
 
 
 def mga_backward(dy, x_dtype, down_weight, up_weight, in_w, in_b, out_w, out_b, gate, heads,
@@ -955,30 +1005,45 @@ def mga_backward(dy, x_dtype, down_weight, up_weight, in_w, in_b, out_w, out_b, 
                           plan, prec)
         return r
     du = new(B, L, H)
+    a2, a_s, a1 = _seq_bwd_args(dy, mask_u8, (down_weight, up_weight, in_w, in_b, out_w, out_b, gate), share, saved,
+                                r, du, NH, plan, prec)
+    opts = dict(num_warps=plan.num_warps, num_stages=plan.num_stages, **LAUNCH_OPTIONS)
+    _bwd_msa2_kernel[(B,)](**a2, **opts)
+    if share is not None:
+        _bwd_share_kernel[(B,)](**a_s, **opts)
+    _bwd_msa1_kernel[(B,)](**a1, **opts)
+    return r
+
+
+def _seq_bwd_args(dy, mask_u8, w, share, saved: MGASaved, r: MGAGrads, du, NH, plan: MGAPlan, prec):
+    """Arguments of the per-sequence backward kernels ``(msa2, share or None, msa1)`` (launcher and
+    :func:`aot_launches`). ``w`` = (down_w, up_w, in_w, in_b, out_w, out_b, gate)."""
+    B, L, D = dy.shape
+    dw, uw, iw, ib, ow, ob, gate = w
+    H = dw.shape[0]
+    DH = H // NH
+    has_mask = mask_u8 is not None
     mask = mask_u8 if has_mask else r.gate_partial
     scale = 1.0 / math.sqrt(DH)
-    LP, HP, DHP, BD, nw = plan.LP, plan.HP, plan.DHP, plan.BD, plan.num_warps
-    _bwd_msa2_kernel[(B,)](
-        dy, dy.stride(0), dy.stride(1), dy.stride(2), mask, up_weight, in_w, in_b, out_w, out_b, gate,
-        saved.hpre, saved.z2, r.dqkv[1], r.o[1], r.g[1], r.u, du, dz2, r.gate_partial,
-        L, D, H, NH, DH, scale,
-        LP=LP, HP=HP, DHP=DHP, BD=BD, HAS_MASK=has_mask, PREC=prec, num_warps=nw,
-    )
+    dz2 = r.share.dz2 if share is not None else r.g[0]
+    common = dict(LP=plan.LP, HP=plan.HP, HAS_MASK=has_mask, PREC=prec)
+    a2 = dict(DY=dy, sdb=dy.stride(0), sdl=dy.stride(1), sdd=dy.stride(2), MASK=mask, Wu=uw, Win=iw, bin=ib, Wo=ow,
+              bo=ob, GATE=gate, HPRE=saved.hpre, Z2=saved.z2, DQKV=r.dqkv[1], O=r.o[1], G=r.g[1], U=r.u, DU=du,
+              DZ2=dz2, GP=r.gate_partial, L=L, D=D, H=H, NH=NH, DH=DH, scale=scale, DHP=plan.DHP, BD=plan.BD,
+              **common)
+    a_s = None
     if share is not None:
         s = r.share
-        _bwd_share_kernel[(B,)](
-            dz2, mask, share.down_w, share.up_w, share.in_w, share.in_b, share.out_w, share.out_b, share.gate,
-            saved.ws, s.dqkv, s.o, s.g, s.vs, s.dw, r.g[0], s.gate_partial,
-            L, H, H2, NH2, H2 // NH2, 1.0 / math.sqrt(H2 // NH2),
-            LP=LP, HP=HP, H2P=plan.H2P, DH2P=plan.DH2P, HAS_MASK=has_mask, PREC=prec, num_warps=nw,
-        )
-    _bwd_msa1_kernel[(B,)](
-        dy, dy.stride(0), dy.stride(1), dy.stride(2), r.dx, mask, down_weight, in_w, in_b, out_w, out_b, gate,
-        saved.hpre, r.g[0], du, r.dqkv[0], r.o[0], r.z0, r.dpre,
-        L, D, H, NH, DH, scale,
-        LP=LP, HP=HP, DHP=DHP, BD=BD, HAS_MASK=has_mask, FUSE_DX=True, PREC=prec, num_warps=nw,
-    )
-    return r
+        H2, NH2 = _share_dims(share)
+        a_s = dict(DZ2=dz2, MASK=mask, SWd=share.down_w, SWu=share.up_w, SWin=share.in_w, Sbin=share.in_b,
+                   SWo=share.out_w, Sbo=share.out_b, SGATE=share.gate, WS=saved.ws, DQKV=s.dqkv, O=s.o, G=s.g,
+                   VS=s.vs, DW=s.dw, DZ1=r.g[0], GP=s.gate_partial, L=L, H=H, H2=H2, NH2=NH2, DH2=H2 // NH2,
+                   scale2=1.0 / math.sqrt(H2 // NH2), H2P=plan.H2P, DH2P=plan.DH2P, **common)
+    a1 = dict(DY=dy, sdb=dy.stride(0), sdl=dy.stride(1), sdd=dy.stride(2), DX=r.dx, MASK=mask, Wd=dw, Win=iw, bin=ib,
+              Wo=ow, bo=ob, GATE=gate, HPRE=saved.hpre, G1=r.g[0], DU=du, DQKV=r.dqkv[0], O=r.o[0], Z0=r.z0,
+              DPRE=r.dpre, L=L, D=D, H=H, NH=NH, DH=DH, scale=scale, DHP=plan.DHP, BD=plan.BD, FUSE_DX=True,
+              **common)
+    return a2, a_s, a1
 
 
 def _msa_bwd_blocked(z, g, o, lse, in_w, in_b, out_w, heads, mask_u8, dqkv, plan, prec):
@@ -1039,3 +1104,96 @@ def _backward_blocked(dy, r: MGAGrads, saved: MGASaved, down_weight, up_weight, 
     dpre.copy_((dza.to(f32) + a * duf) * _gelu_grad_f32(hf))
     t = dpre.mm(down_weight).reshape(B, L, D).to(r.dx.dtype)
     torch.add(dy, t, out=r.dx)
+
+
+# ----------------------------------------------------------------------------------------------------
+# AOT matrix (benchmarks/aot_compile.py): every launch the plans choose at the cases below
+# ----------------------------------------------------------------------------------------------------
+AOT_CASES = [  # (label, B, L, D, hidden, heads, share (hidden, heads) or None, mask, edge)
+    ("image L50 D768 h128/8", 214, 50, 768, 128, 8, None, False, False),            # HarMA ViT-B/32
+    ("text L77 D512 h128/8 +BiShare h64/8", 214, 77, 512, 128, 8, (64, 8), True, False),
+    ("ViT-B/16 L197 D768 h128/8", 64, 197, 768, 128, 8, None, False, False),
+    ("ViT-L/14 L257 D1024 h128/8", 32, 257, 1024, 128, 8, None, False, False),      # RemoteCLIP / GeoRSCLIP
+    ("ViT-L/14@336 L577 D1024 h128/8", 8, 577, 1024, 128, 8, None, False, False),
+    ("edge L577 D1024 h512/4 +BiShare h256/2 +mask", 2, 577, 1024, 512, 4, (256, 2), True, True),  # head dim 128
+    ("edge L7 D64 h16/4 +BiShare h8/2", 4, 7, 64, 16, 4, (8, 2), False, True),       # head dim 4
+]
+
+
+def _meta_share(H, H2, NH2, meta, gate_dt):
+    return ShareWeights(meta(H2, H), meta(H2), meta(H, H2), meta(H), meta(3 * H2, H2), meta(3 * H2), meta(H2, H2),
+                        meta(H2), meta(1, dt=gate_dt), NH2)
+
+
+def aot_launches(props: DeviceProps, dtype: str, profile: str = "quick") -> list:
+    """Every launch of :func:`mga_forward` / :func:`mga_backward` at :data:`AOT_CASES` on ``props``, as
+    ``kernels._launch.AotLaunch`` records built by the launchers' own argument helpers and plans
+    (:func:`plan_mga`, train and inference). ``profile="quick"``: SPEC cases, inference variants in bf16 only;
+    ``"full"``: every variant and the edge cases. Launches with equal constants are listed once."""
+    from ._launch import AotLaunch, aot_dtype
+
+    tdt, prec = aot_dtype(dtype)
+    quick = profile == "quick"
+    f32 = torch.float32
+
+    def meta(*shape, dt=tdt):
+        return torch.empty(shape, device="meta", dtype=dt)
+
+    out, seen = [], set()
+
+    def add(kernel, case, args, nw, stages, edge, cfg_keys=()):
+        key = (kernel, tuple(sorted((k, v) for k, v in args.items() if not isinstance(v, torch.Tensor))),
+               tuple((k, str(v.dtype)) for k, v in args.items() if isinstance(v, torch.Tensor)), nw, stages)
+        if key in seen:
+            return
+        seen.add(key)
+        kw = {k: args.pop(k) for k in cfg_keys}
+        out.append(AotLaunch(f"mga.{kernel}", case, args, (triton.Config(kw, num_warps=nw, num_stages=stages),),
+                             False, edge))
+
+    for label, B, L, D, H, NH, share_dims, has_mask, edge in AOT_CASES:
+        if edge and quick:
+            continue
+        case = f"{dtype} {label}"
+        H2, NH2 = share_dims or (None, None)
+        mask = meta(B, L, dt=torch.uint8) if has_mask else None
+        share = _meta_share(H, H2, NH2, meta, f32) if share_dims else None
+        w = (meta(H, D), meta(H), meta(D, H), meta(D), meta(3 * H, H), meta(3 * H), meta(H, H), meta(H), meta(1, dt=f32))
+        for train in (True, False):
+            if not train and quick and dtype != "bf16":
+                continue
+            plan = plan_mga(L, D, H, NH, H2, NH2, tdt, props, train)
+            tag = f"{case} {'train' if train else 'infer'} [{plan.path}]"
+            if plan.path == "sequence":
+                h2 = H2 or 16
+                saved = MGASaved(meta(B, L, H), meta(B, L, H), meta(B, L, H), meta(B, L, h2), meta(0), meta(0),
+                                 meta(0, dt=f32), meta(0, dt=f32))
+                add("_mga_fwd_kernel", tag, _seq_fwd_args(meta(B, L, D), meta(B, L, D), mask, w, share, saved, NH,
+                                                          plan, train, prec), plan.num_warps, plan.num_stages, edge)
+                if train:
+                    r = MGAGrads(meta(B, L, D), meta(B, L, H), meta(B, L, H), meta(B, L, H), saved.z2,
+                                 meta(2, B, L, 3 * H), meta(2, B, L, H), meta(2, B, L, H), meta(B, dt=f32))
+                    if share is not None:
+                        r.share = ShareGrads(meta(B, L, H), saved.z1, saved.ws, meta(B, L, H2), meta(B, L, H2),
+                                             meta(B, L, 3 * H2), meta(B, L, H2), meta(B, L, H2), meta(B, dt=f32))
+                    bw = (w[0], w[2], w[4], w[5], w[6], w[7], w[8])
+                    a2, a_s, a1 = _seq_bwd_args(meta(B, L, D), mask, bw, share, saved, r, meta(B, L, H), NH, plan, prec)
+                    add("_bwd_msa2_kernel", tag, a2, plan.num_warps, plan.num_stages, edge)
+                    if a_s is not None:
+                        add("_bwd_share_kernel", tag, a_s, plan.num_warps, plan.num_stages, edge)
+                    add("_bwd_msa1_kernel", tag, a1, plan.num_warps, plan.num_stages, edge)
+                continue
+            for h, nh, ap in ((H, NH, plan.attn), (H2, NH2, plan.attn_s)):
+                if h is None:
+                    continue
+                sub = f"{tag} attn h{h}/{nh}"
+                qkv, o, lse = meta(B, L, 3 * h), meta(B, L, h), meta(B, nh, L, dt=f32)
+                keys = ("BQ", "BK")
+                add("_attn_fwd_kernel", sub, _attn_fwd_args(qkv, nh, mask, o, lse, ap, prec), ap.num_warps,
+                    ap.num_stages, edge, keys)
+                if train:
+                    a_dq, a_kv = _attn_bwd_args(qkv, meta(B, L, h), o, lse, nh, mask, meta(B, L, 3 * h),
+                                                meta(B, nh, L, dt=f32), ap, prec)
+                    add("_attn_bwd_dq_kernel", sub, a_dq, ap.num_warps, ap.num_stages, edge, keys)
+                    add("_attn_bwd_dkdv_kernel", sub, a_kv, ap.num_warps, ap.num_stages, edge, keys)
+    return out

@@ -108,16 +108,15 @@ def _check(m32: MGAdapter, x32: torch.Tensor, mask, dtype: torch.dtype, name: st
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 CASES = [
     # B, L, dim, hidden, heads, share_heads, mask, dtype, path (the plan's on the interpreter's nominal sm_90)
-    pytest.param(3, 1, 24, 16, 2, 1, False, F32, "sequence", id="L1-dh8-share-dh8-fp32"),
+    pytest.param(2, 1, 24, 16, 2, 1, False, F32, "sequence", id="L1-dh8-share-dh8-fp32"),
     pytest.param(2, 7, 20, 16, 4, 2, True, BF16, "sequence", id="L7-dh4-share-dh4-mask-bf16"),
     pytest.param(2, 13, 24, 128, 1, None, True, F32, "sequence", id="L13-dh128-mask-fp32"),
     pytest.param(2, 77, 24, 32, 2, 1, True, F16, "sequence", id="L77-dh16-share-dh16-mask-fp16"),
     pytest.param(2, 77, 24, 64, 1, None, False, F32, "blocked", id="L77-dh64-fp32"),
     pytest.param(1, 197, 24, 128, 1, None, True, BF16, "blocked", id="L197-dh128-mask-bf16"),
-    pytest.param(2, 257, 16, 16, 2, 1, True, F32, "blocked", id="L257-dh8-share-dh8-mask-fp32"),
-    pytest.param(1, 257, 16, 128, 2, 1, False, F16, "blocked", id="L257-dh64-share-dh64-fp16"),
-    pytest.param(2, 577, 16, 32, 2, 2, True, BF16, "blocked", id="L577-dh16-share-dh8-mask-bf16"),
-    pytest.param(1, 577, 12, 8, 2, None, False, F16, "blocked", id="L577-dh4-fp16"),
+    pytest.param(1, 257, 16, 16, 2, 1, True, BF16, "blocked", id="L257-dh8-share-dh8-mask-bf16"),
+    pytest.param(1, 257, 16, 128, 2, None, False, F16, "blocked", id="L257-dh64-fp16"),
+    pytest.param(1, 577, 16, 16, 1, None, True, F32, "blocked", id="L577-dh16-mask-fp32"),
 ]
 
 
@@ -206,7 +205,7 @@ def test_plans_fit_every_arch(arch):
                         assert K._attn_smem(a.BQ, a.BK, a.DHP, nb, a.num_stages) <= props.smem_per_block
                         assert a.BQ <= K._p2(L) and a.BQ >= 16
                 if p.path == "sequence":
-                    assert K._seq_smem(p.LP, max(p.HP, p.H2P), nb, train) <= props.smem_per_block
+                    assert K._seq_smem(p.LP, max(p.HP, p.H2P), p.BD, nb, train, p.num_stages) <= props.smem_per_block
                     assert p.LP <= K.SEQ_MAX_LP
                 assert p.reason
 
@@ -260,8 +259,11 @@ def _saved_bytes(fn, m, x, mask):
     return sum(seen.values())
 
 
-@pytest.mark.parametrize("L,share_heads,dtype", [(77, 2, F16), (197, None, F32)], ids=["L77-share-seq", "L197-blocked"])
-def test_saved_activations_not_larger_than_eager(device, L, share_heads, dtype):
+@pytest.mark.parametrize("L,share_heads,dtype,blocked", [(77, 2, F16, False), (40, 2, F32, True)],
+                         ids=["L77-share-sequence", "L40-share-blocked"])
+def test_saved_activations_not_larger_than_eager(device, monkeypatch, L, share_heads, dtype, blocked):
+    if blocked:
+        monkeypatch.setattr(K, "SEQ_MAX_LP", 0)
     m = _make(32, 32, 4, share_heads, device, dtype)
     x = torch.randn(2, L, 32, device=device, dtype=dtype)
     mask = _padding_mask(2, L, device)
@@ -289,7 +291,7 @@ def test_backward_is_deterministic(device, monkeypatch, blocked):
     if blocked:
         monkeypatch.setattr(K, "SEQ_MAX_LP", 0)
     m = _make(48, 32, 4, 2, device)
-    x = torch.randn(3, 70, 48, device=device)
+    x = torch.randn(2, 20, 48, device=device)
     dy = torch.randn_like(x)
     _, g1 = _run(mga, m, x, None, dy)
     g1 = {k: v.clone() for k, v in g1.items()}
@@ -360,13 +362,15 @@ def test_no_grad_forward_and_frozen_x(device):
     assert_close(gw, m.down.weight.grad, 2e-5, 2e-4, name="dWd")
 
 
-@pytest.mark.parametrize("L", [13, 150], ids=["sequence", "blocked"])
-def test_autocast_cpu_bf16(device, L):
+@pytest.mark.parametrize("L", [13, 20], ids=["sequence", "blocked"])
+def test_autocast_cpu_bf16(device, monkeypatch, L):
     """Under autocast the fused op sees the bf16 compute dtype like eager F.linear: y in fp32 (x + bf16
     linear), gradients in the parameters' dtype; the rule against the float64 reference of the same
     computation, eager under the same autocast as the yardstick."""
     if device != "cpu":
         pytest.skip("CPU autocast check (GPU dtypes are covered by the gpu tests)")
+    if L == 20:
+        monkeypatch.setattr(K, "SEQ_MAX_LP", 0)
     m = _make(48, 64, 4, 4, device)
     x = torch.randn(2, L, 48, device=device)
     dy = torch.randn_like(x)
@@ -521,3 +525,52 @@ def test_gpu_auto_uses_triton_and_autocast():
         yr = m(x)
     assert y.dtype == yr.dtype
     assert_close(y, yr, 2e-2, 2e-2, name="auto vs reference under autocast")
+
+
+# ----------------------------------------------------------------------------------------------------
+# a real remote-sensing CLIP: open_clip ViT-L/14 (RemoteCLIP / GeoRSCLIP architecture), fused path
+# ----------------------------------------------------------------------------------------------------
+def test_inject_open_clip_vit_l14_forward_backward_fused(device):
+    """``inject(open_clip ViT-L-14, "mga")`` (pretrained=None) at batch 1: image tower L = 257 (width 1024),
+    text tower L = 77 with the padding mask and BiShare (width 768), forward + backward through the fused
+    adapters against the same model with ``impl="reference"`` (the tolerance rule, float64 reference).
+
+    Under Triton's CPU interpreter one fused ViT-L/14 image layer takes ~15 s forward alone (measured), so
+    the full 24 + 12 layers forward + backward would cost over 20 CI minutes: the towers are cut to their
+    first block here (the same shapes, placement and dispatch; 2 fused adapters). On a GPU all layers run."""
+    import open_clip
+
+    from rspeft_fast.integration.inject import inject
+
+    model = open_clip.create_model("ViT-L-14", pretrained=None)
+    if device == "cpu":
+        model.visual.transformer.resblocks = model.visual.transformer.resblocks[:1]
+        model.transformer.resblocks = model.transformer.resblocks[:1]
+    inject(model, "mga", impl="triton")
+    model = model.to(device)
+    adapters = [m for m in model.modules() if isinstance(m, MGAdapter)]
+    assert len(adapters) == 2 * len(model.transformer.resblocks)
+    assert any(a.share is not None for a in adapters)
+    for a in adapters:
+        _randomise(a, -0.4)
+        if a.share is not None:
+            _randomise(a.share, 0.25)
+    image = torch.randn(1, 3, 224, 224, device=device)
+    tokens = open_clip.get_tokenizer("ViT-L-14")(["a satellite image of a harbour with boats"]).to(device)
+    assert (tokens == 0).any()  # padded positions: the text adapters get a key padding mask
+
+    def run(mod, impl, img):
+        for a in mod.modules():
+            if isinstance(a, MGAdapter):
+                a.impl = impl
+        mod.zero_grad(set_to_none=True)
+        fi, ft = mod.encode_image(img), mod.encode_text(tokens)
+        (fi.square().sum() + ft.square().sum()).backward()
+        grads = {n: p.grad for n, p in mod.named_parameters() if p.requires_grad}
+        return {"image": fi.detach(), "text": ft.detach(), **grads}
+
+    fused = run(model, "triton", image)
+    eager = run(model, "reference", image)
+    ref = run(copy.deepcopy(model).double(), "reference", image.double())
+    assert len(fused) > 2 and all(g is not None for g in fused.values())
+    assert_fused_close(fused, eager, ref, name="open_clip ViT-L-14 + MGA")

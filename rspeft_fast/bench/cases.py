@@ -276,6 +276,10 @@ def cases(op: str, size: str) -> list[Case]:
         return [
             _mga_case("clip_image", bb, 50, 768, 128, 8, False, lo, _anchor(593, 3426, 520, 2459, 11) if size == "spec" else None),
             _mga_case("clip_text_bishare", bb, 77, 512, 128, 8, True, lo, _anchor(1223, 5317, 1452, 4530, 11) if size == "spec" else None),
+            # long towers (SPEC §2, issue #13): ViT-B/16 @224, ViT-L/14 @224 and @336 (RemoteCLIP / GeoRSCLIP)
+            _mga_case("vit_b16_L197", 64 if size == "spec" else 1, 197, 768, 128, 8, False, lo),
+            _mga_case("vit_l14_L257", 32 if size == "spec" else 1, 257, 1024, 128, 8, False, lo),
+            _mga_case("vit_l14_336_L577", 8 if size == "spec" else 1, 577, 1024, 128, 8, False, lo),
         ]
     if op == "triplet":
         if size == "tiny":
