@@ -826,71 +826,65 @@ def attention_backward_blocked(qkv, do, o, lse, heads, mask_u8, dqkv, plan: Attn
     _attn_bwd_dkdv_kernel[(B * NH, triton.cdiv(L, plan.BK))](**a_kv, **opts)
 
 
-def _gemm(a, w, b):
+def _gemm(a, w, b, out=None):
     """``a (N, K) @ wᵀ + b`` in the compute dtype (fp32 accumulation: cuBLAS / the CPU GEMM)."""
-    return torch.addmm(b, a, w.t())
+    return torch.addmm(b, a, w.t(), out=out)
 
 
-def _msa_fwd_blocked(z, B, L, in_w, in_b, out_w, out_b, heads, mask_u8, o, lse, plan, prec):
+def _msa_fwd_blocked(z, B, L, in_w, in_b, out_w, out_b, heads, mask_u8, o, lse, plan, prec, out=None):
     """``MSA(z)`` for ``z (B·L, H)``: in-projection GEMM, blocked attention (fills ``o (B, L, H)``,
-    ``lse``), out-projection GEMM → ``(B·L, H)``."""
+    ``lse``), out-projection GEMM → ``(B·L, H)`` (into ``out`` if given)."""
     H = z.shape[1]
     qkv = _gemm(z, in_w, in_b).view(B, L, 3 * H)
     attention_forward_blocked(qkv, heads, mask_u8, o, lse, plan, prec)
-    return _gemm(o.view(B * L, H), out_w, out_b)
+    return _gemm(o.view(B * L, H), out_w, out_b, out=out)
 
 
 def _forward_blocked(x, y, saved: MGASaved, down_weight, down_bias, up_weight, up_bias, in_w, in_b, out_w, out_b,
                      gate, heads, share, mask_u8, plan: MGAPlan, prec, save):
+    """The forward on the blocked path: projections as GEMMs over the B·L rows written straight into the saved
+    buffers, one element-wise kernel per gate (``lerp`` in the compute dtype with fp32 internals and one
+    rounding, as eager's ``a*m + (1-a)*z`` whose 0-dim fp32 gate is taken in the tensor dtype), attention by
+    :func:`attention_forward_blocked`, and up projection + bias + residual in one GEMM (x read once, y written
+    once) when x is in the compute dtype."""
     B, L, D = x.shape
     H = down_weight.shape[0]
     cdt = down_weight.dtype
     f32 = torch.float32
     BL = B * L
     x2 = x.reshape(BL, D)
-    hpre = _gemm(x2.to(cdt), down_weight, down_bias)
-    z0 = _gelu_f32(hpre.to(f32)).to(cdt)
-    if save:
-        o, lse = saved.o, saved.lse
-        saved.hpre.view(BL, H).copy_(hpre)
-    else:
-        o = x.new_empty((2, B, L, H), dtype=cdt)
-        lse = x.new_empty((2, B, int(heads), L), dtype=f32)
-    z1 = _msa_fwd_blocked(z0, B, L, in_w, in_b, out_w, out_b, heads, mask_u8, o[0], lse[0], plan.attn, prec)
+    new = lambda *shape, dt=cdt: x.new_empty(shape, dtype=dt)  # noqa: E731
+    hpre = _gemm(x2.to(cdt), down_weight, down_bias, out=saved.hpre.view(BL, H) if save else None)
+    z0 = torch.nn.functional.gelu(hpre)
+    o, lse = (saved.o, saved.lse) if save else (new(2, B, L, H), new(2, B, int(heads), L, dt=f32))
+    keep_z1 = save and share is not None
+    z1 = _msa_fwd_blocked(z0, B, L, in_w, in_b, out_w, out_b, heads, mask_u8, o[0], lse[0], plan.attn, prec,
+                          out=(saved.z1 if keep_z1 else saved.z2).view(BL, H) if save else None)
     if share is not None:
         H2 = share.down_w.shape[0]
-        ws = _gemm(z1, share.down_w, share.down_b)
-        if save:
-            o_s, lse_s = saved.o_s, saved.lse_s
-            saved.z1.view(BL, H).copy_(z1)
-            saved.ws.view(BL, H2).copy_(ws)
-        else:
-            o_s = x.new_empty((B, L, H2), dtype=cdt)
-            lse_s = x.new_empty((B, int(share.heads), L), dtype=f32)
+        ws = _gemm(z1, share.down_w, share.down_b, out=saved.ws.view(BL, H2) if save else None)
+        o_s, lse_s = (saved.o_s, saved.lse_s) if save else (new(B, L, H2), new(B, int(share.heads), L, dt=f32))
         ms = _msa_fwd_blocked(ws, B, L, share.in_w, share.in_b, share.out_w, share.out_b, share.heads, mask_u8,
                               o_s, lse_s, plan.attn_s, prec)
         a_s = torch.sigmoid(share.gate.to(f32).reshape(()))
-        vs = (a_s * ms.to(f32) + (1.0 - a_s) * ws.to(f32)).to(cdt)
-        z2 = (z1.to(f32) + _gemm(vs, share.up_w, share.up_b).to(f32)).to(cdt)
+        vs = torch.lerp(ws, ms, a_s.to(cdt))  # a_s·ms + (1 - a_s)·ws
+        z2 = torch.add(z1, _gemm(vs, share.up_w, share.up_b), out=saved.z2.view(BL, H) if save else None)
     else:
         z2 = z1
-    if save:
-        saved.z2.view(BL, H).copy_(z2)
     z3 = _msa_fwd_blocked(z2, B, L, in_w, in_b, out_w, out_b, heads, mask_u8, o[1], lse[1], plan.attn, prec)
-    a = torch.sigmoid(gate.to(f32).reshape(()))
-    uf = a * z0.to(f32) + (1.0 - a) * z3.to(f32)
+    a = torch.sigmoid(gate.to(f32).reshape(())).to(cdt)
     if x2.dtype == cdt and y.dtype == cdt:
         # up projection, bias and residual in ONE GEMM that reads x once and writes y once: the bias rides as
         # row H of the weight against a column of ones in u (padded to H + 8 columns for aligned GEMM tiles)
         u = torch.zeros((BL, H + 8), device=x.device, dtype=cdt)
-        u[:, :H] = uf
+        torch.lerp(z3, z0, a, out=u[:, :H])  # a·z0 + (1 - a)·z3
         u[:, H] = 1.0
         w = torch.zeros((H + 8, D), device=x.device, dtype=cdt)
         w[:H] = up_weight.t()
         w[H] = up_bias
         torch.addmm(x2, u, w, out=y.view(BL, D))
     else:  # x in another dtype (autocast: fp32 x, 16-bit compute): y = x + (u Wuᵀ + bu) as eager rounds it
-        torch.add(x2, _gemm(uf.to(cdt), up_weight, up_bias), out=y.view(BL, D))
+        torch.add(x2, _gemm(torch.lerp(z3, z0, a), up_weight, up_bias), out=y.view(BL, D))
 
 
 def mga_forward(x, down_weight, down_bias, up_weight, up_bias, in_w, in_b, out_w, out_b, gate, heads,
