@@ -52,10 +52,10 @@ def _retrieval_setup():
 
 
 def _retrieval_loss(net, args, images, tokens, ids, world):
-    from rspeft_fast.retrieval.job import retrieval_loss
+    from rspeft_fast.retrieval.job import objective, retrieval_loss
 
     img, txt, temp = net(images, tokens)
-    return retrieval_loss(img, txt, temp, ids, args, world)
+    return retrieval_loss(img, txt, temp, ids, **objective(args), world=world)
 
 
 def _vit_setup():

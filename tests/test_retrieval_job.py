@@ -152,7 +152,7 @@ def test_grad_checkpointing_flag_gives_the_same_loss_and_grads(job):
     for gc in (False, True):
         torch.manual_seed(0)
         if job == "retrieval":
-            from rspeft_fast.retrieval.job import build_parser, build_retrieval_model, retrieval_loss
+            from rspeft_fast.retrieval.job import build_parser, build_retrieval_model, objective, retrieval_loss
 
             args = build_parser().parse_args(["--device", "cpu"] + (["--grad-checkpointing"] if gc else []))
             model, tok, _, _ = build_retrieval_model(args)
@@ -160,7 +160,7 @@ def test_grad_checkpointing_flag_gives_the_same_loss_and_grads(job):
             ids = torch.tensor([0, 1, 0, 2])
 
             def loss_fn(m):
-                return retrieval_loss(*m(x, tokens), ids, args)
+                return retrieval_loss(*m(x, tokens), ids, **objective(args))
         else:
             from rspeft_fast.train.cli import build_model, build_parser
 

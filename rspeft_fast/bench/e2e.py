@@ -8,10 +8,14 @@ Variants of each case:
 * ``none``  — the floor: the same frozen backbone with no adapter. Adapters in every block make the
   backward run through the whole backbone (activation gradients, no weight gradients), so the floor
   does too: the output of the first layer (patch embedding / stem / token embedding) is made a leaf
-  that requires grad. Trainable: the classifier head (timm) or the logit scale (CLIP).
+  that requires grad. Trainable: the classifier head (timm) or the retrieval temperature (CLIP).
 * ``eager`` — ``rspeft_fast.inject(model, method, impl="reference")``;
 * ``fused`` — ``rspeft_fast.inject(model, method, impl="triton")`` (and the weighted triplet loss on the
   C++/CUDA extension for CLIP). If any part cannot run here the variant is recorded unavailable.
+
+The CLIP cases are the retrieval job's training step (``python -m rspeft_fast retrieval``): its model
+(:class:`~rspeft_fast.retrieval.model.RetrievalModel`, the injected CLIP with the learnable temperature) and its
+objective (:func:`~rspeft_fast.retrieval.job.retrieval_loss`: contrastive + weighted triplet with image ids).
 
 Backbones are randomly initialised (no weights are downloaded): time does not depend on the values.
 """
@@ -58,7 +62,7 @@ def e2e_cases(size: str) -> list[E2ECase]:
                     targets={"fused/none <=": 1.25, "eager/fused >=": 2.5}),
             E2ECase("swin_t_mufa", "timm Swin-T + MuFA (12 blocks), batch 64, 224²", "timm", "swin_tiny_patch4_window7_224", "mufa", 64, 224),
             E2ECase("convnext_b_eqam_capm", "timm ConvNeXt-B + EQAM (8-bit) + CAPM, batch 64, 224²", "timm", "convnext_base", "eqam+capm", 64, 224),
-            E2ECase("clip_b32_mga", "open_clip ViT-B/32 dual encoder + MGA (both towers, BiShare) + weighted triplet + contrastive, batch 214",
+            E2ECase("clip_b32_mga", "retrieval job step: open_clip ViT-B/32 dual encoder + MGA (both towers, BiShare) + contrastive + weighted triplet, batch 214 (HarMA)",
                     "clip", "ViT-B-32", "mga", 214, 224),
         ]
     if size in ("tiny", "small"):
@@ -143,18 +147,21 @@ def build_step(case: E2ECase, variant: str, device: torch.device | str, seed: in
         if case.kind == "timm":
             rspeft_fast.inject(model, "linear")
         else:
-            model.requires_grad_(False)
-            model.logit_scale.requires_grad_(True)
+            model.requires_grad_(False)  # the RetrievalModel wrapper below adds the trainable temperature
         for m in _first_layers(model, case.kind):
             m.register_forward_hook(_leaf_output)
         notes.append("floor: no adapter, backward forced through the frozen backbone (first layer's output is a grad leaf)")
     else:
         impl = "reference" if variant == "eager" else "triton"
         rspeft_fast.inject(model, case.method, impl=impl, **case.inject_kwargs)
-        if case.kind == "clip":
-            model.logit_scale.requires_grad_(False)
-            if variant == "fused":
-                loss_impl = "cuda" if device.type == "cuda" else "cpu"
+        if case.kind == "clip" and variant == "fused":
+            loss_impl = "cuda" if device.type == "cuda" else "cpu"
+    if case.kind == "clip":
+        # the retrieval job's model: the CLIP plus HarMA's learnable temperature (init 0.07, clamped)
+        from ..retrieval.model import RetrievalModel
+
+        clip = model
+        model = RetrievalModel(clip)
     model.to(device).train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr)
@@ -168,19 +175,18 @@ def build_step(case: E2ECase, variant: str, device: torch.device | str, seed: in
         def loss_fn():
             return F.cross_entropy(model(images).float(), labels)
     else:
-        from ..ops.triplet import weighted_triplet_loss
+        from ..retrieval.job import retrieval_loss
 
-        vocab = model.vocab_size if hasattr(model, "vocab_size") else model.token_embedding.num_embeddings
+        vocab = clip.vocab_size if hasattr(clip, "vocab_size") else clip.token_embedding.num_embeddings
         tokens = _clip_tokens(case.batch, case.text_len, vocab, gen).to(device)
-        target = torch.arange(case.batch, device=device)
-        notes.append(f"loss: weighted triplet (impl={loss_impl!r}) + symmetric InfoNCE")
+        # HarMA's batches hold several captions of some images: ids with repeats (about 2 captions per image)
+        ids = torch.randint(0, max(case.batch // 2, 1), (case.batch,), generator=gen).to(device)
+        notes.append(f"loss: the retrieval job's objective: contrastive_loss (soft multi-positive, learnable temperature) "
+                     f"+ weighted_triplet_loss (margin 0.2, gamma 2, ids; impl={loss_impl!r}), 1:1")
 
         def loss_fn():
-            img = model.encode_image(images, normalize=True).float()
-            txt = model.encode_text(tokens, normalize=True).float()
-            logits = model.logit_scale.exp() * img @ txt.t()
-            contrastive = (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target)) / 2
-            return weighted_triplet_loss(img, txt, 0.2, 2.0, False, None, loss_impl) + contrastive
+            img, txt, temp = model(images, tokens)
+            return retrieval_loss(img, txt, temp, ids, triplet_impl=loss_impl)
 
     def step():
         opt.zero_grad(set_to_none=True)

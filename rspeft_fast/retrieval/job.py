@@ -43,13 +43,13 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..train.cli import add_engine_args, parse_option, progress_fn, resume_path
+from ..train.cli import add_engine_args, method_options, parse_option, progress_fn, resume_path
 from ..train.loop import (StopRequest, Trainer, amp_dtype, autocast, build_optim, peak_memory, resolve_device,
                           setup_distributed, unwrap, wrap_model)
 from .model import TINY_CLIP, RetrievalModel, create_clip
 from .readers import FORMATS, CaptionSplit, DataError, read_split
 
-__all__ = ["main", "build_parser", "retrieval_loss", "evaluate_split", "build_retrieval_model"]
+__all__ = ["main", "build_parser", "retrieval_loss", "objective", "evaluate_split", "build_retrieval_model"]
 
 # MGA options per model when --option does not say (the tiny CLIP is 128 wide: a 128-d adapter would dwarf it)
 _MGA_DEFAULTS = {TINY_CLIP: {"hidden": 64, "heads": 4}}
@@ -104,7 +104,7 @@ def build_retrieval_model(args) -> tuple:
     from ..integration.config import config_for
 
     clip, tok, t_train, t_eval = create_clip(args.model, args.checkpoint, args.pretrained)
-    opts = {**_MGA_DEFAULTS.get(args.model, {}), **dict(args.option)}
+    opts = {**_MGA_DEFAULTS.get(args.model, {}), **method_options("mga", args.option)}
     opts.setdefault("impl", args.impl)
     if args.share_image_tower:
         opts["share_across_towers"] = True
@@ -208,20 +208,29 @@ def load_splits(args, size: int, progress=None, splits=("train", "val", "test"))
 # objective and evaluation
 
 
-def retrieval_loss(img, txt, temperature, ids, args, world: int = 1):
-    """HarMA's objective on one rank's batch: ``contrastive + w · triplet`` (see the module docstring for how
-    the terms are scaled under ``world`` > 1 ranks). Returns ``(loss to backpropagate, global loss value)``."""
+def retrieval_loss(img, txt, temperature, ids, *, triplet_weight: float = 1.0, margin: float = 0.2, gamma: float = 2.0,
+                   max_violation: bool = False, diagonal_only: bool = False, triplet_impl: str = "auto", world: int = 1):
+    """HarMA's objective on one rank's batch: ``contrastive_loss(ids, τ) + triplet_weight · weighted_triplet_loss``
+    (``img``, ``txt`` ``(B, E)`` L2-normalised, ``ids (B,)`` image ids; ``diagonal_only``: the triplet term without
+    ids, HarMA's own mask). Under ``world`` > 1 both terms gather with gradients and the triplet term (a per-rank
+    share of a sum) is multiplied by ``world`` (see the module docstring), so DDP's averaging gives the gradient
+    of the whole global batch. Returns the scalar to backpropagate."""
     from ..ops.contrastive import contrastive_loss
     from ..ops.triplet import weighted_triplet_loss
 
     gather = world > 1
     loss = contrastive_loss(img, txt, ids=ids, temperature=temperature, gather=gather)
-    if args.triplet_weight:
-        t_ids = None if args.triplet_diagonal_only else ids
-        impl = "reference" if args.impl == "reference" else "auto"
-        trip = weighted_triplet_loss(img, txt, args.margin, args.gamma, args.max_violation, t_ids, impl, gather)
-        loss = loss + args.triplet_weight * world * trip
+    if triplet_weight:
+        trip = weighted_triplet_loss(img, txt, margin, gamma, max_violation, None if diagonal_only else ids, triplet_impl, gather)
+        loss = loss + triplet_weight * world * trip
     return loss
+
+
+def objective(args) -> dict:
+    """The keyword arguments of :func:`retrieval_loss` that the command line sets."""
+    return {"triplet_weight": args.triplet_weight, "margin": args.margin, "gamma": args.gamma,
+            "max_violation": args.max_violation, "diagonal_only": args.triplet_diagonal_only,
+            "triplet_impl": "reference" if args.impl == "reference" else "auto"}
 
 
 @torch.no_grad()
@@ -340,13 +349,15 @@ def main(argv: Optional[list] = None) -> int:
                                          drop_last=dist.world > 1 or len(pairs) > args.batch_size, num_workers=args.workers,
                                          generator=torch.Generator().manual_seed(args.seed), pin_memory=dev.type == "cuda")
 
+    obj = objective(args)
+
     def loss_fn(batch):
         x, t, ids = batch
         x, t, ids = x.to(dev, non_blocking=True), t.to(dev, non_blocking=True), ids.to(dev)
         net.train()
         with autocast(args):
             img, txt, temp = net(x, t)
-        return retrieval_loss(img, txt, temp, ids, args, dist.world), x.shape[0]
+        return retrieval_loss(img, txt, temp, ids, **obj, world=dist.world), x.shape[0]
 
     n_batches = len(loader)
     steps_per_epoch = n_batches if args.max_steps is None else min(n_batches, args.max_steps)

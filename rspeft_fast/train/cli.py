@@ -41,7 +41,7 @@ from torch import nn
 from .loop import (StopRequest, Trainer, amp_dtype, autocast, build_optim, peak_memory, resolve_device, setup_distributed,
                    unwrap, wrap_model)
 
-__all__ = ["main", "build_parser", "parse_option", "add_engine_args", "progress_fn", "resume_path"]
+__all__ = ["main", "build_parser", "parse_option", "method_options", "add_engine_args", "progress_fn", "resume_path"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -49,22 +49,37 @@ __all__ = ["main", "build_parser", "parse_option", "add_engine_args", "progress_
 
 
 def parse_option(s: str):
-    """``key=value`` → ``(key, value)``: JSON values, ``8,16,32`` → a tuple of ints, ``-`` in keys → ``_``."""
+    """``key=value`` → ``(key, value string)`` (``-`` in keys → ``_``); the value is coerced for the method by
+    :func:`rspeft_fast.integration.config.coerce_options` (``rates=8,16,32`` → ``(8, 16, 32)``, ``"4"`` → 4, ...)."""
     if "=" not in s:
         raise argparse.ArgumentTypeError(f"--option expects key=value, got {s!r}")
     k, v = s.split("=", 1)
+    return k.replace("-", "_"), v
+
+
+def parse_model_arg(s: str):
+    """``key=value`` for a model constructor: JSON values (``depth=2`` → 2), ``a,b`` of ints → a tuple."""
+    k, v = parse_option(s)
     try:
         val = json.loads(v)
     except json.JSONDecodeError:
         val = v
-    if isinstance(val, str) and "," in val:  # rates=8,16,32
+    if isinstance(val, str) and "," in val:
         try:
             val = tuple(int(t) for t in val.split(","))
         except ValueError:
             pass
-    if isinstance(val, list):
-        val = tuple(val)
-    return k.replace("-", "_"), val
+    return k, tuple(val) if isinstance(val, list) else val
+
+
+def method_options(method: str, options) -> dict:
+    """``--option`` pairs coerced for ``method`` (one-line ``SystemExit`` naming a bad option)."""
+    from ..integration.config import OptionError, coerce_options
+
+    try:
+        return coerce_options(method, dict(options))
+    except OptionError as e:
+        raise SystemExit(f"--option: {e}") from None
 
 
 def add_engine_args(p: argparse.ArgumentParser, *, epochs: int, batch_size: int, lr: float, weight_decay: float) -> None:
@@ -132,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-fraction", type=float, default=0.2, help="share of each class held out for validation when DIR has no val/ (default %(default)s)")
     p.add_argument("--embedded-per-class", type=int, default=40, help="embedded set: training images per class (8 classes; val gets a quarter)")
     add_engine_args(p, epochs=3, batch_size=32, lr=2e-3, weight_decay=0.01)
-    p.add_argument("--model-arg", action="append", type=parse_option, default=[], metavar="KEY=VALUE",
+    p.add_argument("--model-arg", action="append", type=parse_model_arg, default=[], metavar="KEY=VALUE",
                    help="extra timm.create_model argument, e.g. --model-arg depth=6 --model-arg drop_path_rate=0.1 (repeatable)")
     p.add_argument("--global-pool", default=None, help="timm global_pool (e.g. avg, token); default: the model's")
     p.add_argument("--img-size", type=int, default=None, help="input size (default: the model's on CUDA, 64 on CPU)")
@@ -173,7 +188,7 @@ def build_model(args, num_classes: int, img_size) -> nn.Module:
                                   img_size=img_size, global_pool=args.global_pool, model_args=dict(args.model_arg))
     except ModelBuildError as e:
         raise SystemExit(str(e)) from None
-    opts = dict(args.option)
+    opts = method_options(args.method, args.option)
     opts.setdefault("impl", args.impl)
     cfg = config_for(args.method, **opts)
     try:
