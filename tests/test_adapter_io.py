@@ -53,9 +53,12 @@ def test_round_trip_onto_fresh_uninjected_model_is_bit_exact(tmp_path, method, o
     cfg = rf.integration.read_adapter_config(path)
     assert cfg == model.rspeft_config and cfg.num_classes == 5
 
-    torch.manual_seed(0)  # same backbone weights, default 1000-class head
+    torch.manual_seed(0)  # same backbone weights, default 1000-class head: replaced only when told to
     fresh = _vit()
-    rf.load_adapters(fresh, path)
+    with pytest.raises(ValueError, match="5-class head.*1000 classes.*replace_head=True"):
+        rf.load_adapters(fresh, path)
+    assert getattr(fresh, "rspeft_config", None) is None and fresh.num_classes == 1000  # untouched
+    rf.load_adapters(fresh, path, replace_head=True)
     assert fresh.num_classes == 5 and type(fresh.rspeft_config) is type(model.rspeft_config)
     with torch.no_grad():
         assert torch.equal(fresh(x), ref)
@@ -73,7 +76,7 @@ def test_round_trip_into_injected_model_and_impl_override(tmp_path):
     with torch.no_grad():
         assert torch.equal(other(x), model(x))
     fresh = _vit()
-    rf.load_adapters(fresh, path, impl="reference")
+    rf.load_adapters(fresh, path, impl="reference", replace_head=True)
     assert all(m.impl == "reference" for m in fresh.modules() if isinstance(m, rf.MuFAAdapter))
 
 
@@ -88,7 +91,7 @@ def test_round_trip_convnext_eqam_capm(tmp_path):
     rf.save_adapters(model, path)
     torch.manual_seed(0)
     fresh = timm.create_model("convnext_atto", pretrained=False, depths=(1, 1, 1, 1)).eval()
-    rf.load_adapters(fresh, path)
+    rf.load_adapters(fresh, path, replace_head=True)
     with torch.no_grad():
         assert torch.equal(fresh(x), ref)
 
@@ -144,7 +147,7 @@ def test_wrong_shape_is_refused_before_anything_changes(tmp_path):
     before = _snapshot(dst)
     classes = [type(m) for m in dst.modules()]
     with pytest.raises(ValueError, match="does not fit"):
-        rf.load_adapters(dst, path)
+        rf.load_adapters(dst, path, replace_head=True)
     assert getattr(dst, "rspeft_config", None) is None
     assert [type(m) for m in dst.modules()] == classes
     assert dst.num_classes == 1000
@@ -175,7 +178,7 @@ def test_wrong_shape_is_refused_before_anything_changes(tmp_path):
     # a model of an incompatible family
     convnext = timm.create_model("convnext_atto", pretrained=False, depths=(1, 1, 1, 1))
     with pytest.raises(ValueError, match="cannot be injected"):
-        rf.load_adapters(convnext, path)
+        rf.load_adapters(convnext, path, replace_head=True)
 
 
 def test_clear_errors(tmp_path):
@@ -189,3 +192,70 @@ def test_clear_errors(tmp_path):
     rf.merge_adapters(model)
     with pytest.raises(RuntimeError, match="merged"):
         rf.save_adapters(model, tmp_path / "y.safetensors")
+
+
+def test_parameters_unfrozen_after_injection_are_saved_and_loaded(tmp_path):
+    """HF peft's modules_to_save: anything trainable when saving is saved (here the final norm, unfrozen by
+    hand), plus what extra= names (here the patch embedding's projection, still frozen); loading restores
+    them and makes them trainable again. Nothing trainable is silently dropped."""
+    torch.manual_seed(0)
+    model = rf.inject(_vit(), "mufa", num_classes=3)
+    model.norm.requires_grad_(True)
+    _randomise_trainable(model)
+    with torch.no_grad():
+        model.patch_embed.proj.weight.mul_(1.5)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ref = model(x)
+    path = tmp_path / "extra.safetensors"
+    rf.save_adapters(model, path, extra=["patch_embed.proj"])
+    with safe_open(str(path), framework="pt") as f:
+        keys = set(f.keys())
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable | {"patch_embed.proj.weight", "patch_embed.proj.bias"} == keys
+    assert {"norm.weight", "norm.bias"} <= keys
+    torch.manual_seed(0)
+    fresh = _vit()
+    rf.load_adapters(fresh, path, replace_head=True)
+    with torch.no_grad():
+        assert torch.equal(fresh(x), ref)
+    assert fresh.norm.weight.requires_grad and fresh.patch_embed.proj.weight.requires_grad
+    with pytest.raises(ValueError, match="names no parameter or module"):
+        rf.save_adapters(model, path, extra=["no.such.module"])
+
+
+def test_packed_eqam_saves_packed_and_loads_into_a_fresh_model(tmp_path):
+    """After pack_adapters the int codes and scales are saved (the master weights are gone); loading packs
+    the fresh model's Q-Linear layers and gives the packed model's output exactly."""
+    torch.manual_seed(0)
+    make = lambda: timm.create_model("convnext_atto", pretrained=False, depths=(1, 1, 1, 1), num_classes=4).eval()  # noqa: E731
+    model = rf.inject(make(), "eqam", bits=4)
+    _randomise_trainable(model)
+    rf.pack_adapters(model)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ref = model(x)
+    path = tmp_path / "packed.safetensors"
+    rf.save_adapters(model, path)
+    with safe_open(str(path), framework="pt") as f:
+        keys = set(f.keys())
+    assert any(k.endswith(".qweight") for k in keys) and not any(k.endswith("down.weight") for k in keys)
+    torch.manual_seed(0)
+    fresh = make()
+    rf.load_adapters(fresh, path)
+    qls = [m for m in fresh.modules() if isinstance(m, rf.QLinear)]
+    assert qls and all(m.packed for m in qls)
+    with torch.no_grad():
+        assert torch.equal(fresh(x), ref)
+    # an unpacked injected model with float weights cannot take a packed model's file the other way round
+    unpacked_file = tmp_path / "float.safetensors"
+    rf.save_adapters(rf.inject(make(), "eqam", bits=4), unpacked_file)
+    with pytest.raises(ValueError, match="packed.*pack_adapters after loading"):
+        rf.load_adapters(model, unpacked_file)
+
+
+def test_merged_model_save_says_why_and_what_to_do(tmp_path):
+    model = rf.inject(_vit(), "lora", rank=2, num_classes=3)
+    rf.merge_adapters(model)
+    with pytest.raises(RuntimeError, match="merge_adapters folded.*Save the adapters before merging"):
+        rf.save_adapters(model, tmp_path / "m.safetensors")

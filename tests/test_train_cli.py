@@ -48,7 +48,7 @@ def test_train_embedded_loss_falls_and_adapters_saved(tmp_path, capsys):
     cfg = rf.integration.read_adapter_config(path)
     assert cfg.method == "mufa" and cfg.num_classes == len(CLASSES)
     fresh = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, depth=2, global_pool="avg")
-    rf.load_adapters(fresh, path)
+    rf.load_adapters(fresh, path, replace_head=True)  # a fresh 1000-class model: the file's head replaces it
     assert fresh.num_classes == len(CLASSES)
 
 

@@ -1,23 +1,34 @@
 """Adapter weights on disk: only the trainable tensors, in safetensors, with the config in the metadata.
 
-``save_adapters(model, path)`` writes the tensors that injection made trainable (adapters, and the
-head / biases / norms where the method tunes them) under their parameter names, plus
-``rspeft_fast.config`` (the method and its options as JSON) in the file's metadata.
+``save_adapters(model, path)`` writes every tensor that is trainable: those injection made trainable
+(adapters, and the head / biases / norms where the method tunes them) **and** any parameter that requires
+grad now (e.g. ``vit.norm`` or ``clip.logit_scale`` unfrozen by hand after injection; HF peft's
+``modules_to_save``), plus the modules or parameters named in ``extra=``; under their parameter names, with
+``rspeft_fast.config`` (the method and its options as JSON) and the list of those extra parameters in the
+file's metadata. Nothing trainable is silently dropped. After :func:`~rspeft_fast.pack_adapters` the packed
+Q-Linear layers are saved in their packed form (``qweight`` / ``scale`` buffers). After
+:func:`~rspeft_fast.merge_adapters` there are no adapter tensors left: the error says what to do instead.
 
 ``load_adapters(model, path)`` reads them back. On a fresh, un-injected model it first re-injects from
-the stored config; on an injected model the stored config must match the model's. Everything (config,
-names, shapes) is checked before any tensor is copied, so a failed load leaves the model as it was.
+the stored config; on an injected model the stored config must match the model's. A timm classifier
+whose head has another number of classes than the file's is refused unless ``replace_head=True``.
+Everything (config, names, shapes, head) is checked before any tensor is copied, so a failed load leaves
+the model as it was. The file is written atomically (``rspeft_fast._fileio.atomic_write``).
 """
 from __future__ import annotations
 
 import copy
 import itertools
+import json
 import os
-from typing import Optional
+from typing import Iterable, Optional
 
 import torch
 from torch import nn
 
+from .._fileio import atomic_write
+from ..modules.qlinear import QLinear
+from ..reference.qlinear_pack import storage_dtype
 from .config import AdapterConfig
 from .inject import CONFIG_ATTR, inject, model_family
 
@@ -26,6 +37,8 @@ __all__ = ["save_adapters", "load_adapters", "read_adapter_config"]
 META_CONFIG = "rspeft_fast.config"
 META_VERSION = "rspeft_fast.version"
 META_FAMILY = "rspeft_fast.family"
+META_EXTRA = "rspeft_fast.extra"  # JSON list: trainable parameters beyond those injection recorded
+META_PACKED = "rspeft_fast.packed"  # JSON list: module names of QLinear layers saved packed
 
 
 def _config_of(model: nn.Module, what: str) -> AdapterConfig:
@@ -33,29 +46,84 @@ def _config_of(model: nn.Module, what: str) -> AdapterConfig:
     if cfg is None:
         merged = getattr(model, "rspeft_merged", None)
         if merged is not None:
-            raise RuntimeError(f"{what}: the adapters of this model were merged into its weights; nothing to {what.split('_')[0]}")
+            method = merged.to_dict()["method"]
+            raise RuntimeError(
+                f"{what}: merge_adapters folded this model's {method} adapters into its backbone weights, so no "
+                "adapter tensors are left to save. Save the adapters before merging (save_adapters, then "
+                "merge_adapters), or save the merged model whole (torch.save(model.state_dict(), path))")
         raise RuntimeError(f"{what}: the model has no injected adapters (call rspeft_fast.inject first)")
     return cfg
 
 
-def save_adapters(model: nn.Module, path: str | os.PathLike) -> None:
-    """Write the trainable adapter tensors of ``model`` and its config to ``path`` (safetensors)."""
-    from safetensors.torch import save_file
+def _names_of(model: nn.Module, extra: Iterable[str]) -> list[str]:
+    """Parameter names of ``extra`` entries: a parameter name, or a module name (all its parameters)."""
+    params = dict(model.named_parameters())
+    modules = dict(model.named_modules())
+    out = []
+    for e in extra:
+        if e in params:
+            out.append(e)
+        elif e in modules and e != "":
+            out += [f"{e}.{n}" for n, _ in modules[e].named_parameters()]
+        else:
+            raise ValueError(f"save_adapters: extra={e!r} names no parameter or module of the model")
+    return out
+
+
+def _packed_prefixes(model: nn.Module) -> list[str]:
+    return [n for n, m in model.named_modules() if isinstance(m, QLinear) and m.packed]
+
+
+def _layout_packed(model: nn.Module, prefixes: Iterable[str]) -> None:
+    """Give the QLinear layers at ``prefixes`` the packed layout (storage only, values not computed: on a
+    meta copy, or right before the file's codes are copied in)."""
+    modules = dict(model.named_modules())
+    for pre in prefixes:
+        m = modules.get(pre)
+        if not isinstance(m, QLinear):
+            raise ValueError(f"the file holds a packed Q-Linear at {pre!r}, which is not a QLinear in this model")
+        if m.packed:
+            continue
+        dev = m.weight.device
+        cols = m.in_features if m.bits > 4 else (m.in_features + 1) // 2
+        m._to_packed_layout(torch.empty(m.out_features, cols, dtype=storage_dtype(m.bits), device=dev),
+                            torch.empty(m.out_features, dtype=torch.float32, device=dev))
+
+
+def save_adapters(model: nn.Module, path: str | os.PathLike, extra: Iterable[str] = ()) -> None:
+    """Write the trainable tensors of ``model`` and its config to ``path`` (safetensors, atomically).
+
+    Saved: what injection made trainable, every parameter that requires grad now, and the parameters of the
+    modules / the parameters named in ``extra`` (HF peft's ``modules_to_save``); packed Q-Linear layers in
+    their packed form. Raises RuntimeError on a model without adapters (or whose adapters were merged),
+    saying what to do.
+    """
+    from safetensors.torch import save
 
     from .. import __version__
 
     cfg = _config_of(model, "save_adapters")
     params = dict(model.named_parameters())
-    missing = [n for n in model.rspeft_trainable if n not in params]
+    packed = _packed_prefixes(model)
+    packed_weights = {f"{p}.weight" for p in packed}
+    recorded = list(model.rspeft_trainable)
+    missing = [n for n in recorded if n not in params and n not in packed_weights]
     if missing:
         raise RuntimeError(f"save_adapters: parameters recorded at injection are gone: {missing[:5]}")
-    tensors = {n: params[n].detach().to("cpu").contiguous() for n in model.rspeft_trainable}
-    meta = {META_CONFIG: cfg.to_json(), META_VERSION: __version__, META_FAMILY: model_family(model)}
-    path = os.fspath(path)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    save_file(tensors, tmp, metadata=meta)
-    os.replace(tmp, path)  # atomic: a crash never leaves a half-written adapter file
+    extras = [n for n, p in params.items() if p.requires_grad and n not in recorded]
+    extras += [n for n in _names_of(model, extra) if n not in recorded and n not in extras]
+    tensors = {}
+    for n in recorded + extras:
+        if n in packed_weights:  # packed: the int codes and scales replace the master weight
+            m = model.get_submodule(n.rsplit(".", 1)[0])
+            tensors[n[: -len("weight")] + "qweight"] = m.qweight
+            tensors[n[: -len("weight")] + "scale"] = m.scale
+        else:
+            tensors[n] = params[n]
+    tensors = {n: t.detach().to("cpu").contiguous() for n, t in tensors.items()}
+    meta = {META_CONFIG: cfg.to_json(), META_VERSION: __version__, META_FAMILY: model_family(model),
+            META_EXTRA: json.dumps(extras), META_PACKED: json.dumps(packed)}
+    atomic_write(os.fspath(path), lambda f: f.write(save(tensors, metadata=meta)))
 
 
 def read_adapter_config(path: str | os.PathLike) -> AdapterConfig:
@@ -90,12 +158,35 @@ def _meta_copy(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model, memo)
 
 
-def load_adapters(model: nn.Module, path: str | os.PathLike, impl: Optional[object] = None) -> nn.Module:
+def _tensors_wanted(model: nn.Module, extras: list[str]) -> dict[str, torch.Tensor]:
+    """``{name: tensor}`` a file must hold for ``model``: its recorded trainable parameters (packed Q-Linear
+    layers as their ``qweight``/``scale`` buffers) and ``extras``."""
+    params = dict(model.named_parameters())
+    packed = {f"{p}.weight": model.get_submodule(p) for p in _packed_prefixes(model)}
+    want = {}
+    for n in list(model.rspeft_trainable) + [e for e in extras if e not in model.rspeft_trainable]:
+        if n in packed:
+            base = n[: -len("weight")]
+            want[base + "qweight"], want[base + "scale"] = packed[n].qweight, packed[n].scale
+        elif n in params:
+            want[n] = params[n]
+        else:
+            want[n] = None  # reported as "not in the model"
+    return want
+
+
+def load_adapters(model: nn.Module, path: str | os.PathLike, impl: Optional[object] = None, *,
+                  replace_head: bool = False) -> nn.Module:
     """Load adapter weights from ``path`` into ``model`` (re-injecting from the stored config when the
-    model has no adapters yet). ``impl`` overrides the stored kernel switch. Returns the model."""
+    model has no adapters yet). ``impl`` overrides the stored kernel switch. A timm classifier whose head
+    has another number of classes than the file's is refused unless ``replace_head=True`` (then the head
+    is reset to the file's and loaded). Extra trainable parameters saved with the file are loaded and made
+    trainable again; packed Q-Linear layers are packed in the model. Returns the model."""
     from safetensors.torch import load_file
 
     cfg, meta, keys = _read_meta(path)
+    extras = json.loads(meta.get(META_EXTRA, "[]"))
+    packed = json.loads(meta.get(META_PACKED, "[]"))
     if impl is not None:
         cfg = cfg.replace(impl=impl)
     current = getattr(model, CONFIG_ATTR, None)
@@ -107,30 +198,49 @@ def load_adapters(model: nn.Module, path: str | os.PathLike, impl: Optional[obje
                 f"load_adapters: {path} holds adapters for a different configuration; differing fields "
                 f"(model, file): {diff}"
             )
-        plan = model
+        plan = _meta_copy(model) if packed else model  # the packed layout is checked on a copy first
     else:
+        have = getattr(model, "num_classes", None)
+        if (cfg.num_classes is not None and isinstance(have, int) and have != cfg.num_classes
+                and not replace_head):
+            raise ValueError(
+                f"load_adapters: {path} holds a {cfg.num_classes}-class head, this model's has {have} classes; "
+                f"pass replace_head=True to replace the model's head by the file's, or build the model with "
+                f"num_classes={cfg.num_classes}")
         plan = _meta_copy(model)
         try:
             inject(plan, cfg)
         except (TypeError, ValueError, RuntimeError) as e:
             raise ValueError(f"load_adapters: the adapters in {path} ({cfg.to_dict()['method']}) cannot be injected into this model: {e}") from e
-
-    want = {n: p for n, p in plan.named_parameters() if n in set(plan.rspeft_trainable)}
+    problems = []
+    model_packed = set(_packed_prefixes(plan))
+    if model_packed - set(packed):
+        problems.append(f"the model's Q-Linear layers {sorted(model_packed - set(packed))[:4]} are packed and the file "
+                        "holds their float weights: load into an unpacked model and pack_adapters after loading")
+    else:
+        try:
+            _layout_packed(plan, packed)
+        except ValueError as e:
+            problems.append(str(e))
+    want = _tensors_wanted(plan, extras) if not problems else {}
     try:
         tensors = load_file(os.fspath(path), device="cpu")
     except Exception as e:
         raise ValueError(f"load_adapters: cannot read the tensors of {path} ({type(e).__name__}: {e}); nothing was loaded") from e
-    problems = []
-    missing = sorted(set(want) - set(tensors))
-    extra = sorted(set(tensors) - set(want))
-    if missing:
+    missing = sorted(n for n in set(want) - set(tensors))
+    extra_in_file = sorted(n for n in set(tensors) - set(want))
+    gone = sorted(n for n, t in want.items() if t is None)
+    if missing and not problems:
         problems.append(f"missing from the file: {missing[:8]}{' ...' if len(missing) > 8 else ''}")
-    if extra:
-        problems.append(f"not in the model: {extra[:8]}{' ...' if len(extra) > 8 else ''}")
+    if (extra_in_file or gone) and not problems:
+        problems.append(f"not in the model: {(gone + extra_in_file)[:8]}{' ...' if len(gone + extra_in_file) > 8 else ''}")
     for n in sorted(set(want) & set(tensors)):
+        if want[n] is None:
+            continue
         if tuple(want[n].shape) != tuple(tensors[n].shape):
             problems.append(f"{n}: shape {tuple(tensors[n].shape)} in the file, {tuple(want[n].shape)} in the model")
-        elif not tensors[n].is_floating_point() and want[n].is_floating_point():
+        elif tensors[n].is_floating_point() != want[n].is_floating_point() or (
+                not want[n].is_floating_point() and tensors[n].dtype != want[n].dtype):
             problems.append(f"{n}: dtype {tensors[n].dtype} in the file, {want[n].dtype} in the model")
     if problems:
         raise ValueError(
@@ -140,17 +250,21 @@ def load_adapters(model: nn.Module, path: str | os.PathLike, impl: Optional[obje
 
     if current is None:
         inject(model, cfg)
-    params = dict(model.named_parameters())
-    backup = {n: params[n].detach().clone() for n in tensors} if current is not None else None
+    _layout_packed(model, packed)
+    targets = _tensors_wanted(model, extras)
+    backup = {n: targets[n].detach().clone() for n in tensors} if current is not None else None
     done = []
     with torch.no_grad():
         try:
             for n, t in tensors.items():
-                params[n].copy_(t)
+                targets[n].copy_(t)
                 done.append(n)
         except BaseException:
             if backup is not None:  # all or nothing: restore the tensors already overwritten
                 for n in done + [n for n in tensors if n not in done][:1]:
-                    params[n].copy_(backup[n])
+                    targets[n].copy_(backup[n])
             raise
+    params = dict(model.named_parameters())
+    for n in extras:  # trainable when saved: trainable again
+        params[n].requires_grad_(True)
     return model
