@@ -192,7 +192,7 @@ def all_jobs(groups=GROUPS, profile="quick", dtypes=None, coverage=None, edge=No
     cov = {d: coverage for d in ALL_DTYPES} if coverage else prof["coverage"]
     lean = prof["lean"] and not coverage
     edge = prof["edge"] if edge is None else edge
-    kprofile = "full" if not lean or edge else "quick"
+    kprofile = "full" if not lean or edge else ("ci" if profile == "ci" else "quick")
     jobs = []
     for arch in archs:
         if groups & {"mufa_fwd", "mufa_bwd", "mufa_atb"}:
@@ -200,7 +200,7 @@ def all_jobs(groups=GROUPS, profile="quick", dtypes=None, coverage=None, edge=No
         if "qlinear" in groups:
             jobs += module_jobs("qlinear", arch, dtypes, kprofile, cov)
         if "mga" in groups:
-            jobs += module_jobs("mga", arch, dtypes, kprofile, cov)
+            jobs += module_jobs("mga", arch, dtypes, "quick" if kprofile == "ci" else kprofile, cov)
     return jobs
 
 

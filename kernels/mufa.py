@@ -665,11 +665,11 @@ def aot_launches(props: DeviceProps, dtype: str, profile: str = "quick") -> list
     """Every launch of :func:`bottleneck_fwd` / :func:`bottleneck_bwd` at :data:`AOT_CASES` on ``props``, as
     ``kernels._launch.AotLaunch`` records (meta-tensor arguments, the plan's configs). ``dtype``: ``"fp32"``,
     ``"tf32"`` (fp32 with TF32 allowed), ``"bf16"`` or ``"fp16"``. ``profile="quick"``: SPEC cases, training
-    variants only outside bf16; ``"full"``: every variant and the edge cases."""
+    variants only outside bf16 (``"ci"``: the same); ``"full"``: every variant and the edge cases."""
     from ._launch import AotLaunch, aot_dtype
 
     tdt, prec = aot_dtype(dtype)
-    quick = profile == "quick"
+    quick = profile in ("quick", "ci")
     meta = lambda *shape, dt=tdt: torch.empty(shape, device="meta", dtype=dt)  # noqa: E731
     out = []
     for label, d, rr, n, has_base, edge in AOT_CASES:

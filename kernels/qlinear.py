@@ -659,11 +659,13 @@ def aot_launches(props: DeviceProps, dtype: str, profile: str = "quick") -> list
     """Every launch of the Q-Linear launchers at :data:`AOT_CASES` on ``props`` (``kernels._launch.AotLaunch``
     records built by the launchers' own argument helpers and plans). The float master weight is fp32 (autocast
     training) for a 16-bit compute dtype. ``profile="quick"``: outside bf16 no dequantisation kernel and no
-    packed int4 forward."""
+    packed int4 forward; ``"ci"`` (the test suite's slice): as quick, with the scale / quantise kernels at
+    8 bits only (the bit width is only their QMAX constexpr) and the dequantisation kernel for float weights."""
     from ._launch import AotLaunch, aot_dtype
 
     tdt, prec = aot_dtype(dtype)
-    lean = profile == "quick"
+    ci = profile == "ci"
+    lean = profile in ("quick", "ci")
     meta = lambda *shape, dt=tdt: torch.empty(shape, device="meta", dtype=dt)  # noqa: E731
     f32 = lambda *shape: meta(*shape, dt=torch.float32)  # noqa: E731
     out = []
@@ -671,7 +673,7 @@ def aot_launches(props: DeviceProps, dtype: str, profile: str = "quick") -> list
     for label, k, n, m, gelu, edge in AOT_CASES:
         case = f"{dtype} {label}"
         w = f32(n, k)
-        for bits in bits_list:
+        for bits in bits_list[:1] if ci else bits_list:
             qmax = qmax_of(bits)
             p = plan_rows(n, k, props)
             out.append(AotLaunch("qlinear._row_scale_kernel", f"{case} bits{bits}",
@@ -679,7 +681,7 @@ def aot_launches(props: DeviceProps, dtype: str, profile: str = "quick") -> list
             out.append(AotLaunch("qlinear._quantize_rows_kernel", f"{case} bits{bits}",
                                  _strip(_quantize_args(w, meta(n, k), f32(n), qmax, p, prec)), (p.config(),), False, edge))
         for mode, mname in ((FLOAT, "float"), (INT8, "int8"), (INT4, "int4")):
-            if lean and dtype != "bf16":
+            if (lean and dtype != "bf16") or (ci and mode != FLOAT):
                 break
             wq = {FLOAT: w, INT8: meta(n, k, dt=torch.int8), INT4: meta(n, (k + 1) // 2, dt=torch.uint8)}[mode]
             p = plan_rows(n, k, props, rows_hi=64, k_hi=128, rows_lo=16)

@@ -7,7 +7,7 @@ import rspeft_fast
 from rspeft_fast.kernels import qlinear as K
 from rspeft_fast.ops import qlinear as Q
 from rspeft_fast.reference.qlinear import eqam_ref, qlinear_ref, quantize_weight
-from rspeft_fast.testing import assert_close, tolerances
+from rspeft_fast.testing import assert_close, assert_fused_close, run_fwd_bwd, tolerances
 
 BITS = list(range(2, 9))
 SHAPES = [(13, 96, 37), (96, 192, 130), (192, 13, 1)]  # (in, out, rows)
@@ -142,23 +142,43 @@ def test_dw_split_reduction(split, device):
     assert_close(db, g.sum(0), name="db")
 
 
+def _fused_eager_ref(fused, eager, inputs, dtype):
+    """(fused, eager) on the 16-bit ``inputs`` and the float32 reference on the same (rounded) values: outputs and
+    the gradients of every floating input, for :func:`rspeft_fast.testing.assert_fused_close`."""
+    lo = [t.detach().to(dtype) if isinstance(t, torch.Tensor) else t for t in inputs]
+    hi = [t.float() if isinstance(t, torch.Tensor) else t for t in lo]
+    return run_fwd_bwd(fused, *lo, seed=3), run_fwd_bwd(eager, *lo, seed=3), run_fwd_bwd(eager, *hi, seed=3)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_qlinear_half_inputs(dtype, device):
+@pytest.mark.parametrize("bits,gelu", [(8, False), (4, True)])
+def test_qlinear_half_inputs(dtype, bits, gelu, device):
     """16-bit activations and master weight (outside autocast they must match, as for F.linear: a float32
-    master weight with 16-bit x raises, tests/test_hardening_ops.py): compared with the reference in float32
-    on the same (rounded) inputs, allowing 16-bit rounding of the output."""
-    x = torch.randn(37, 96, device=device, dtype=dtype)
-    w = (torch.randn(40, 96, device=device) * 0.2).to(dtype)
-    b = torch.randn(40, device=device).to(dtype)
-    y = Q.qlinear(x, w, b, 8)
-    assert y.dtype == dtype
-    yr = qlinear_ref(x.float(), w.float(), b.float(), 8)
-    assert_close(y.float(), yr, *tolerances(dtype), name="y")
+    master weight with 16-bit x raises, tests/test_hardening_ops.py). The interpreter emulates the GPU's 16-bit
+    rounding (kernels/_launch.py), so the fused output and gradients are held to the shared rule: within 2x the
+    error eager PyTorch makes in the same dtype, against the float32 reference on the same rounded inputs."""
+    x, w, b = _inputs(96, 40, 37, device)
+    act = F.gelu if gelu else (lambda t: t)
+    (yf, gf), (ye, ge), (yr, gr) = _fused_eager_ref(lambda *a: Q.qlinear(*a, bits, gelu=gelu),
+                                                   lambda *a: act(qlinear_ref(*a, bits)), (x, w, b), dtype)
+    assert yf.dtype == ye.dtype == dtype and all(g.dtype == dtype for g in gf)
+    assert_fused_close([yf, *gf], [ye, *ge], [yr, *gr], name=f"qlinear {dtype} bits{bits}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_eqam_half_inputs(dtype, device):
+    """The fused EQAM bottleneck (MuFA's kernels with fake-quantised weights) in 16-bit, same rule."""
+    inputs = _eqam_inputs(96, 16, 37, device)
+    got = _fused_eager_ref(lambda *a: Q.eqam(*a, 8), lambda *a: eqam_ref(*a, 8), inputs, dtype)
+    (yf, gf), (ye, ge), (yr, gr) = got
+    assert yf.dtype == dtype
+    assert_fused_close([yf, *gf], [ye, *ge], [yr, *gr], name=f"eqam {dtype}")
 
 
 def _compare_autocast(fused, ref, inputs, device, names=("x", "weight", "bias"), dtype=torch.bfloat16):
-    """flash-attention's rule: under autocast, the fused result's error against the float32 reference is at most
-    2x the eager autocast reference's own error (plus a small floor), for the output and every gradient."""
+    """flash-attention's rule (``assert_fused_close``): under autocast, the fused result's error against the
+    float32 reference is at most 2x the eager autocast reference's own error (plus a floor of a few ulps), for the
+    output and every gradient."""
 
     def ac(fn):
         def run(*a):
@@ -167,19 +187,10 @@ def _compare_autocast(fused, ref, inputs, device, names=("x", "weight", "bias"),
 
         return run
 
-    y, yl, y32 = ac(fused)(*inputs), ac(ref)(*inputs), ref(*inputs)
+    (y, gy), (yl, gl), (y32, g32) = (run_fwd_bwd(f, *inputs, seed=5) for f in (ac(fused), ac(ref), ref))
     assert y.dtype == yl.dtype == dtype
-    g = torch.randn_like(y32)
-    outs = [("y", y, yl, y32)]
-    live = [n for n, t in zip(names, inputs) if t is not None and t.requires_grad]
-    grads = zip(_grads(y, inputs, g.to(dtype)), _grads(yl, inputs, g.to(dtype)), _grads(y32, inputs, g))
-    outs += [(f"d{n}", *gs) for n, gs in zip(live, grads)]
-    for name, a, lo, hi in outs:
-        assert a.dtype == lo.dtype, name
-        err = (a.double() - hi.double()).abs().max().item()
-        eager_err = (lo.double() - hi.double()).abs().max().item()
-        floor = 1e-2 * hi.abs().max().item()
-        assert err <= 2 * eager_err + floor, f"{name}: fused err {err:.3e} vs eager {dtype} err {eager_err:.3e}"
+    assert [g.dtype for g in gy] == [g.dtype for g in gl]
+    assert_fused_close([y, *gy], [yl, *gl], [y32, *g32], name=f"autocast {dtype}")
 
 
 def test_qlinear_autocast_bf16(device):
