@@ -56,3 +56,128 @@ def test_check_impl_lists_the_choices():
         check_impl("weighted_triplet_loss", "triton")
     with pytest.raises(ValueError, match="not one of"):
         check_impl("mufa", None)
+
+
+# ----------------------------------------------------------------------------- impl= validated where given
+@pytest.mark.parametrize("make", [
+    lambda impl: __import__("rspeft_fast").MuFAAdapter(32, rates=(8,), impl=impl),
+    lambda impl: __import__("rspeft_fast").QLinear(8, 4, impl=impl),
+    lambda impl: __import__("rspeft_fast").EQAM(32, impl=impl),
+    lambda impl: __import__("rspeft_fast").MGAdapter(32, hidden=16, heads=2, impl=impl),
+    lambda impl: __import__("rspeft_fast").WeightedTripletLoss(impl=impl),
+], ids=["MuFAAdapter", "QLinear", "EQAM", "MGAdapter", "WeightedTripletLoss"])
+def test_modules_validate_impl_at_construction_and_assignment(make):
+    with pytest.raises(ValueError, match=r"impl='no-such-impl' is not one of \('auto', 'reference'"):
+        make("no-such-impl")
+    m = make("reference")
+    with pytest.raises(ValueError, match="not one of"):
+        m.impl = "trition"
+    assert m.impl == "reference"
+
+
+def test_functionals_validate_impl_at_the_call():
+    from rspeft_fast.ops.mufa import mufa
+    from rspeft_fast.ops.qlinear import eqam, qlinear
+    from rspeft_fast.ops.triplet import weighted_triplet_loss
+
+    x = torch.randn(3, 16)
+    with pytest.raises(ValueError, match="not one of"):
+        mufa(x, torch.randn(2, 16), torch.randn(2), torch.randn(16, 2), torch.randn(16), torch.ones(1), (2,), impl="x")
+    with pytest.raises(ValueError, match="not one of"):
+        qlinear(x, torch.randn(4, 16), None, 8, impl="x")
+    with pytest.raises(ValueError, match="not one of"):
+        eqam(x, torch.randn(4, 16), None, torch.randn(16, 4), None, 8, impl="x")
+    with pytest.raises(ValueError, match="not one of"):
+        weighted_triplet_loss(x, x, impl="triton")
+
+
+# ----------------------------------------------------------------------------- one input contract
+import _helpers as H  # noqa: E402
+
+IMPLS_OF = {"mufa": ("reference", "triton"), "qlinear": ("reference", "triton"), "eqam": ("reference", "triton"),
+            "mga": ("reference", "triton"), "triplet": ("reference", "cpu")}
+
+
+def _outcome(fn):
+    """``("ok", dtype, shape, grad dtypes)`` or ``("raises", exception type)`` of ``fn()``."""
+    try:
+        out, grads = fn()
+    except (TypeError, ValueError, RuntimeError) as e:
+        return ("raises", type(e).__name__, str(e).split(":")[0])
+    return ("ok", out.dtype, tuple(out.shape), tuple(None if g is None else (g.dtype, tuple(g.shape)) for g in grads))
+
+
+def _contract_case(op, case, impl):
+    from rspeft_fast.testing import run_fwd_bwd
+
+    m = H.make(op)
+    H.set_impl(m, impl)
+    rows = 0 if case in ("empty", "empty_seq") else 3
+    xs = list(H.inputs(op, m, max(rows, 1) if case == "empty_seq" else rows, seq=0 if case == "empty_seq" else 4))
+    ctx = torch.autocast("cpu", dtype=torch.bfloat16) if case == "autocast_bf16" else contextlib.nullcontext()
+    if case == "x_fp16":
+        xs = [x.half() for x in xs]
+    elif case == "all_fp16":
+        m.half()
+        xs = [x.half() for x in xs]
+    elif case == "x_int":
+        xs = [(x * 10).to(torch.int32) for x in xs]
+    elif case == "wrong_last_dim":
+        xs = [x[..., :-1] for x in xs]
+    elif case == "noncontiguous":
+        xs = [torch.cat([x, x], -1)[..., ::2] for x in xs]
+
+    def run():
+        with ctx:
+            return run_fwd_bwd(m, *xs)
+    return _outcome(run)
+
+
+import contextlib  # noqa: E402
+
+CASES = ("fp32", "all_fp16", "x_fp16", "autocast_bf16", "empty", "empty_seq", "x_int", "wrong_last_dim", "noncontiguous")
+
+
+CONTRACT_PARAMS = [pytest.param(op, case, id=f"{op}-{case}") for op in H.OPS for case in CASES
+                   if case != "empty_seq" or op == "mga"]  # L = 0: MGA's sequence axis (the others: "empty")
+
+
+@pytest.mark.parametrize("op,case", CONTRACT_PARAMS)
+def test_every_implementation_honours_the_same_input_contract(op, case):
+    """Each contract case gives the same outcome (output dtype/shape and gradient dtypes/shapes, or the same
+    exception type and message head) through every implementation of the op: reference, Triton (interpreter)
+    and the C++ CPU kernel. (float64 is the one documented difference: the Triton kernels raise TypeError,
+    ``impl="auto"`` runs the reference.)"""
+    if op == "triplet":
+        H.require_triplet_fused()
+    outcomes = {impl: _contract_case(op, case, impl) for impl in IMPLS_OF[op]}
+    first = next(iter(outcomes.values()))
+    assert all(o == first for o in outcomes.values()), outcomes
+    expect_raise = {"x_fp16": "TypeError", "x_int": "TypeError", "wrong_last_dim": "ValueError"}
+    if op == "triplet":  # no weights: fp16 features are fine; an empty batch has no pair
+        expect_raise = {"x_int": "TypeError", "wrong_last_dim": None, "empty": "ValueError"}
+    want = expect_raise.get(case)
+    if want:
+        assert first[:2] == ("raises", want), first
+    elif case != "wrong_last_dim":
+        assert first[0] == "ok", first
+
+
+@pytest.mark.parametrize("op", ["mufa", "qlinear", "eqam", "mga"])
+def test_float64_reference_runs_triton_refuses_with_a_type_error(op):
+    """float64 everywhere (module and input): the reference computes it, an explicit ``impl="triton"``
+    raises a TypeError naming the dtype before any kernel, ``impl="auto"`` on CPU runs the reference."""
+    ref = _contract_outcome_f64(op, "reference")
+    assert ref[:2] == ("ok", torch.float64), ref
+    assert _contract_outcome_f64(op, "auto") == ref
+    tri = _contract_outcome_f64(op, "triton")
+    assert tri[:2] == ("raises", "TypeError"), tri
+
+
+def _contract_outcome_f64(op, impl):
+    from rspeft_fast.testing import run_fwd_bwd
+
+    m = H.make(op).double()
+    H.set_impl(m, impl)
+    xs = [x.double() for x in H.inputs(op, m, 3)]
+    return _outcome(lambda: run_fwd_bwd(m, *xs))

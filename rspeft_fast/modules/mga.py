@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from .._impl import impl_property, resolve_impl
-from .._validate import check_float, check_last_dim, check_matching_dtypes
+from .._validate import check_float, check_kernel_dtype, check_last_dim, check_matching_dtypes, compute_dtype
 from ..reference.mga import bishare_ref, mga_ref
 
 GATE_INIT = 0.6
@@ -119,6 +119,7 @@ class MGAdapter(nn.Module):
         check_matching_dtypes("MGAdapter", x, *_linear_dtypes(self))
         if self.share is not None:
             check_matching_dtypes("MGAdapter (share)", x, *_linear_dtypes(self.share))
+        check_kernel_dtype("mga", self.impl, compute_dtype(x))
         from ..ops import mga as ops_mga
 
         limits = None
