@@ -146,6 +146,18 @@ def test_device_props_reads_cuda_once(monkeypatch):
     assert L.device_props("cuda:3") is p and calls == [3]
 
 
+def test_device_props_without_optin_attribute(monkeypatch):
+    """Older torch builds without ``shared_memory_per_block_optin``: the nominal value of the arch (or of the
+    closest older known one)."""
+
+    class FakeProps:
+        major, minor, multi_processor_count = 8, 7, 16  # sm_87 (Jetson Orin): not in ARCH_PROPS
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: FakeProps())
+    monkeypatch.setattr(L, "_PROPS_CACHE", {})
+    assert L.device_props(0) == L.DeviceProps(87, L.ARCH_PROPS[86].smem_per_block, 16)
+
+
 def test_prune_configs_keeps_at_least_one():
     cfgs = [triton.Config({"B": b}) for b in (64, 128, 256)]
     props = L.DeviceProps(86, 1000, 10)
