@@ -33,21 +33,25 @@ def _same(a, b):
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def _output_then_save(model, path, x, **kw):
+    """``(model(x), tensor names in the file, file metadata)`` after ``save_adapters(model, path, **kw)``."""
+    with torch.no_grad():
+        out = model(x)
+    rf.save_adapters(model, path, **kw)
+    with safe_open(str(path), framework="pt") as f:
+        return out, set(f.keys()), f.metadata()
+
+
 @pytest.mark.parametrize("method,opts", [("mufa", {}), ("lora", {"rank": 4}), ("vpt", {"num_tokens": 2, "deep": True}), ("bitfit", {})])
 def test_round_trip_onto_fresh_uninjected_model_is_bit_exact(tmp_path, method, opts):
     torch.manual_seed(0)
     model = rf.inject(_vit(), method, num_classes=5, **opts)
     _randomise_trainable(model)
     x = torch.randn(2, 3, 32, 32)
-    with torch.no_grad():
-        ref = model(x)
     path = tmp_path / "a.safetensors"
-    rf.save_adapters(model, path)
+    ref, keys, meta = _output_then_save(model, path, x)
 
     # only the trainable tensors, with the config in the metadata
-    with safe_open(str(path), framework="pt") as f:
-        keys = set(f.keys())
-        meta = f.metadata()
     assert keys == {n for n, p in model.named_parameters() if p.requires_grad}
     assert "rspeft_fast.config" in meta
     cfg = rf.integration.read_adapter_config(path)
@@ -204,13 +208,9 @@ def test_parameters_unfrozen_after_injection_are_saved_and_loaded(tmp_path):
     _randomise_trainable(model)
     with torch.no_grad():
         model.patch_embed.proj.weight.mul_(1.5)
-    x = torch.randn(2, 3, 32, 32)
-    with torch.no_grad():
-        ref = model(x)
     path = tmp_path / "extra.safetensors"
-    rf.save_adapters(model, path, extra=["patch_embed.proj"])
-    with safe_open(str(path), framework="pt") as f:
-        keys = set(f.keys())
+    x = torch.randn(2, 3, 32, 32)
+    ref, keys, _ = _output_then_save(model, path, x, extra=["patch_embed.proj"])
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable | {"patch_embed.proj.weight", "patch_embed.proj.bias"} == keys
     assert {"norm.weight", "norm.bias"} <= keys
@@ -233,12 +233,8 @@ def test_packed_eqam_saves_packed_and_loads_into_a_fresh_model(tmp_path):
     _randomise_trainable(model)
     rf.pack_adapters(model)
     x = torch.randn(2, 3, 32, 32)
-    with torch.no_grad():
-        ref = model(x)
+    ref, keys, _ = _output_then_save(model, tmp_path / "packed.safetensors", x)
     path = tmp_path / "packed.safetensors"
-    rf.save_adapters(model, path)
-    with safe_open(str(path), framework="pt") as f:
-        keys = set(f.keys())
     assert any(k.endswith(".qweight") for k in keys) and not any(k.endswith("down.weight") for k in keys)
     torch.manual_seed(0)
     fresh = make()

@@ -69,6 +69,17 @@ def run(fn, srcs_views, params, dtype, dy_seed=7):
     return y.detach(), [t.grad for t in srcs + ps if t is not None]
 
 
+def fused_eager_ref32(fused, ref, srcs_views, params, dtype):
+    """``(fused, eager, ref32)`` results of :func:`run`: the fused op and the eager reference in ``dtype``, and
+    the reference in float32 on the same (``dtype``-rounded) values (eager itself when ``dtype`` is float32)."""
+    out_f = run(fused, srcs_views, params, dtype)
+    out_e = run(ref, srcs_views, params, dtype)
+    if dtype == F32:
+        return out_f, out_e, out_e
+    rounded = [(s.to(dtype).float(), v) for s, v in srcs_views]
+    return out_f, out_e, run(ref, rounded, [None if p is None else p.to(dtype).float() for p in params], F32)
+
+
 # Triton's interpreter (3.8) converts float32 -> bfloat16 by truncation, not round-to-nearest-even as the
 # GPU does (and as kernels/mga.py emulates under the interpreter). The MuFA / Q-Linear / EQAM kernels do not
 # emulate it, so on CPU their bfloat16 results carry up to 1 ulp per rounding, biased toward zero, and a
@@ -166,11 +177,7 @@ def test_mufa_properties():
             ps = rest[1:] if c["base"] else rest
             return mufa_ref(x, *ps, sizes, sc, base)
 
-        out_f = run(fused, inputs, params, dtype)
-        out_e = run(ref, inputs, params, dtype)
-        out_r = run(ref, [(s.to(dtype).float(), v) for s, v in inputs], [p.to(dtype).float() for p in params], F32) \
-            if dtype != F32 else out_e
-        compare(out_f, out_e, out_r, dtype, f"mufa {c}", bf16_floor_ulps=TRUNCATING_BF16_ULPS)
+        compare(*fused_eager_ref32(fused, ref, inputs, params, dtype), dtype, f"mufa {c}", bf16_floor_ulps=TRUNCATING_BF16_ULPS)
 
     check()
     _count("mufa", ran, 25)
@@ -212,11 +219,7 @@ def test_qlinear_properties():
             y = qlinear_ref(x, w, b, bits)
             return F.gelu(y) if gelu else y
 
-        out_f = run(fused, inputs, params, dtype)
-        out_e = run(ref, inputs, params, dtype)
-        out_r = run(ref, [(s.to(dtype).float(), v) for s, v in inputs],
-                    [None if p is None else p.to(dtype).float() for p in params], F32) if dtype != F32 else out_e
-        compare(out_f, out_e, out_r, dtype, f"qlinear {c}", bf16_floor_ulps=TRUNCATING_BF16_ULPS)
+        compare(*fused_eager_ref32(fused, ref, inputs, params, dtype), dtype, f"qlinear {c}", bf16_floor_ulps=TRUNCATING_BF16_ULPS)
 
     check()
     _count("qlinear", ran, 25)
@@ -263,11 +266,7 @@ def test_eqam_properties():
             return eqam_ref(x, *unflatten(ps), bits)
 
         present = [p for p in params if p is not None]
-        out_f = run(fused, inputs, present, dtype)
-        out_e = run(ref, inputs, present, dtype)
-        out_r = run(ref, [(s.to(dtype).float(), v) for s, v in inputs], [p.to(dtype).float() for p in present], F32) \
-            if dtype != F32 else out_e
-        compare(out_f, out_e, out_r, dtype, f"eqam {c}", bf16_floor_ulps=TRUNCATING_BF16_ULPS)
+        compare(*fused_eager_ref32(fused, ref, inputs, present, dtype), dtype, f"eqam {c}", bf16_floor_ulps=TRUNCATING_BF16_ULPS)
 
     check()
     _count("eqam", ran, 20)
@@ -339,11 +338,8 @@ def test_mga_properties():
             mask = torch.rand(c["B"], c["L"]) < 0.3
             mask[:, 0] = False  # at least one valid key per sequence (all-padded rows are NaN by definition)
         inputs = [make_input((c["B"], c["L"], c["D"]), c["layout"], c["seed"])]
-        out_f = run(_mga_call(mga, c, mask), inputs, params, dtype)
-        out_e = run(_mga_call(mga_ref, c, mask), inputs, params, dtype)
-        out_r = run(_mga_call(mga_ref, c, mask), [(s.to(dtype).float(), v) for s, v in inputs],
-                    [p.to(dtype).float() for p in params], F32) if dtype != F32 else out_e
-        compare(out_f, out_e, out_r, dtype, f"mga {c}")
+        compare(*fused_eager_ref32(_mga_call(mga, c, mask), _mga_call(mga_ref, c, mask), inputs, params, dtype),
+                dtype, f"mga {c}")
 
     check()
     _count("mga", ran, 15)

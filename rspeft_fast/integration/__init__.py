@@ -6,64 +6,11 @@
 * one config dataclass per method (:class:`MuFAConfig`, ...);
 * the fine-tuning CLI: ``python -m rspeft_fast train --help`` (:mod:`rspeft_fast.integration.train`).
 """
-from .config import (
-    AdapterConfig,
-    AdaptFormerConfig,
-    AdapterHoulsbyConfig,
-    BitFitConfig,
-    CAPMConfig,
-    EQAMConfig,
-    FullConfig,
-    LayerNormConfig,
-    LinearProbeConfig,
-    LoRAConfig,
-    MGAConfig,
-    MuFAConfig,
-    VPTConfig,
-    METHODS,
-    OptionError,
-    coerce_options,
-    config_for,
-)
-from .inject import (
-    SUPPORTED,
-    TrainableParams,
-    adapters_disabled,
-    enable_adapters,
-    inject,
-    merge_adapters,
-    model_family,
-    trainable_parameters,
-)
-from .io import load_adapters, save_adapters, read_adapter_config
+from . import config as _config
+from . import inject as _inject
+from . import io as _io
+from .config import *  # noqa: F401,F403  (each submodule's __all__ is the one list of its public names)
+from .inject import *  # noqa: F401,F403
+from .io import *  # noqa: F401,F403
 
-__all__ = [
-    "inject",
-    "trainable_parameters",
-    "save_adapters",
-    "load_adapters",
-    "read_adapter_config",
-    "enable_adapters",
-    "adapters_disabled",
-    "merge_adapters",
-    "model_family",
-    "TrainableParams",
-    "SUPPORTED",
-    "METHODS",
-    "config_for",
-    "coerce_options",
-    "OptionError",
-    "AdapterConfig",
-    "MuFAConfig",
-    "AdaptFormerConfig",
-    "AdapterHoulsbyConfig",
-    "LoRAConfig",
-    "BitFitConfig",
-    "LayerNormConfig",
-    "LinearProbeConfig",
-    "VPTConfig",
-    "FullConfig",
-    "EQAMConfig",
-    "CAPMConfig",
-    "MGAConfig",
-]
+__all__ = [*_inject.__all__, *_io.__all__, *_config.__all__]
