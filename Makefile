@@ -1,7 +1,7 @@
 # The two commands of the README. Each sets everything up on a fresh machine first.
 PY ?= python3
 
-.PHONY: setup train test bench
+.PHONY: setup train retrieval test bench
 setup:
 	bash scripts/setup.sh
 
@@ -9,6 +9,11 @@ setup:
 # on a GPU with real data: python -m rspeft_fast train --model vit_base_patch16_224 --method mufa --data DIR --pretrained)
 train: setup
 	$(PY) -m rspeft_fast train --model vit_tiny_patch16_224 --method mufa --global-pool avg --img-size 32 --epochs 4 --lr 1e-2
+
+# retrieval job: MGA on a CPU-sized CLIP, embedded captioned scene set (zero-shot, train, select on val, test);
+# on a GPU with real data: python -m rspeft_fast retrieval --model ViT-B-32-quickgelu --checkpoint RS5M_ViT-B-32.pt --data rsitmd --images DIR
+retrieval: setup
+	$(PY) -m rspeft_fast retrieval --out runs/retrieval-embedded
 
 # the test suite (CPU: Triton kernels through TRITON_INTERPRET=1, C++ extension, references, integration)
 test: setup

@@ -169,3 +169,34 @@ def test_fsdp2_equals_unsharded(results, case):
     ref_loss, ref_grads, loss, grads = results[case]
     assert_close(loss, ref_loss, name=f"{case} loss")
     _assert_grads_equal(grads, ref_grads, case)
+
+
+def test_torchrun_ddp_retrieval_job_matches_one_process(tmp_path):
+    """The command line under torchrun: 2 processes with --batch-size 8 train like one with 16 (the first step's
+    loss, then close adapters after 3 steps); --fsdp (one process, sharding path, unshard-to-save) likewise."""
+    import json
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
+    env.pop("TRITON_INTERPRET", None)
+    common = ["retrieval", "--no-progress", "--device", "cpu", "--embedded-scale", "0.2", "--epochs", "1", "--max-steps", "3",
+              "--lr", "3e-3", "--impl", "reference"]
+    tr = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()), "-m", "rspeft_fast"]
+    runs = {"one": [sys.executable, "-m", "rspeft_fast", *common, "--batch-size", "16"],
+            "ddp": [*tr, *common, "--batch-size", "8"],
+            "fsdp": [sys.executable, "-m", "rspeft_fast", *common, "--batch-size", "16", "--fsdp"]}
+    for name, cmd in runs.items():
+        p = subprocess.run(cmd + ["--out", str(tmp_path / name)], env=env, capture_output=True, text=True, timeout=300)
+        assert p.returncode == 0, (name, p.stdout[-3000:], p.stderr[-3000:])
+    m = {k: json.load(open(tmp_path / k / "metrics.json")) for k in runs}
+    b = load_file(tmp_path / "one" / "adapters.safetensors")
+    for run in ("ddp", "fsdp"):
+        assert_close(torch.tensor(m[run]["history"][0]["first_loss"]), torch.tensor(m["one"]["history"][0]["first_loss"]),
+                     name=f"{run}: first step's global loss")
+        a = load_file(tmp_path / run / "adapters.safetensors")
+        assert a.keys() == b.keys()
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], atol=1e-4, rtol=1e-3, msg=lambda s: f"{run} {k}: {s}")

@@ -45,7 +45,7 @@ from torch import nn
 
 from ..train.cli import add_engine_args, method_options, parse_option, progress_fn, resume_path
 from ..train.loop import (StopRequest, Trainer, amp_dtype, autocast, build_optim, peak_memory, resolve_device,
-                          setup_distributed, unwrap, wrap_model)
+                          save_adapters_from, setup_distributed, unwrap, wrap_model)
 from .model import TINY_CLIP, RetrievalModel, create_clip
 from .readers import FORMATS, CaptionSplit, DataError, read_split
 
@@ -241,13 +241,13 @@ def embed(model: RetrievalModel, images: _Images, tokens: torch.Tensor, args, pr
     loader = torch.utils.data.DataLoader(images, batch_size=args.eval_batch_size, shuffle=False, num_workers=args.workers)
     it = progress(loader, desc="embedding images", leave=False) if progress is not None else loader
     img = []
-    for x in it:
+    for x in it:  # through forward(), so a DDP / FSDP2 wrapper runs its hooks (FSDP2 all-gathers the weights there)
         with autocast(args):
-            img.append(model.encode_image(x.to(dev, non_blocking=True)).float())
+            img.append(model(x.to(dev, non_blocking=True), None)[0].float())
     txt = []
     for a in range(0, tokens.shape[0], args.eval_batch_size):
         with autocast(args):
-            txt.append(model.encode_text(tokens[a:a + args.eval_batch_size].to(dev)).float())
+            txt.append(model(None, tokens[a:a + args.eval_batch_size].to(dev))[1].float())
     return torch.cat(img), torch.cat(txt)
 
 
@@ -264,21 +264,6 @@ def evaluate_split(model, images: _Images, tokens: torch.Tensor, txt_to_img, arg
 def _fmt(m: dict) -> str:
     return (f"mR {m['r_mean']:.2f} | i2t R@1/5/10 {m['txt_r1']:.1f}/{m['txt_r5']:.1f}/{m['txt_r10']:.1f} | "
             f"t2i R@1/5/10 {m['img_r1']:.1f}/{m['img_r5']:.1f}/{m['img_r10']:.1f}")
-
-
-def _save_adapters(model: RetrievalModel, path: str, fsdp: bool, is_main: bool) -> None:
-    """``save_adapters`` of the CLIP (FSDP2: the parameters are unsharded first; every rank must call this)."""
-    from ..integration import save_adapters
-
-    if fsdp:
-        model.unshard()
-        try:
-            if is_main:
-                save_adapters(model.clip, path)
-        finally:
-            model.reshard()
-    elif is_main:
-        save_adapters(model.clip, path)
 
 
 def _load_best(model: RetrievalModel, path: str) -> None:
@@ -328,7 +313,7 @@ def main(argv: Optional[list] = None) -> int:
         + (f" | {dist.world} processes" if dist.world > 1 else ""), flush=True)
 
     def ev(split):
-        return evaluate_split(model, images[split], tokens[split], splits[split].txt_to_img, args, progress)
+        return evaluate_split(net, images[split], tokens[split], splits[split].txt_to_img, args, progress)
 
     if args.eval_only:
         m = ev("test")
@@ -388,7 +373,7 @@ def main(argv: Optional[list] = None) -> int:
             best = state.extra.get("best_val")
             if best is None or m["val"]["r_mean"] > best["r_mean"]:
                 state.extra["best_val"], state.extra["selected_epoch"] = m["val"], m["epoch"]
-                _save_adapters(model, best_path, args.fsdp, dist.is_main)
+                save_adapters_from(model, model.clip, best_path, dist)
             trainer.end_epoch(m)
             log(f"epoch {m['epoch']}/{args.epochs}  loss {m['train_loss']:.4f}  val {_fmt(m['val'])}  τ {m['temperature']:.4f}  "
                 f"{m['images_per_s']:.1f} pairs/s  peak mem {m['peak_memory']}", flush=True)
@@ -406,7 +391,7 @@ def main(argv: Optional[list] = None) -> int:
         _load_best(model, best_path)
     else:  # no epoch ran (e.g. --epochs 0): the starting model
         state.extra["best_val"], state.extra["selected_epoch"] = ev("val"), 0
-        _save_adapters(model, best_path, args.fsdp, dist.is_main)
+        save_adapters_from(model, model.clip, best_path, dist)
     test = ev("test")
     log(f"selected epoch {state.extra['selected_epoch']} (best validation mR {state.extra['best_val']['r_mean']:.2f}); "
         f"test: {_fmt(test)} (zero-shot mR {state.extra['zero_shot']['r_mean']:.2f})", flush=True)

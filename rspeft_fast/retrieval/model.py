@@ -160,7 +160,10 @@ class RetrievalModel(nn.Module):
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.clip.encode_text(tokens, normalize=True)
 
-    def forward(self, images: torch.Tensor, tokens: torch.Tensor):
+    def forward(self, images: Optional[torch.Tensor], tokens: Optional[torch.Tensor]):
         """``images (B, 3, H, W)``, ``tokens (B, L)`` int64 → L2-normalised ``img (B, E)``, ``txt (B, E)`` and the
-        clamped temperature (returned from the forward so DDP sees the parameter used)."""
-        return self.encode_image(images), self.encode_text(tokens), self.temperature()
+        clamped temperature (returned from the forward so DDP sees the parameter used). Either input may be None
+        (evaluation embeds the towers apart); its output is then None."""
+        img = None if images is None else self.encode_image(images)
+        txt = None if tokens is None else self.encode_text(tokens)
+        return img, txt, self.temperature()

@@ -38,8 +38,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .loop import (StopRequest, Trainer, amp_dtype, autocast, build_optim, peak_memory, resolve_device, setup_distributed,
-                   unwrap, wrap_model)
+from .loop import (StopRequest, Trainer, amp_dtype, autocast, build_optim, peak_memory, resolve_device, save_adapters_from,
+                   setup_distributed, unwrap, wrap_model)
 
 __all__ = ["main", "build_parser", "parse_option", "method_options", "add_engine_args", "progress_fn", "resume_path"]
 
@@ -229,7 +229,7 @@ def evaluate(model, loader, args) -> float:
 
 def main(argv: Optional[list] = None) -> int:
     args = build_parser().parse_args(argv)
-    from ..integration import save_adapters, trainable_parameters
+    from ..integration import trainable_parameters
     from .data import build_classification_data, class_names
 
     dist = setup_distributed(args.fsdp)
@@ -321,9 +321,8 @@ def main(argv: Optional[list] = None) -> int:
             trainer.save_checkpoint()
 
         path = os.path.join(out, "adapters.safetensors")
+        save_adapters_from(model, model, path, dist)
         if dist.is_main:
-            os.makedirs(out, exist_ok=True)
-            save_adapters(unwrap(model), path)
             with open(os.path.join(out, "metrics.json"), "w") as f:
                 json.dump({"args": {k: v for k, v in vars(args).items() if not k.startswith("_")}, "classes": classes,
                            "data_config": data_cfg, "trainable": tp._asdict(), "state": asdict(state),

@@ -30,7 +30,7 @@ from .checkpoint import (FORMAT, TrainState, atomic_torch_save, backbone_checksu
                          set_rng_state)
 
 __all__ = ["Trainer", "build_optim", "amp_dtype", "autocast", "peak_memory", "resolve_device", "StopRequest",
-           "DistInfo", "setup_distributed", "wrap_model", "unwrap"]
+           "DistInfo", "setup_distributed", "wrap_model", "unwrap", "save_adapters_from"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -167,6 +167,27 @@ def wrap_model(model: nn.Module, args, dist: DistInfo, shard_modules: Callable[[
     return model
 
 
+def save_adapters_from(root: nn.Module, target: nn.Module, path: str, dist: "DistInfo") -> None:
+    """``save_adapters(target)`` on rank 0, ``target`` being ``root`` or a part of it. Under FSDP2 (``root`` was
+    ``fully_shard``ed) the parameters are all-gathered first (``unshard``) and resharded after: every rank must
+    call this."""
+    from ..integration import save_adapters
+
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover
+        FSDPModule = ()
+    units = [m for m in root.modules() if isinstance(m, FSDPModule)]
+    for m in units:  # every unit: each block is its own all-gather group
+        m.unshard()
+    try:
+        if dist.is_main:
+            save_adapters(unwrap(target), path)
+    finally:
+        for m in units:
+            m.reshard()
+
+
 def unwrap(model: nn.Module) -> nn.Module:
     return model.module if hasattr(model, "module") and isinstance(model, nn.parallel.DistributedDataParallel) else model
 
@@ -243,6 +264,19 @@ class Trainer:
             flag = bool(t.item())
         return flag
 
+    def _global_mean(self, loss) -> float:
+        """The loss value to report: under torch.distributed the mean over the ranks (the global batch's loss
+        for the jobs' objectives), else this process's."""
+        if self.dist.world == 1:
+            return loss.item()
+        import torch.distributed as dist
+
+        t = loss.detach().float().reshape(1).clone()
+        if dist.get_backend() != "nccl":
+            t = t.cpu()
+        dist.all_reduce(t)
+        return t.item() / self.dist.world
+
     # -- one epoch -------------------------------------------------------------------------------------
     def train_epoch(self) -> bool:
         """Runs (the rest of) the epoch in flight; returns False when a signal stopped it part-way."""
@@ -275,7 +309,7 @@ class Trainer:
             self.sched.step()
             st.step += 1
             st.epoch_step += 1
-            li = loss.item()
+            li = self._global_mean(loss)
             if not math.isfinite(li):
                 raise FloatingPointError(f"non-finite loss {li} at step {st.step}")
             acc["first_loss"] = li if acc["first_loss"] is None else acc["first_loss"]
