@@ -473,23 +473,31 @@ def test_autotune_keys_are_feature_sizes():
         for name, obj in vars(mod).items():
             if isinstance(obj, triton.runtime.Autotuner):
                 tuned[f"{mod.__name__}.{name}"] = list(obj.keys)
+    # feature sizes first, then compile-time flags (base / saved pre-activation / recompute / sums / precision)
     assert tuned == {
-        "rspeft_fast.kernels.mufa._bottleneck_fwd_kernel": ["D", "R"],
-        "rspeft_fast.kernels.mufa._bottleneck_bwd_rows_kernel": ["D", "R"],
-        "rspeft_fast.kernels.mufa._atb_splitk_kernel": ["P", "Q"],  # P, Q = feature sizes, rows are N
+        "rspeft_fast.kernels.mufa._bottleneck_fwd_kernel": ["D", "R", "HAS_BASE", "SAVE_PRE", "PREC"],
+        "rspeft_fast.kernels.mufa._bottleneck_bwd_rows_kernel": ["D", "R", "RECOMPUTE", "PREC"],
+        "rspeft_fast.kernels.mufa._atb_splitk_kernel": ["P", "Q", "SUM_A", "SUM_B", "PREC"],  # P, Q: features; rows N
     }
     assert not any(set(k) & row_names for k in tuned.values())
 
 
+# The row count and the split-K kernel's rows per split (derived from it) are runtime arguments of the
+# kernels (not constexprs): not launch constants.
+ROW_ARGS = {"N", "M", "rows_per_split", "ROWS_PER_SPLIT"}
+
+
 class _Recorder:
-    """Stands in for a Triton kernel: records the compile-time constants of each launch, runs nothing."""
+    """Stands in for a Triton kernel: records the compile-time constants of each launch (every non-tensor
+    keyword argument but the row count), runs nothing."""
 
     def __init__(self, name, log):
         self.name, self.log = name, log
 
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
-            consts = tuple(sorted((k, v) for k, v in kwargs.items() if not isinstance(v, torch.Tensor)))
+            consts = tuple(sorted((k, v) for k, v in kwargs.items()
+                                  if not isinstance(v, torch.Tensor) and k not in ROW_ARGS))
             self.log.setdefault(self.name, set()).add(consts)
         return launch
 
