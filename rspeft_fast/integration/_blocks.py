@@ -77,11 +77,12 @@ def hf_layer_text_mask(ctx: TextMaskContext, module, args, kwargs):
     am = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
     if not isinstance(am, torch.Tensor) or am.dim() != 4:
         mask = None
-    else:
+    else:  # no data-dependent test here (torch.compile would graph-break): an all-False mask means no padding
         row = am[:, 0, -1, :]
         mask = ~row if row.dtype == torch.bool else row < torch.finfo(row.dtype).min / 2
-        if not bool(mask.any()):
-            mask = None
+        x = args[0] if args else kwargs.get("hidden_states")
+        if isinstance(x, torch.Tensor) and mask.shape[0] == 1 and x.shape[0] != 1:
+            mask = mask.expand(x.shape[0], -1)  # a mask broadcast over the batch
     module.adapter_text_mask = mask
     return None
 

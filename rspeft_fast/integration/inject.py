@@ -38,7 +38,7 @@ from .config import (
     MuFAConfig,
     config_for,
 )
-from .families import FAMILIES, WHY_NOT, Family, family_of, supported_text
+from .families import FAMILIES, WHY_NOT, Family, family_of
 
 __all__ = [
     "inject",
@@ -115,7 +115,7 @@ class Target:
 # injector table
 
 Injector = Callable[[nn.Module, Family, AdapterConfig, Target], list]
-INJECTORS: dict = {}
+INJECTORS: "dict[str, Injector]" = {}
 
 
 def injector(*methods: str):
