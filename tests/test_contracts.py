@@ -181,3 +181,21 @@ def _contract_outcome_f64(op, impl):
     H.set_impl(m, impl)
     xs = [x.double() for x in H.inputs(op, m, 3)]
     return _outcome(lambda: run_fwd_bwd(m, *xs))
+
+
+@pytest.mark.parametrize("op,kmod", [("mufa", "mufa"), ("qlinear", "qlinear"), ("eqam", "qlinear"), ("mga", "mga")])
+def test_kernel_limits_reach_every_op(monkeypatch, op, kmod):
+    """The kernel files' ``why_unsupported`` is consulted by every op: a reason makes an explicit
+    ``impl="triton"`` raise ImplUnavailableError naming it before any launch."""
+    import importlib
+
+    k = importlib.import_module(f"rspeft_fast.kernels.{kmod}")
+    monkeypatch.setattr(k, "why_unsupported", lambda **kw: "a test limit (shapes %s)" % sorted(kw))
+    launched = []
+    for name in list(vars(k)):
+        if name.endswith("_kernel"):
+            monkeypatch.setattr(k, name, launched)  # any launch would fail loudly (a list is not subscriptable by grid)
+    m = H.make(op)
+    with pytest.raises(ImplUnavailableError, match="a test limit"):
+        m(*H.inputs(op, m, 3))
+    assert launched == []

@@ -47,14 +47,14 @@ def _next_pow2(n: int) -> int:
     return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
 
 
-def _limits(x: Tensor, out_features: int, in_features: int, rank: int | None = None):
-    """``limits=`` of resolve_impl: the Q-Linear kernels' ``why_unsupported`` for these shapes (None under
-    torch.compile, where the op checks at run time)."""
+def _limits(x: Tensor, out_features: int, in_features: int, bits: int | None = None):
+    """``limits=`` of resolve_impl: the Q-Linear kernels' ``why_unsupported`` for ``x (m, k) -> (m, n)`` rows
+    (their naming; None under torch.compile, where the op checks at run time)."""
     if torch.compiler.is_compiling():
         return None
-    shapes = dict(n=x.numel() // max(x.shape[-1], 1), k=int(in_features), m=int(out_features))
-    if rank is not None:
-        shapes["r"] = int(rank)
+    shapes = dict(m=x.numel() // max(x.shape[-1], 1), n=int(out_features), k=int(in_features))
+    if bits is not None:
+        shapes["bits"] = int(bits)
     return kernel_limits(_kernels, x.device, compute_dtype(x), **shapes)
 
 
@@ -176,7 +176,7 @@ def qlinear(x: Tensor, weight: Tensor, bias: Optional[Tensor], bits: int, gelu: 
     check_bits(bits)
     _check_linear(x, weight, bias)
     check_matching_dtypes("qlinear", x, ("weight", weight), ("bias", bias))
-    if _resolve("qlinear", impl, x, _limits(x, weight.shape[0], weight.shape[1])) == "reference":
+    if _resolve("qlinear", impl, x, _limits(x, weight.shape[0], weight.shape[1], bits)) == "reference":
         y = qlinear_ref(x, weight, bias, bits)
         return F.gelu(y) if gelu else y
     x2, lead = _rows(x)
@@ -277,7 +277,7 @@ def eqam(x: Tensor, down_w: Tensor, down_b: Optional[Tensor], up_w: Tensor, up_b
             raise ValueError(f"up_b must have shape ({up_w.shape[0]},), got {tuple(up_b.shape)}")
     check_same_device(("x", x), ("down_w", down_w), ("up_w", up_w), ("down_b", down_b), ("up_b", up_b))
     check_matching_dtypes("eqam", x, ("down_w", down_w), ("down_b", down_b), ("up_w", up_w), ("up_b", up_b))
-    if _resolve("eqam", impl, x, _limits(x, down_w.shape[0], down_w.shape[1], rank=down_w.shape[0])) == "reference":
+    if _resolve("eqam", impl, x, _limits(x, down_w.shape[0], down_w.shape[1], bits)) == "reference":
         return eqam_ref(x, down_w, down_b, up_w, up_b, bits)
     x2, lead = _rows(x)
     if max(16, _next_pow2(down_w.shape[0])) <= FUSED_MAX_RANK:
@@ -392,7 +392,7 @@ def eqam_packed(x: Tensor, down: PackedLinear, up: PackedLinear, *, impl: str = 
     if uin != dq.shape[0] or uq.shape[0] != din:
         raise ValueError(f"EQAM packed: up must map {dq.shape[0]} -> {din} features, got {uin} -> {uq.shape[0]}")
     _check_packed(x.new_empty(0, uin), uq, us, ub, uin)
-    if _resolve("eqam_packed", impl, x, _limits(x, dq.shape[0], din, rank=dq.shape[0])) == "reference":
+    if _resolve("eqam_packed", impl, x, _limits(x, dq.shape[0], din)) == "reference":
         h = F.gelu(qlinear_packed_ref(x, dq, ds, db, din))
         return qlinear_packed_ref(h, uq, us, ub, uin)
     x2, lead = _rows(x)
