@@ -206,10 +206,16 @@ def forward(model, name):
 
 # ------------------------------------------------------------------------------------------------ tests
 def test_every_backbone_is_in_its_declared_family():
+    from rspeft_fast.integration.families import block_modules
+
     names = {f.name for f in FAMILIES}
     for key, (builder, _, _, fam) in BACKBONES.items():
         assert fam in names
-        assert rf.integration.model_family(build(key)) == fam, key
+        model = build(key)
+        assert rf.integration.model_family(model) == fam, key
+        blocks = block_modules(model)
+        assert bool(blocks) == (fam not in ("hf-convnext", "resnet")), key
+        assert all(type(b) in family_of(model).block_classes() or fam == "clip" for b in blocks)
 
 
 @pytest.mark.parametrize("name,method,opts", CASES, ids=_ids)

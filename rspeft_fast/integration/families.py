@@ -25,7 +25,7 @@ from typing import Optional, Tuple
 
 from torch import nn
 
-__all__ = ["Family", "FAMILIES", "family_of", "family_by_name", "supported_text", "WHY_NOT"]
+__all__ = ["Family", "FAMILIES", "family_of", "family_by_name", "block_modules", "supported_text", "WHY_NOT"]
 
 _BOTTLENECK = ("mufa", "adaptformer", "adapter")
 _GENERIC = ("bitfit", "layernorm", "full")
@@ -182,6 +182,16 @@ def family_of(model: nn.Module) -> Family:
     raise TypeError(
         f"rspeft_fast.inject: unsupported model {type(model).__module__}.{type(model).__name__}; supported: {supported_text()}"
     )
+
+
+def block_modules(model: nn.Module) -> list:
+    """The blocks of ``model`` by its family's declaration, in module order (e.g. FSDP wrap units), including the
+    blocks of open_clip / HF CLIP towers and of a timm trunk inside open_clip; ``[]`` for a family without blocks."""
+    fam = family_of(model)
+    kinds = fam.block_classes()
+    if fam.name == "clip":  # a timm ViT / Eva image trunk has timm blocks
+        kinds = kinds + family_by_name("vit").block_classes() + family_by_name("eva").block_classes()
+    return [m for m in model.modules() if kinds and isinstance(m, kinds)]
 
 
 def family_by_name(name: str) -> Family:
