@@ -11,7 +11,22 @@ from rspeft_fast import _impl
 from rspeft_fast._impl import ImplUnavailableError, check_impl, resolve_impl
 
 
-# ----------------------------------------------------------------------------- resolve_impl(limits=)
+# ----------------------------------------------------------------------------- resolve_impl
+def test_impl_resolution(monkeypatch):
+    assert resolve_impl("op", "reference", "cpu", ("triton",)) == "reference"
+    assert resolve_impl("op", "auto", "cpu", ("triton",)) == "reference"  # the interpreter is never auto-picked
+    with pytest.raises(ValueError, match="not one of"):
+        resolve_impl("op", "cuda", "cpu", ("triton",))
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ImplUnavailableError, match="TRITON_INTERPRET=1"):
+        resolve_impl("op", "triton", "cpu", ("triton",))
+    with pytest.raises(ImplUnavailableError, match="cuda"):
+        resolve_impl("op", "cuda", "cpu", ("cuda", "cpu"))
+    monkeypatch.setenv("RSPEFT_FAST_IMPL", "reference")
+    assert resolve_impl("op", "auto", "cpu", ("cpu",)) == "reference"
+
+
+
 def test_limits_auto_warns_once_per_op_and_reason(monkeypatch):
     monkeypatch.setattr(_impl, "_WARNED", set())
     monkeypatch.setattr(_impl, "available", lambda name, device: (True, ""))

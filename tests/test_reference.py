@@ -302,23 +302,6 @@ def test_triplet_errors():
     assert loss.dim() == 0 and torch.isfinite(loss)
 
 
-# ----------------------------------------------------------------------------- implementation choice
-def test_impl_resolution(monkeypatch):
-    from rspeft_fast._impl import ImplUnavailableError, resolve_impl
-
-    assert resolve_impl("op", "reference", "cpu", ("triton",)) == "reference"
-    assert resolve_impl("op", "auto", "cpu", ("triton",)) == "reference"  # the interpreter is never auto-picked
-    with pytest.raises(ValueError, match="not one of"):
-        resolve_impl("op", "cuda", "cpu", ("triton",))
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
-    with pytest.raises(ImplUnavailableError, match="TRITON_INTERPRET=1"):
-        resolve_impl("op", "triton", "cpu", ("triton",))
-    with pytest.raises(ImplUnavailableError, match="cuda"):
-        resolve_impl("op", "cuda", "cpu", ("cuda", "cpu"))
-    monkeypatch.setenv("RSPEFT_FAST_IMPL", "reference")
-    assert resolve_impl("op", "auto", "cpu", ("cpu",)) == "reference"
-
-
 def test_triton_request_without_interpreter_raises(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     m = rspeft_fast.MuFAAdapter(32, rates=(8,), impl="triton")
