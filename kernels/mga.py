@@ -658,7 +658,9 @@ def plan_attention(L: int, DH: int, dtype: torch.dtype, props) -> AttnPlan | Non
     while blk >= 16:
         for st in (stages, 1):
             if _attn_smem(blk, blk, DHP, nb, st) <= props.smem_per_block:
-                return AttnPlan(blk, blk, DHP, 4 if blk * DHP <= 64 * 64 else 8, st)
+                # 8 warps for fp32 (its FMA dots hold more per thread: 4 warps spilled 0.8-1.5 KB in the fp32
+                # backward at head dim 8 on sm_86/90) and for tiles above 64 x 64
+                return AttnPlan(blk, blk, DHP, 4 if nb < 4 and blk * DHP <= 64 * 64 else 8, st)
         blk //= 2
     return None
 
