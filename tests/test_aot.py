@@ -1,0 +1,180 @@
+"""Every Triton kernel compiles and fits for the GPUs researchers own, under the Triton releases torch ships.
+
+CI checks the kernels' numerics through Triton's interpreter, which never runs the Triton compiler: errors only
+a GPU compile shows (``tl.dot`` layout/dtype rules, ptxas limits, shared memory per block) would otherwise first
+appear on a user's GPU. ``benchmarks/aot_compile.py`` compiles the launches of ``kernels/*.py``, as their plans
+choose them for each arch (``kernels.<mod>.aot_launches``), ahead of time through the bundled ptxas, and checks
+shared memory against the arch's limit (``kernels._launch.ARCH_PROPS``), registers/spills and tensor cores.
+
+The CI slice (``--profile ci``: SPEC §2 shapes, bf16 with the first and the largest config of each autotuned
+launch, fp32 with the first, planned launches always): sm_86 (99 KB: RTX 3090/4090, A6000, L4 — the same limit
+as sm_89 / sm_120) and sm_90 (227 KB: H100/H200) under the installed Triton, plus sm_90 under the Triton
+releases of the other supported torch versions installed as side packages (3.6: torch 2.11, 3.9: torch 2.15;
+``scripts/setup.sh`` installs them with ``pip install --no-deps --target .triton-side/<version>``; set
+``RSPEFT_TRITON_SIDE`` to a folder holding ``<version>/`` subfolders to use others). A missing side package or
+ptxas FAILS (never a skip). ``RSPEFT_AOT_FULL=1``: the full matrix instead (every arch, dtype, config, edge
+shape; the documented command of benchmarks/NOTES.md "Portability").
+
+Each part is a subprocess (``TRITON_INTERPRET``, set by conftest.py here, must be unset before triton is
+imported); ``pytest -n 2`` spreads the parts over its workers. Compiles are cached by Triton (``~/.triton/cache``).
+"""
+import json
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "aot_compile.py"
+FULL = os.environ.get("RSPEFT_AOT_FULL", "0") == "1"
+SIDE_RELEASES = ("3.6.0", "3.9.0")
+GROUPS = {"mufa": "mufa_fwd,mufa_bwd,mufa_atb", "qlinear": "qlinear", "mga": "mga"}
+
+if FULL:
+    PARTS = [(f"full-sm{a}-{g}", None, ["--profile", "full", "--arch", str(a), "--groups", gs], {"bf16", "fp16", "fp32", "tf32"})
+             for a in (75, 80, 86, 89, 90, 100, 120) for g, gs in GROUPS.items()]
+else:
+    PARTS = [(f"sm{a}-{g}", None, ["--profile", "ci", "--arch", str(a), "--groups", gs], {"bf16", "fp32"})
+             for a in (86, 90) for g, gs in GROUPS.items()]
+PARTS += [(f"triton{v}-sm90-{g}", v, ["--profile", "ci", "--arch", "90", "--groups", gs], {"bf16", "fp32"})
+          for v in SIDE_RELEASES for g, gs in GROUPS.items()]
+
+KERNELS = {  # every kernel the three modules define today (a new one must get jobs from its aot_launches)
+    "mufa._bottleneck_fwd_kernel", "mufa._bottleneck_bwd_rows_kernel", "mufa._atb_splitk_kernel",
+    "qlinear._row_scale_kernel", "qlinear._weight_kernel", "qlinear._quantize_rows_kernel", "qlinear._fwd_kernel",
+    "qlinear._bwd_dx_kernel", "qlinear._bwd_dw_kernel",
+}
+
+
+def side_package(version: str) -> Path:
+    base = Path(os.environ.get("RSPEFT_TRITON_SIDE", ROOT / ".triton-side"))
+    return base / version
+
+
+def _run(args, timeout=1500, pythonpath=None):
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)
+    if pythonpath:
+        env["PYTHONPATH"] = os.pathsep.join([str(pythonpath), str(ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    return subprocess.run([sys.executable, str(SCRIPT), *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def _bundled(tool: str) -> Path:
+    import triton  # (imported under the interpreter here: only its location is used)
+
+    return Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / tool
+
+
+def test_bundled_ptxas_and_cuobjdump_present():
+    """No ptxas, no AOT compile: that is a failure of this CI machine, never a skip."""
+    for tool in ("ptxas", "cuobjdump"):
+        path = _bundled(tool)
+        assert path.is_file() and os.access(path, os.X_OK), (
+            f"Triton's bundled {tool} is missing or not executable at {path}: the AOT compile test cannot run "
+            f"(reinstall triton with its NVIDIA backend binaries)")
+    out = subprocess.run([str(_bundled("ptxas")), "--version"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and "release" in out.stdout, f"bundled ptxas does not run: {out.stdout}{out.stderr}"
+
+
+@pytest.mark.parametrize("version", SIDE_RELEASES)
+def test_side_release_installed(version):
+    path = side_package(version)
+    meta = list(path.glob("triton-*.dist-info"))
+    assert (path / "triton" / "__init__.py").is_file() and meta, (
+        f"Triton {version} side package missing at {path}: run scripts/setup.sh (or pip install --no-deps "
+        f"--target {path} triton=={version})")
+    assert meta[0].name == f"triton-{version}.dist-info", f"{path} holds {meta[0].name}, expected triton {version}"
+
+
+def test_every_kernel_has_jobs():
+    """Each @triton.jit kernel of kernels/{mufa,qlinear,mga}.py is compiled by some part."""
+    p = _run(["--coverage"], timeout=300)
+    assert p.returncode == 0, f"aot_compile.py --coverage failed:\n{p.stdout}\n{p.stderr}"
+    cov = json.loads(p.stdout.strip().splitlines()[-1])
+    assert set(cov["found"]) >= KERNELS, f"kernel discovery lost kernels: {sorted(KERNELS - set(cov['found']))}"
+    assert not cov["missing"], f"kernels without AOT jobs (add them to the module's aot_launches): {cov['missing']}"
+
+
+def test_unknown_arch_is_refused():
+    p = _run(["--arch", "90,61", "--list"], timeout=300)
+    assert p.returncode != 0 and "unknown arch" in (p.stdout + p.stderr)
+
+
+def _aot():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import aot_compile
+    finally:
+        sys.path.pop(0)
+    return aot_compile
+
+
+def _res(kernel="mufa._bottleneck_fwd_kernel", case="bf16 x", config="c1", shared=1000, limit=2000, autotuned=False,
+         ok=True, spill=0, strict=False, arch=86):
+    r = dict(arch=arch, group="g", kernel=kernel, case=case, config=config, ok=ok, autotuned=autotuned, edge=False,
+             spill_strict=strict, limit=limit, shared=shared, spill_bytes=spill, regs=64)
+    if not ok:
+        r["error"] = "CompilationError: boom"
+    return r
+
+
+def test_problems_rules():
+    """The exit-status rules of aot_compile.py: a planned launch over its arch's limit, an autotuned launch with no
+    fitting config, a compile error and strict spills fail; an over-limit config of an autotuned launch that has
+    a fitting one, and other spills, only warn."""
+    A = _aot()
+    fails, warns = A.problems([_res(shared=2500)])
+    assert len(fails) == 1 and "sm_86" in fails[0] and not warns
+    fails, warns = A.problems([_res(shared=2500, autotuned=True, config="a"), _res(shared=100, autotuned=True, config="b")])
+    assert not fails and len(warns) == 1
+    fails, _ = A.problems([_res(shared=2500, autotuned=True, config="a"), _res(shared=2100, autotuned=True, config="b")])
+    assert any("no autotune config fits" in f for f in fails)
+    fails, _ = A.problems([_res(ok=False)])
+    assert fails and "COMPILE ERROR" in fails[0]
+    fails, warns = A.problems([_res(spill=8), _res(spill=8, strict=True, config="s")])
+    assert len(fails) == 1 and len(warns) == 1
+    cells = A.matrix([_res(shared=2500), _res(case="bf16 y"), _res(case="fp32 y", spill=4)])
+    assert cells[(86, "bf16")] == dict(launches=2, fit=1, compiles=2, over=1, spills=0, errors=0)
+    assert cells[(86, "fp32")]["spills"] == 1
+
+
+@pytest.mark.parametrize("part", PARTS, ids=[p[0] for p in PARTS])
+def test_aot_compile(part, tmp_path):
+    name, side, args, dtypes = part
+    pythonpath = None
+    if side is not None:
+        pythonpath = side_package(side)
+        assert (pythonpath / "triton" / "__init__.py").is_file(), (
+            f"Triton {side} side package missing at {pythonpath}: run scripts/setup.sh")
+    out = tmp_path / "aot.json"
+    md = tmp_path / "aot.md"
+    jobs = "1" if os.environ.get("PYTEST_XDIST_WORKER") else "2"  # under xdist the parts share the cores
+    args = args + ["--jobs", jobs, "--json", str(out), "--md", str(md), "--quiet"]
+    p = _run(args, pythonpath=pythonpath)
+    assert out.exists(), f"aot_compile.py {' '.join(args)} crashed (rc {p.returncode}):\n{p.stdout}\n{p.stderr[-4000:]}"
+    data = json.loads(out.read_text())
+    if side is not None:
+        assert data["triton"] == side, f"{name}: compiled with Triton {data['triton']}, not the side package {side}"
+    results = data["results"]
+    assert results, f"{name}: no compile jobs"
+    assert {r["case"].split()[0] for r in results} == dtypes, f"{name}: a dtype has no jobs"
+    arch = int(args[args.index("--arch") + 1])
+    assert {r["arch"] for r in results} == {arch}
+    for w in data["warnings"]:
+        warnings.warn(f"AOT {name}: {w}", stacklevel=1)
+    errors = [f"{r['kernel']} [{r['case']}] {r['config']}:\n{r['error']}" for r in results if not r["ok"]]
+    assert not errors, f"{name}: {len(errors)}/{len(results)} compile(s) failed:\n\n" + "\n\n".join(errors)
+    assert not data["failures"], f"{name}: resource check failed:\n" + "\n".join(data["failures"])
+    assert p.returncode == 0, f"{name}: rc {p.returncode}\n{p.stdout[-4000:]}\n{p.stderr[-4000:]}"
+    for cell, c in data["matrix"].items():
+        assert c["fit"] == c["launches"] > 0 and c["errors"] == 0, (cell, c)
+    assert f"| sm_{arch} |" in md.read_text()
+    for r in results:
+        assert r["regs"] > 0 and 0 <= r["shared"] <= r["limit"] or r["autotuned"], r
+        if r["case"].startswith("bf16") and r["kernel"].endswith("_fwd_kernel"):
+            # the bf16 fused forwards must use tensor cores (wgmma on sm_90, mma before), never scalar FMAs
+            assert r["mma"] != "-", f"{r['kernel']} [{r['case']}] {r['config']}: no tensor-core instruction in the PTX"
