@@ -37,15 +37,13 @@ import os
 import random
 import signal
 import sys
-from dataclasses import asdict
 from typing import Optional
 
 import torch
-from torch import nn
 
 from ..train.cli import add_engine_args, method_options, parse_option, progress_fn, resume_path
 from ..train.loop import (StopRequest, Trainer, amp_dtype, autocast, build_optim, peak_memory, resolve_device,
-                          save_adapters_from, setup_distributed, unwrap, wrap_model)
+                          save_adapters_from, setup_distributed, wrap_model)
 from .model import TINY_CLIP, RetrievalModel, create_clip
 from .readers import FORMATS, CaptionSplit, DataError, read_split
 
@@ -287,10 +285,12 @@ def _load_best(model: RetrievalModel, path: str) -> None:
 
 
 def main(argv: Optional[list] = None) -> int:
+    from ..integration import trainable_parameters
+
     args = build_parser().parse_args(argv)
     dist = setup_distributed(args.fsdp)
-    torch.manual_seed(args.seed + dist.rank)
-    random.seed(args.seed + dist.rank)
+    torch.manual_seed(args.seed)  # the same on every rank: the model is built identically everywhere
+    random.seed(args.seed)
     args._device = dev = resolve_device(args.device, dist)
     out = args.out or os.path.join("runs", f"retrieval-{args.model}")
     ckpt_path = os.path.join(out, "checkpoint.pt")
@@ -299,6 +299,9 @@ def main(argv: Optional[list] = None) -> int:
     progress = progress_fn(args, dist)
 
     model, tok, t_train, t_eval = build_retrieval_model(args)
+    if dist.world > 1:  # then per-rank random streams (dropout, drop-path, mixup)
+        torch.manual_seed(args.seed + dist.rank)
+        random.seed(args.seed + dist.rank)
     size = int(model.clip.visual.image_size[0] if isinstance(model.clip.visual.image_size, (tuple, list)) else model.clip.visual.image_size)
     splits = load_splits(args, size, progress, ("test",) if args.eval_only else ("train", "val", "test"))
     tokens = {k: tok(v.captions) for k, v in splits.items()}
@@ -308,7 +311,7 @@ def main(argv: Optional[list] = None) -> int:
         torch.cuda.reset_peak_memory_stats(dev)
     net = wrap_model(model, args, dist, _clip_blocks)
     src = args.data or "embedded scene set"
-    log(f"model {args.model} + mga | {unwrap_clip_params(model)} | device {dev} | img {size} | data {src}: "
+    log(f"model {args.model} + mga | {trainable_parameters(model.clip)} | device {dev} | img {size} | data {src}: "
         + ", ".join(f"{k} {v.n_images} images / {v.n_captions} captions" for k, v in splits.items())
         + (f" | {dist.world} processes" if dist.world > 1 else ""), flush=True)
 
@@ -404,11 +407,6 @@ def main(argv: Optional[list] = None) -> int:
     log(f"saved the selected epoch's adapter weights to {best_path}", flush=True)
     return 0
 
-
-def unwrap_clip_params(model: RetrievalModel):
-    from ..integration import trainable_parameters
-
-    return trainable_parameters(model.clip)
 
 
 

@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from .loop import (StopRequest, Trainer, amp_dtype, autocast, build_optim, peak_memory, resolve_device, save_adapters_from,
-                   setup_distributed, unwrap, wrap_model)
+                   setup_distributed, wrap_model)
 
 __all__ = ["main", "build_parser", "parse_option", "method_options", "add_engine_args", "progress_fn", "resume_path"]
 
@@ -119,8 +119,12 @@ def progress_fn(args, dist=None):
 
 
 def resume_path(args, ckpt_path: str, log=print) -> Optional[str]:
+    """The checkpoint ``--resume`` names (None: start afresh); checks the checkpoint options first."""
     if args.ckpt_every is not None and args.ckpt_every <= 0:
         raise SystemExit(f"--ckpt-every must be a positive number of steps, got {args.ckpt_every}")
+    if getattr(args, "fsdp", False) and (args.ckpt_every or args.resume is not None):
+        raise SystemExit("--fsdp: training checkpoints (--ckpt-every, --resume) are not supported with FSDP2 sharding yet; "
+                         "use DDP (torchrun without --fsdp) for resumable runs")
     if args.resume is None:
         return None
     path = args.resume or ckpt_path
@@ -233,8 +237,8 @@ def main(argv: Optional[list] = None) -> int:
     from .data import build_classification_data, class_names
 
     dist = setup_distributed(args.fsdp)
-    torch.manual_seed(args.seed + dist.rank)
-    random.seed(args.seed + dist.rank)
+    torch.manual_seed(args.seed)  # the same on every rank: the model is built identically everywhere
+    random.seed(args.seed)
     args._device = dev = resolve_device(args.device, dist)
     if args.img_size is None:
         args.img_size = None if dev.type == "cuda" else 64
@@ -252,6 +256,15 @@ def main(argv: Optional[list] = None) -> int:
     else:
         n_classes = len(class_names(args.data))
     model = build_model(args, n_classes, args.img_size)
+    if dist.world > 1:  # then per-rank random streams (dropout, drop-path, mixup)
+        torch.manual_seed(args.seed + dist.rank)
+        random.seed(args.seed + dist.rank)
+    try:  # timm's Mixup draws from numpy
+        import numpy as np
+
+        np.random.seed(args.seed + dist.rank)
+    except ImportError:  # pragma: no cover
+        pass
     train_loader, val_loader, classes, data_cfg = build_classification_data(args, model, args.img_size, dist, progress)
     img_size = int(data_cfg["input_size"][-1])
     model.to(dev)

@@ -381,8 +381,8 @@ class Trainer:
         }
 
     def save_checkpoint(self) -> None:
-        if getattr(self.args, "fsdp", False):
-            raise SystemExit("--fsdp: checkpoints are not supported yet (train without --ckpt-every / signals, or use DDP)")
+        if getattr(self.args, "fsdp", False):  # a signal under --fsdp: no checkpoint format for sharded state yet
+            raise SystemExit("--fsdp: cannot write a training checkpoint of a sharded model (not supported yet); stopping without one")
         ck = self.checkpoint()
         if self.dist.is_main:
             atomic_torch_save(ck, self.ckpt_path)
