@@ -221,3 +221,21 @@ def test_contrastive_loss_targets_dtype_and_errors():
         contrastive_loss(img, txt, temperature=0.0)
     with pytest.raises(RuntimeError, match="process group"):
         contrastive_loss(img, txt, gather=True)
+
+
+def test_embedded_scene_set_is_deterministic_with_distinct_paraphrases():
+    from rspeft_fast.data.scenes import COLOURS, COVERS, LAYOUTS, CaptionedScenes
+
+    a = CaptionedScenes.split("val", scale=0.1)
+    b = CaptionedScenes.split("val", scale=0.1)
+    assert torch.equal(a.images, b.images) and a.captions == b.captions and a.txt_to_img == b.txt_to_img
+    assert a.images.shape == (6, 3, 32, 32) and a.images.dtype == torch.uint8 and a.images.float().std() > 20
+    assert len(a.captions) == 5 * 6 and a.txt_to_img == [i for i in range(6) for _ in range(5)]
+    for i, (cover, colour, layout) in enumerate(a.attributes):
+        caps = a.captions[5 * i:5 * i + 5]
+        assert len(set(caps)) == 5  # paraphrases, not copies
+        for c in caps:  # each names the three attributes in one of their wordings
+            low = c.lower()
+            assert any(w in low for w in COVERS[cover]) and any(w in low for w in COLOURS[colour][1])
+            assert any(w in low for w in LAYOUTS[layout])
+    assert not torch.equal(CaptionedScenes.split("test", scale=0.1).images, a.images)  # disjoint draws per split

@@ -160,3 +160,25 @@ def test_sampler_ranks_partition_the_global_batches():
     s = ResumableSampler(23, seed=4, batch_size=3, rank=1, world=2)
     s.begin_epoch(0, start_step=2)
     assert [i for _, i in s] == ranks[1][6:]
+
+
+def test_seeded_samples_make_augmentation_a_function_of_the_sample():
+    """timm's RandAugment draws from python's random, RandomResizedCrop from torch: SeededSamples seeds both per
+    (epoch, index), so a sample's augmentation does not depend on what ran before it (workers, resume point)."""
+    import argparse
+    import random
+
+    from rspeft_fast.train.data import EmbeddedTextures, SeededSamples, timm_transforms
+
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, depth=1)
+    ns = argparse.Namespace(aa="rand-m9-mstd0.5-inc1", scale=(0.08, 1.0), hflip=0.5, vflip=0.5, color_jitter=0.4, reprob=0.25)
+    t_train, _, _ = timm_transforms(model, ns, 32)
+    ds = SeededSamples(EmbeddedTextures("train", 2, 32, 0, t_train), seed=3)
+    a = ds[(1, 5)][0]
+    torch.manual_seed(123)
+    random.seed(456)
+    state = (torch.get_rng_state(), random.getstate())
+    b = ds[(1, 5)][0]
+    assert torch.equal(a, b)
+    assert torch.equal(state[0], torch.get_rng_state()) and state[1] == random.getstate()  # global RNGs untouched
+    assert not torch.equal(a, ds[(2, 5)][0])  # another epoch, another augmentation
