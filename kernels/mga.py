@@ -8,14 +8,17 @@ Maths (SPEC §1)::
 with ``a = sigmoid(gate)``, MSA the ``nn.MultiheadAttention`` maths (in-projection, softmax attention over
 the sequence, out-projection), the same weights for both MSA calls.
 
-Design: one program per sequence. A sequence's low-dimensional activations ``(L, hidden)`` stay in
-registers (padded to powers of two, masked), the attention is computed head by head from registers
-(``q_h = z Wq_hᵀ``, ``S = q kᵀ``, max-subtracted softmax in fp32, ``o_h = P v``, and the out-projection is
-accumulated head by head: ``out += o_h Wo[:, h]ᵀ``), so the whole forward is ONE launch that reads ``x``
-and the weights once and writes ``y`` (plus, when autograd needs them, the small ``(B, L, hidden)``
-activations ``hpre``, ``z1``, ``z2``, ``w``).
+Two paths; :func:`plan_mga` picks one per layer from the device (``kernels/_launch.device_props``), the dtype
+and the feature sizes / L (never the batch), with the reason in the plan; :func:`why_unsupported` names what
+neither runs (head dims above 128, dtypes/archs of ``_launch.arch_unsupported``).
 
-Backward, one program per sequence again, in reverse order, recomputing the attention probabilities:
+**Per-sequence** (short L: padded L ≤ 128, padded hidden ≤ 128, shared-memory estimate within the device).
+One program per sequence. A sequence's low-dimensional activations ``(L, hidden)`` stay in registers (padded
+to powers of two, masked), the attention is computed head by head from registers (``q_h = z Wq_hᵀ``,
+``S = q kᵀ``, max-subtracted softmax in fp32, ``o_h = P v``, and the out-projection is accumulated head by
+head: ``out += o_h Wo[:, h]ᵀ``), so the whole forward is ONE launch that reads ``x`` and the weights once and
+writes ``y`` (plus, when autograd needs them, the small ``(B, L, hidden)`` activations ``hpre``, ``z1``,
+``z2``, ``w``). Backward, one program per sequence again, in reverse order, recomputing the attention:
 
 * ``_bwd_msa2_kernel``: ``du = dy Wu``, MSA backward of the 2nd call (recomputing ``z3``), writes
   ``u``, ``du``, ``dz2``, the per-program gate partial, and ``dqkv``/``o``/``g`` of that call;
@@ -23,16 +26,24 @@ Backward, one program per sequence again, in reverse order, recomputing the atte
 * ``_bwd_msa1_kernel``: MSA backward of the 1st call, ``dpre = (dz0 + a du) GELU'(hpre)``,
   ``dx = dy + dpre Wd``.
 
-Weight gradients are then plain deterministic GEMMs / row sums over the ``B·L`` rows of those
-``(B, L, ·)`` intermediates (done by the caller, ``rspeft_fast.ops.mga``); the gate gradients are per-program
-partials summed afterwards. No atomics.
+**Blocked** (any L ≥ 1, hidden any size, head dims 4..128): the projections are GEMMs over all ``B·L`` rows
+(cuBLAS, compute dtype, fp32 accumulation), the attention of each MSA call is flash-attention's scheme:
+``_attn_fwd_kernel`` over (sequence·head, query block) streams K/V by blocks with an online softmax in fp32
+and saves the head outputs ``o`` and the log-sum-exp ``lse`` (fp32); the backward reuses them
+(``_attn_bwd_dq_kernel``: ``delta = rowsum(do∘o)``, ``dq``; ``_attn_bwd_dkdv_kernel``: ``dk``, ``dv``), each
+program owning its rows. Forward ≈ 13 launches (≈ 20 with BiShare), backward ≈ twice that.
+
+Both paths: weight gradients are plain deterministic GEMMs / row sums over the ``B·L`` rows of the
+``(B, L, ·)`` intermediates (done by the caller, ``rspeft_fast.ops.mga``); the gate gradients are per-sequence
+partials summed afterwards. No atomics anywhere: bitwise deterministic.
 
 Key padding mask: True (nonzero) = padded key, excluded by a ``-inf`` score. A query whose keys are all
 padded gets ``0/0 = NaN``, exactly as ``nn.MultiheadAttention``/``msa_ref`` (documented, not hidden).
 
 ``tl.dot`` needs every dimension ≥ 16: L, hidden and head dim are padded to powers of two ≥ 16 with masks.
-Operands of every ``tl.dot`` are cast to the compute dtype (the dtype of the weights), accumulation is fp32;
-in fp32 the dots use ``input_precision`` "ieee" unless TF32 matmuls are allowed in torch.
+Numerics are ``kernels/_launch.py``'s one policy (``precision``, ``dot``, ``cast``): operands of every dot in
+the compute dtype (the dtype of the weights), fp32 accumulation, fp32 softmax statistics; fp32 dots "ieee"
+unless TF32 is allowed in torch; under the interpreter 16-bit rounding is emulated.
 """
 from __future__ import annotations
 
