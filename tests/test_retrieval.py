@@ -239,3 +239,22 @@ def test_embedded_scene_set_is_deterministic_with_distinct_paraphrases():
             assert any(w in low for w in COVERS[cover]) and any(w in low for w in COLOURS[colour][1])
             assert any(w in low for w in LAYOUTS[layout])
     assert not torch.equal(CaptionedScenes.split("test", scale=0.1).images, a.images)  # disjoint draws per split
+
+
+def test_retrieval_objective_is_contrastive_plus_weighted_triplet():
+    """The job's objective: contrastive (ids, τ) + w * weighted triplet (margin, gamma, ids); diagonal_only drops the
+    ids from the triplet term only (HarMA's mask), triplet_weight=0 leaves the contrastive term."""
+    from rspeft_fast.reference.triplet import weighted_triplet_ref
+    from rspeft_fast.retrieval.job import retrieval_loss
+
+    img, txt, ids = _features(12, 16, torch.float32, seed=9)
+    tau = torch.tensor(0.05)
+    con = contrastive_loss_ref(img, txt, ids, tau)
+    with_ids = weighted_triplet_ref(img.double(), txt.double(), 0.3, 1.5, False, ids)
+    diag = weighted_triplet_ref(img.double(), txt.double(), 0.3, 1.5, False, None)
+    assert diag > with_ids  # same-image captions count as negatives without ids
+    kw = dict(margin=0.3, gamma=1.5, triplet_impl="reference")
+    for w, d, trip in ((1.0, False, with_ids), (0.5, True, diag), (0.0, False, 0.0)):
+        got = retrieval_loss(img, txt, tau, ids, triplet_weight=w, diagonal_only=d, **kw)
+        want = con + w * trip
+        assert_fused_close(got, (con.float() + w * torch.as_tensor(trip).float()), want, name=f"objective w={w} diagonal_only={d}")

@@ -177,3 +177,18 @@ def test_grad_checkpointing_flag_gives_the_same_loss_and_grads(job):
     assert g0.keys() == g1.keys()
     for n in g0:
         assert_close(g1[n], g0[n], name=f"grad {n} with grad checkpointing")
+
+
+def test_share_image_tower_uses_the_text_towers_bishare_modules():
+    from rspeft_fast.retrieval.job import build_parser, build_retrieval_model
+
+    for share in (False, True):
+        args = build_parser().parse_args(["--device", "cpu"] + (["--share-image-tower"] if share else []))
+        model, _, _, _ = build_retrieval_model(args)
+        text = [b.adapter.share for b in model.clip.transformer.resblocks]
+        image = [b.adapter.share for b in model.clip.visual.transformer.resblocks]
+        assert all(t is not None for t in text)  # BiShare in the text tower (SPEC)
+        if share:
+            assert all(i is t for i, t in zip(image, text))
+        else:
+            assert all(i is None for i in image)
