@@ -81,7 +81,7 @@ def _structure(obj: Any) -> Any:
 
 
 def fused_error_report(fused: torch.Tensor, eager: torch.Tensor, ref: torch.Tensor, *, factor: float = 2.0,
-                       floor_ulps: float = 4, name: str = "") -> tuple[bool, str]:
+                       floor_ulps: float = 4, name: str = "", dtype: torch.dtype | None = None) -> tuple[bool, str]:
     """``(passes, one-line report)`` of the rule of :func:`assert_fused_close` for single tensors."""
     label = name or "tensor"
     if fused.shape != eager.shape or fused.shape != ref.shape:
@@ -108,7 +108,7 @@ def fused_error_report(fused: torch.Tensor, eager: torch.Tensor, ref: torch.Tens
     err_f = (f - r).abs()
     err_e_max = float((e - r).abs().max())
     mag = float(r.abs().max())
-    floor = floor_ulps * ulp(fused.dtype) * mag
+    floor = floor_ulps * ulp(dtype or fused.dtype) * mag
     bound = factor * err_e_max + floor
     worst = int(torch.argmax(err_f))
     ok = float(err_f[worst]) <= bound
@@ -121,7 +121,7 @@ def fused_error_report(fused: torch.Tensor, eager: torch.Tensor, ref: torch.Tens
 
 
 def assert_fused_close(fused: Any, eager: Any, ref: Any, *, factor: float = 2.0, floor_ulps: float = 4,
-                       name: str = "") -> None:
+                       name: str = "", dtype: torch.dtype | None = None) -> None:
     """Assert the flash-attention rule for a fused result.
 
     ``fused`` and ``eager`` are results in the same low dtype (fp16 / bf16 / fp32) of the fused kernel and of
@@ -129,7 +129,9 @@ def assert_fused_close(fused: Any, eager: Any, ref: Any, *, factor: float = 2.0,
     tensors or matching (nested) lists / tuples / dicts of tensors (e.g. an output and its gradients). Each
     pair passes iff ``max|fused-ref| <= factor*max|eager-ref| + floor_ulps*ulp(dtype)*max|ref|``; a missing
     tensor (None) must be missing in all three. Non-finite values must sit where eager's are, and are
-    excluded from the error. Raises AssertionError listing every failing tensor with where and how much.
+    excluded from the error. ``dtype``: the dtype whose ulp makes the floor when the computation ran in a
+    lower precision than the results are stored in (e.g. float32 gradients of a bf16 autocast region);
+    default: the fused result's. Raises AssertionError listing every failing tensor with where and how much.
     """
     if _structure(fused) != _structure(eager) or _structure(fused) != _structure(ref):
         raise AssertionError(f"{name}: structures differ: fused {_structure(fused)}, eager {_structure(eager)}, "
@@ -140,7 +142,7 @@ def assert_fused_close(fused: Any, eager: Any, ref: Any, *, factor: float = 2.0,
             if not (f is None and e is None and r is None):
                 failures.append(f"{label}: missing in {[n for n, t in (('fused', f), ('eager', e), ('ref', r)) if t is None]}")
             continue
-        ok, msg = fused_error_report(f, e, r, factor=factor, floor_ulps=floor_ulps, name=label)
+        ok, msg = fused_error_report(f, e, r, factor=factor, floor_ulps=floor_ulps, name=label, dtype=dtype)
         if not ok:
             failures.append(msg)
     if failures:

@@ -69,3 +69,13 @@ def test_run_fwd_bwd_grads_of_inputs_and_module_params_and_restores_grads():
     assert all(torch.equal(g, h) for g, h in zip(grads, grads2))
     _, g_other = run_fwd_bwd(lin, x, seed=4)
     assert not torch.equal(g_other[0], grads[0])
+
+
+def test_rule_floor_in_the_compute_dtype():
+    """float32 results of a bf16 computation: the floor counts ulps of ``dtype`` (bf16), not of float32."""
+    ref = torch.linspace(1, 2, 9, dtype=torch.float64)
+    eager = ref.float()
+    fused = (ref + 2.0 ** -8).float()  # half a bf16 ulp off, 2^15 fp32 ulps
+    with pytest.raises(AssertionError):
+        assert_fused_close(fused, eager, ref, floor_ulps=1)
+    assert_fused_close(fused, eager, ref, floor_ulps=1, dtype=torch.bfloat16)
