@@ -654,7 +654,10 @@ def _attn_smem(BQ: int, BK: int, DHP: int, nbytes: int, stages: int) -> int:
     """Shared memory estimate of the blocked attention kernels: the streamed K/V (or Q/dO) tiles, pipelined
     ``stages`` deep, plus one (BQ, BK) fp32 score tile staged for the second dot."""
     tile = max(BQ, BK) * DHP * nbytes
-    return smem_bytes(stages, (tile, tile), scratch=BQ * BK * 4)
+    # fp32 (FMA dots) also stages its (BQ, DHP) operands for layout conversions: sm_86 AOT at head dim 128,
+    # 64 x 64 blocks, 1 stage: 98-147 KB, where the 16-bit kernels need 57-74 KB
+    fp32_staging = 2 * max(BQ, BK) * DHP * 4 if nbytes == 4 else 0
+    return smem_bytes(stages, (tile, tile), scratch=BQ * BK * 4 + fp32_staging)
 
 
 def plan_attention(L: int, DH: int, dtype: torch.dtype, props) -> AttnPlan | None:
@@ -665,6 +668,10 @@ def plan_attention(L: int, DH: int, dtype: torch.dtype, props) -> AttnPlan | Non
     DHP = _p2(DH)
     nb = dtype_bytes(dtype)
     blk = min(64, _p2(L))
+    # registers: (blk, DHP) fp32 accumulators/operands per program; fp32 at head dim 128 with 64-row blocks
+    # spilled 6-13 KB/thread (AOT, sm_80/90), so fp32 keeps blk·DHP ≤ 64·64 (16-bit: ≤ 64·128, spill-free)
+    while blk > 16 and blk * DHP > (64 * 64 if nb == 4 else 64 * 128):
+        blk //= 2
     stages = 2 if nb == 4 or DHP > 64 else 3
     while blk >= 16:
         for st in (stages, 1):
@@ -683,7 +690,11 @@ def _seq_smem(LP: int, HP: int, BD: int, nbytes: int, train: bool, stages: int) 
     LP = 64, HP = 128, BD = 64: forward 73728 B (estimate 75776), backward 94208 B (estimate 106496); text
     LP = 128, BD = 32: forward 53248 (53248), backward 155648 (180224); fp32 text backward 254-352 KB (360448)."""
     tiles = (LP * BD * nbytes, BD * HP * nbytes)
-    return smem_bytes(stages, tiles, scratch=(4 * LP * LP * nbytes) if train else (LP * LP * nbytes) // 4)
+    if train:
+        scratch = 4 * LP * LP * nbytes
+    else:  # fp32's FMA attention stages (LP, LP) tiles: text forward LP = 128 needs 200 KB (sm_80 AOT), bf16 52 KB
+        scratch = 2 * LP * LP * 4 if nbytes == 4 else (LP * LP * nbytes) // 4
+    return smem_bytes(stages, tiles, scratch=scratch)
 
 
 class MGAPlan(NamedTuple):
