@@ -243,6 +243,12 @@ def test_packed_eqam_saves_packed_and_loads_into_a_fresh_model(tmp_path):
     assert qls and all(m.packed for m in qls)
     with torch.no_grad():
         assert torch.equal(fresh(x), ref)
+    torch.manual_seed(0)  # into an injected, unpacked model of the same config: packed too
+    injected = rf.inject(make(), "eqam", bits=4)
+    rf.load_adapters(injected, path)
+    assert all(m.packed for m in injected.modules() if isinstance(m, rf.QLinear))
+    with torch.no_grad():
+        assert torch.equal(injected(x), ref)
     # an unpacked injected model with float weights cannot take a packed model's file the other way round
     unpacked_file = tmp_path / "float.safetensors"
     rf.save_adapters(rf.inject(make(), "eqam", bits=4), unpacked_file)
