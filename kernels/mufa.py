@@ -149,8 +149,11 @@ def _row_smem(cfg, d: int, r: int, dtype, two_inputs: bool, props: DeviceProps) 
     * the d loop: pipelined chunks of x (and dy) and of the down weight for every held column;
     * the up / dx loop: pipelined output blocks of the weight, the bottleneck staged as a dot operand and
       the (BLOCK_M, BLOCK_N) output tile (sm_75 has no asynchronous copies: no output staging seen there).
+
+    Before sm_80 Triton (3.6-3.9) emits no tensor-core instructions: the dots run as FMAs on operands staged in
+    float32, whatever the dtype (sm_75 compiles: 98304 B for a bf16 R = 256 tile, as an fp32 one).
     """
-    e = dtype_bytes(dtype)
+    e = dtype_bytes(dtype) if props.arch >= 80 else 4
     kw = cfg.kwargs
     bm, bk, bn = kw["BLOCK_M"], kw["BLOCK_K"], kw["BLOCK_N"]
     ra, rb = column_groups(r)
