@@ -117,6 +117,7 @@ CASES = [
     pytest.param(1, 257, 16, 16, 1, None, True, BF16, "blocked", id="L257-dh16-mask-bf16"),
     pytest.param(1, 257, 16, 64, 1, None, False, F16, "blocked", id="L257-dh64-fp16"),
     pytest.param(1, 577, 16, 16, 1, None, True, F32, "blocked", id="L577-dh16-mask-fp32"),
+    pytest.param(1, 577, 16, 16, 2, 1, True, BF16, "blocked", id="L577-dh8-share-dh8-mask-bf16"),
 ]
 
 
