@@ -24,7 +24,7 @@ else:
     transformers = pytest.importorskip("transformers")
 
 import rspeft_fast as rf  # noqa: E402
-from rspeft_fast.integration.families import FAMILIES, family_of  # noqa: E402
+from rspeft_fast.integration.families import FAMILIES, family_of, set_grad_checkpointing  # noqa: E402
 from rspeft_fast.testing import assert_fused_close  # noqa: E402
 
 transformers.logging.set_verbosity_error()
@@ -302,14 +302,7 @@ def test_grad_checkpointing_same_gradients(name, method, opts):
     ckpt = inject(build(name), method, opts)
     randomise_trainable(plain)
     randomise_trainable(ckpt)
-    fam = family_of(ckpt)
-    if fam.grad_ckpt == "timm":
-        ckpt.set_grad_checkpointing(True)
-    else:
-        if hasattr(ckpt, "activation_checkpointing_enable"):  # transformers >= 5.x; the old name warns
-            ckpt.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            ckpt.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    set_grad_checkpointing(ckpt, True)  # the family's own switch (timm / HF), as the CLIs' --grad-checkpointing
     assert any(getattr(m, "gradient_checkpointing", getattr(m, "grad_checkpointing", False)) is True for m in ckpt.modules())
     (oa, ga), (ob, gb) = fwd_bwd(ckpt, name, train=True), fwd_bwd(plain, name, train=True)
     assert torch.equal(oa, ob)

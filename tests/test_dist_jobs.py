@@ -85,7 +85,7 @@ def _global_mean(loss):
 def _worker(rank, port, out_dir):
     import argparse
 
-    from rspeft_fast.train.cli import _block_modules
+    from rspeft_fast.integration.families import block_modules
     from rspeft_fast.train.loop import DistInfo, wrap_model
     from rspeft_fast.retrieval.job import _clip_blocks
 
@@ -111,7 +111,7 @@ def _worker(rank, port, out_dir):
         ref_loss = torch.nn.functional.cross_entropy(plain(x), y)
         ref_loss.backward()
         fsdp_args = argparse.Namespace(fsdp=True, _device=torch.device("cpu"))
-        sharded = wrap_model(model, fsdp_args, info, _block_modules)
+        sharded = wrap_model(model, fsdp_args, info, block_modules)
         assert any(hasattr(p, "device_mesh") for p in sharded.parameters())
         loss = torch.nn.functional.cross_entropy(sharded(x[sl]), y[sl])
         loss.backward()

@@ -182,3 +182,29 @@ def test_seeded_samples_make_augmentation_a_function_of_the_sample():
     assert torch.equal(a, b)
     assert torch.equal(state[0], torch.get_rng_state()) and state[1] == random.getstate()  # global RNGs untouched
     assert not torch.equal(a, ds[(2, 5)][0])  # another epoch, another augmentation
+
+
+def test_train_hf_model_with_grad_checkpointing(tmp_path, monkeypatch):
+    """`--model hf:<model_type>` (built from a config, no download) + `--grad-checkpointing` switches the HF
+    family's own checkpointing on (activation/gradient_checkpointing_enable, not timm's set_grad_checkpointing)."""
+    pytest.importorskip("transformers")
+    from rspeft_fast.train import cli
+
+    seen = {}
+    real = cli.build_model
+
+    def spy(*a, **k):
+        m = real(*a, **k)
+        seen["ckpt"] = any(getattr(mod, "gradient_checkpointing", False) is True for mod in m.modules())
+        return m
+
+    monkeypatch.setattr(cli, "build_model", spy)
+    out = str(tmp_path / "hf")
+    args = ["--model", "hf:vit", "--img-size", "32", "--no-progress", "--device", "cpu", "--method", "mufa",
+            "--model-arg", "hidden_size=32", "--model-arg", "num_hidden_layers=2", "--model-arg", "num_attention_heads=2",
+            "--model-arg", "intermediate_size=64", "--model-arg", "patch_size=16",
+            "--epochs", "1", "--embedded-per-class", "2", "--batch-size", "8", "--grad-checkpointing", "--out", out]
+    assert train_main(args) == 0
+    assert seen["ckpt"], "HF gradient checkpointing was not switched on"
+    assert os.path.exists(os.path.join(out, "adapters.safetensors"))
+    assert _metrics(out)["state"]["step"] >= 1

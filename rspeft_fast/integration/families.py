@@ -25,7 +25,7 @@ from typing import Optional, Tuple
 
 from torch import nn
 
-__all__ = ["Family", "FAMILIES", "family_of", "family_by_name", "block_modules", "supported_text", "WHY_NOT"]
+__all__ = ["Family", "FAMILIES", "family_of", "family_by_name", "block_modules", "set_grad_checkpointing", "supported_text", "WHY_NOT"]
 
 _BOTTLENECK = ("mufa", "adaptformer", "adapter")
 _GENERIC = ("bitfit", "layernorm", "full")
@@ -192,6 +192,28 @@ def block_modules(model: nn.Module) -> list:
     if fam.name == "clip":  # a timm ViT / Eva image trunk has timm blocks
         kinds = kinds + family_by_name("vit").block_classes() + family_by_name("eva").block_classes()
     return [m for m in model.modules() if kinds and isinstance(m, kinds)]
+
+
+def set_grad_checkpointing(model: nn.Module, enabled: bool = True) -> nn.Module:
+    """Switch gradient checkpointing of ``model``'s blocks on (or off) the way its family does it (timm
+    ``set_grad_checkpointing``, HF ``gradient_checkpointing_enable`` / ``_disable``); ``ValueError`` for a family
+    with no switch."""
+    fam = family_of(model)
+    if fam.grad_ckpt == "hf":
+        # non-reentrant: a frozen backbone's inputs need no requires_grad for the adapters' grads;
+        # transformers 5.x names it activation_checkpointing_* (the old name warns)
+        new = hasattr(model, "activation_checkpointing_enable")
+        if enabled and new:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        elif enabled:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            (model.activation_checkpointing_disable if new else model.gradient_checkpointing_disable)()
+    elif fam.grad_ckpt == "timm" and hasattr(model, "set_grad_checkpointing"):
+        model.set_grad_checkpointing(enabled)
+    else:
+        raise ValueError(f"{fam.label} ({type(model).__name__}) has no gradient-checkpointing switch")
+    return model
 
 
 def family_by_name(name: str) -> Family:

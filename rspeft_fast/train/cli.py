@@ -38,6 +38,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from ..integration.families import block_modules
 from .loop import (StopRequest, Trainer, amp_dtype, autocast, build_optim, peak_memory, resolve_device, save_adapters_from,
                    setup_distributed, wrap_model)
 
@@ -200,21 +201,13 @@ def build_model(args, num_classes: int, img_size) -> nn.Module:
     except (TypeError, ValueError) as e:
         raise SystemExit(f"cannot inject {args.method!r} into {args.model!r}: {e}") from None
     if args.grad_checkpointing:
-        if not hasattr(model, "set_grad_checkpointing"):
-            raise SystemExit(f"--grad-checkpointing: {type(model).__name__} has no set_grad_checkpointing")
-        model.set_grad_checkpointing(True)
+        from ..integration.families import set_grad_checkpointing
+
+        try:
+            set_grad_checkpointing(model, True)
+        except ValueError as e:
+            raise SystemExit(f"--grad-checkpointing: {e}") from None
     return model
-
-
-def _block_modules(model):
-    """FSDP2 units: the transformer / ConvNeXt blocks (each its own all-gather), then the root."""
-    from ..integration._blocks import ClipBlock
-    from timm.models.convnext import ConvNeXtBlock
-    from timm.models.swin_transformer import SwinTransformerBlock
-    from timm.models.vision_transformer import Block
-
-    kinds = tuple(k for k in (Block, SwinTransformerBlock, ConvNeXtBlock, ClipBlock) if k is not None)
-    return [m for m in model.modules() if isinstance(m, kinds)]
 
 
 @torch.no_grad()
@@ -270,7 +263,7 @@ def main(argv: Optional[list] = None) -> int:
     model.to(dev)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
-    net = wrap_model(model, args, dist, _block_modules)
+    net = wrap_model(model, args, dist, block_modules)
 
     mixup = None
     if args.mixup > 0 or args.cutmix > 0:
