@@ -289,6 +289,12 @@ def test_merge_lora_and_bitfit():
     assert all(type(b.attn.qkv) is nn.Linear for b in model.blocks)
     with torch.no_grad():
         torch.testing.assert_close(model(x), before, atol=1e-5, rtol=1e-5)
+    # a merged model is not "not injected": switching off says the adapters were merged and what to do
+    with pytest.raises(RuntimeError, match="merged into the backbone.*deepcopy"):
+        rf.enable_adapters(model, False)
+    with pytest.raises(RuntimeError, match="merged into the backbone"):
+        with rf.adapters_disabled(model):
+            pass
 
     model = rf.inject(_model(VIT), "bitfit")
     assert rf.merge_adapters(model) is model

@@ -248,6 +248,13 @@ def enable_adapters(model: nn.Module, enabled: bool = True) -> nn.Module:
     switch off; a warning says so."""
     cfg = getattr(model, CONFIG_ATTR, None)
     if cfg is None:
+        merged = getattr(model, "rspeft_merged", None)
+        if merged is not None:
+            raise RuntimeError(
+                f"enable_adapters: the {merged.to_dict()['method']!r} adapters were merged into the backbone's weights "
+                "(merge_adapters): there is nothing left to switch off. Switch adapters off on an unmerged model "
+                "(merge a copy: copy.deepcopy(model)), or reload the backbone and load_adapters again"
+            )
         raise RuntimeError("enable_adapters: the model has no injected adapters (call rspeft_fast.inject first)")
     mods = list(_switchable(model))
     if not mods:
