@@ -79,6 +79,9 @@ def test_cli_errors_are_clear(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         train_main(["--model", "convnext_atto", "--method", "mufa", "--no-progress", "--epochs", "1", "--out", str(tmp_path / "o")])
     assert "not supported on timm ConvNeXt" in str(e.value)
+    with pytest.raises(SystemExit) as e:  # an open_clip name: the error points at the retrieval job
+        train_main(["--model", "ViT-B-32", "--method", "mga", "--no-progress", "--epochs", "1", "--out", str(tmp_path / "o")])
+    assert "Unknown model" in str(e.value) and "python -m rspeft_fast retrieval --model ViT-B-32" in str(e.value)
     with pytest.raises(SystemExit) as e:
         train_main(["--help"])
     assert e.value.code == 0

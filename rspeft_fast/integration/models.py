@@ -88,7 +88,16 @@ def create_classifier(
         return timm.create_model(name, pretrained=False, **kw)
     except RuntimeError as e:
         if "Unknown model" in str(e):
-            raise ModelBuildError(f"--model {name!r}: {e}") from None
+            hint = ""
+            try:
+                import open_clip
+
+                if name in open_clip.list_models():
+                    hint = (f"; {name!r} is an open_clip CLIP model: image-text retrieval with it is "
+                            f"`python -m rspeft_fast retrieval --model {name}`")
+            except ImportError:
+                pass
+            raise ModelBuildError(f"--model {name!r}: {e}{hint}") from None
         raise
 
 
