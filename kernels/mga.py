@@ -123,7 +123,7 @@ def _key_bias(MASK, b, L, LP: tl.constexpr, HAS_MASK: tl.constexpr):
 
 
 @triton.jit
-def _head_weights(Win, bin, h, H, DH, HP: tl.constexpr, DHP: tl.constexpr):
+def _head_weights(Win, b_in, h, H, DH, HP: tl.constexpr, DHP: tl.constexpr):
     """Wq_hᵀ, Wk_hᵀ, Wv_hᵀ (HP, DHP) and their biases (DHP,) of head ``h``."""
     kk = tl.arange(0, HP)
     dd = tl.arange(0, DHP)
@@ -133,9 +133,9 @@ def _head_weights(Win, bin, h, H, DH, HP: tl.constexpr, DHP: tl.constexpr):
     wk = tl.load(Win + (H + c)[None, :] * H + kk[:, None], mask=m, other=0.0)
     wv = tl.load(Win + (2 * H + c)[None, :] * H + kk[:, None], mask=m, other=0.0)
     dm = dd < DH
-    bq = tl.load(bin + c, mask=dm, other=0.0).to(tl.float32)
-    bk = tl.load(bin + H + c, mask=dm, other=0.0).to(tl.float32)
-    bv = tl.load(bin + 2 * H + c, mask=dm, other=0.0).to(tl.float32)
+    bq = tl.load(b_in + c, mask=dm, other=0.0).to(tl.float32)
+    bk = tl.load(b_in + H + c, mask=dm, other=0.0).to(tl.float32)
+    bv = tl.load(b_in + 2 * H + c, mask=dm, other=0.0).to(tl.float32)
     return wq, wk, wv, bq, bk, bv
 
 
@@ -157,12 +157,12 @@ def _softmax_rows(s):
 
 
 @triton.jit
-def _msa_fwd(z, kbias, Win, bin, Wout, bout, H, DH, NH, scale,
+def _msa_fwd(z, kbias, Win, b_in, Wout, bout, H, DH, NH, scale,
              LP: tl.constexpr, HP: tl.constexpr, DHP: tl.constexpr, PREC: tl.constexpr):
     """nn.MultiheadAttention self-attention of one sequence held in registers: z (LP, HP) → (LP, HP)."""
     acc = tl.zeros((LP, HP), dtype=tl.float32)
     for h in range(NH):
-        wq, wk, wv, bq, bk, bv = _head_weights(Win, bin, h, H, DH, HP, DHP)
+        wq, wk, wv, bq, bk, bv = _head_weights(Win, b_in, h, H, DH, HP, DHP)
         q = _dot(z, wq, Win, PREC) + bq[None, :]
         k = _dot(z, wk, Win, PREC) + bk[None, :]
         v = _dot(z, wv, Win, PREC) + bv[None, :]
@@ -176,7 +176,7 @@ def _msa_fwd(z, kbias, Win, bin, Wout, bout, H, DH, NH, scale,
 
 
 @triton.jit
-def _msa_bwd(z, g, kbias, Win, bin, Wout, bout, DQKV, O, L, H, DH, NH, scale,
+def _msa_bwd(z, g, kbias, Win, b_in, Wout, bout, DQKV, O, L, H, DH, NH, scale,
              LP: tl.constexpr, HP: tl.constexpr, DHP: tl.constexpr, NEED_OUT: tl.constexpr, PREC: tl.constexpr):
     """Backward of ``out = MSA(z)`` for one sequence: returns (dz, out if NEED_OUT else 0).
 
@@ -189,7 +189,7 @@ def _msa_bwd(z, g, kbias, Win, bin, Wout, bout, DQKV, O, L, H, DH, NH, scale,
     dz = tl.zeros((LP, HP), dtype=tl.float32)
     out = tl.zeros((LP, HP), dtype=tl.float32)
     for h in range(NH):
-        wq, wk, wv, bq, bk, bv = _head_weights(Win, bin, h, H, DH, HP, DHP)
+        wq, wk, wv, bq, bk, bv = _head_weights(Win, b_in, h, H, DH, HP, DHP)
         q = _dot(z, wq, Win, PREC) + bq[None, :]
         k = _dot(z, wk, Win, PREC) + bk[None, :]
         v = _dot(z, wv, Win, PREC) + bv[None, :]
@@ -229,7 +229,7 @@ def _msa_bwd(z, g, kbias, Win, bin, Wout, bout, DQKV, O, L, H, DH, NH, scale,
 @triton.jit
 def _mga_fwd_kernel(
     X, sxb, sxl, sxd, Y, MASK,
-    Wd, bd, Wu, bu, Win, bin, Wo, bo, GATE,
+    Wd, bd, Wu, bu, Win, b_in, Wo, bo, GATE,
     SWd, Sbd, SWu, Sbu, SWin, Sbin, SWo, Sbo, SGATE,
     HPRE, Z1, Z2, WS,
     L, D, H, NH, DH, H2, NH2, DH2, scale, scale2,
@@ -256,7 +256,7 @@ def _mga_fwd_kernel(
     if SAVE:
         _store_tile(HPRE + b * L * H, hpre, rows, hc, L, H, H, PREC)
 
-    z1 = _msa_fwd(z0, kbias, Win, bin, Wo, bo, H, DH, NH, scale, LP, HP, DHP, PREC)
+    z1 = _msa_fwd(z0, kbias, Win, b_in, Wo, bo, H, DH, NH, scale, LP, HP, DHP, PREC)
     if SHARE:
         h2c = tl.arange(0, H2P)
         w_s = _linear(z1, SWd, Sbd, H, H2, HP, H2P, PREC)
@@ -271,7 +271,7 @@ def _mga_fwd_kernel(
         z2 = z1
     if SAVE:
         _store_tile(Z2 + b * L * H, z2, rows, hc, L, H, H, PREC)
-    z3 = _msa_fwd(z2, kbias, Win, bin, Wo, bo, H, DH, NH, scale, LP, HP, DHP, PREC)
+    z3 = _msa_fwd(z2, kbias, Win, b_in, Wo, bo, H, DH, NH, scale, LP, HP, DHP, PREC)
 
     a = tl.sigmoid(tl.load(GATE).to(tl.float32))
     u = a * z0 + (1.0 - a) * z3
@@ -290,7 +290,7 @@ def _mga_fwd_kernel(
 
 @triton.jit
 def _bwd_msa2_kernel(
-    DY, sdb, sdl, sdd, MASK, Wu, Win, bin, Wo, bo, GATE,
+    DY, sdb, sdl, sdd, MASK, Wu, Win, b_in, Wo, bo, GATE,
     HPRE, Z2, DQKV, O, G, U, DU, DZ2, GP,
     L, D, H, NH, DH, scale,
     LP: tl.constexpr, HP: tl.constexpr, DHP: tl.constexpr, BD: tl.constexpr,
@@ -318,7 +318,7 @@ def _bwd_msa2_kernel(
     _store_tile(DU + off, du, rows, hc, L, H, H, PREC)
     _store_tile(G + off, g, rows, hc, L, H, H, PREC)
     z2 = _load_tile(Z2 + off, rows, hc, L, H, H)
-    dz2, z3 = _msa_bwd(z2, g, kbias, Win, bin, Wo, bo, DQKV + b * L * 3 * H, O + off, L, H, DH, NH, scale,
+    dz2, z3 = _msa_bwd(z2, g, kbias, Win, b_in, Wo, bo, DQKV + b * L * 3 * H, O + off, L, H, DH, NH, scale,
                        LP, HP, DHP, True, PREC)
     _store_tile(DZ2 + off, dz2, rows, hc, L, H, H, PREC)
     z0 = gelu(_load_tile(HPRE + off, rows, hc, L, H, H))
@@ -369,7 +369,7 @@ def _bwd_share_kernel(
 
 @triton.jit
 def _bwd_msa1_kernel(
-    DY, sdb, sdl, sdd, DX, MASK, Wd, Win, bin, Wo, bo, GATE,
+    DY, sdb, sdl, sdd, DX, MASK, Wd, Win, b_in, Wo, bo, GATE,
     HPRE, G1, DU, DQKV, O, Z0, DPRE,
     L, D, H, NH, DH, scale,
     LP: tl.constexpr, HP: tl.constexpr, DHP: tl.constexpr, BD: tl.constexpr,
@@ -385,7 +385,7 @@ def _bwd_msa1_kernel(
     z0 = gelu(_load_tile(HPRE + off, rows, hc, L, H, H))
     _store_tile(Z0 + off, z0, rows, hc, L, H, H, PREC)
     g = _load_tile(G1 + off, rows, hc, L, H, H)
-    dza, _unused = _msa_bwd(z0, g, kbias, Win, bin, Wo, bo, DQKV + b * L * 3 * H, O + off, L, H, DH, NH, scale,
+    dza, _unused = _msa_bwd(z0, g, kbias, Win, b_in, Wo, bo, DQKV + b * L * 3 * H, O + off, L, H, DH, NH, scale,
                             LP, HP, DHP, False, PREC)
     hpre = _load_tile(HPRE + off, rows, hc, L, H, H)  # read again, not held across the attention (spills)
     a = tl.sigmoid(tl.load(GATE).to(tl.float32))
@@ -971,7 +971,7 @@ def _seq_fwd_args(x, y, mask_u8, w, share, saved: MGASaved, NH, plan: MGAPlan, s
     keep = save and has_share
     return dict(
         X=x, sxb=x.stride(0), sxl=x.stride(1), sxd=x.stride(2), Y=y, MASK=mask_u8 if mask_u8 is not None else y,
-        Wd=w[0], bd=w[1], Wu=w[2], bu=w[3], Win=w[4], bin=w[5], Wo=w[6], bo=w[7], GATE=w[8],
+        Wd=w[0], bd=w[1], Wu=w[2], bu=w[3], Win=w[4], b_in=w[5], Wo=w[6], bo=w[7], GATE=w[8],
         SWd=s.down_w, Sbd=s.down_b, SWu=s.up_w, Sbu=s.up_b, SWin=s.in_w, Sbin=s.in_b, SWo=s.out_w, Sbo=s.out_b,
         SGATE=s.gate, HPRE=saved.hpre if save else y, Z1=saved.z1 if keep else y, Z2=saved.z2 if save else y,
         WS=saved.ws if keep else y,
@@ -1045,7 +1045,7 @@ def _seq_bwd_args(dy, mask_u8, w, share, saved: MGASaved, r: MGAGrads, du, NH, p
     scale = 1.0 / math.sqrt(DH)
     dz2 = r.share.dz2 if share is not None else r.g[0]
     common = dict(LP=plan.LP, HP=plan.HP, HAS_MASK=has_mask, PREC=prec)
-    a2 = dict(DY=dy, sdb=dy.stride(0), sdl=dy.stride(1), sdd=dy.stride(2), MASK=mask, Wu=uw, Win=iw, bin=ib, Wo=ow,
+    a2 = dict(DY=dy, sdb=dy.stride(0), sdl=dy.stride(1), sdd=dy.stride(2), MASK=mask, Wu=uw, Win=iw, b_in=ib, Wo=ow,
               bo=ob, GATE=gate, HPRE=saved.hpre, Z2=saved.z2, DQKV=r.dqkv[1], O=r.o[1], G=r.g[1], U=r.u, DU=du,
               DZ2=dz2, GP=r.gate_partial, L=L, D=D, H=H, NH=NH, DH=DH, scale=scale, DHP=plan.DHP, BD=plan.BD,
               **common)
@@ -1057,7 +1057,7 @@ def _seq_bwd_args(dy, mask_u8, w, share, saved: MGASaved, r: MGAGrads, du, NH, p
                    SWo=share.out_w, Sbo=share.out_b, SGATE=share.gate, WS=saved.ws, DQKV=s.dqkv, O=s.o, G=s.g,
                    VS=s.vs, DW=s.dw, DZ1=r.g[0], GP=s.gate_partial, L=L, H=H, H2=H2, NH2=NH2, DH2=H2 // NH2,
                    scale2=1.0 / math.sqrt(H2 // NH2), H2P=plan.H2P, DH2P=plan.DH2P, **common)
-    a1 = dict(DY=dy, sdb=dy.stride(0), sdl=dy.stride(1), sdd=dy.stride(2), DX=r.dx, MASK=mask, Wd=dw, Win=iw, bin=ib,
+    a1 = dict(DY=dy, sdb=dy.stride(0), sdl=dy.stride(1), sdd=dy.stride(2), DX=r.dx, MASK=mask, Wd=dw, Win=iw, b_in=ib,
               Wo=ow, bo=ob, GATE=gate, HPRE=saved.hpre, G1=r.g[0], DU=du, DQKV=r.dqkv[0], O=r.o[0], Z0=r.z0,
               DPRE=r.dpre, L=L, D=D, H=H, NH=NH, DH=DH, scale=scale, DHP=plan.DHP, BD=plan.BD, FUSE_DX=True,
               **common)
