@@ -1,6 +1,7 @@
 """Triton helpers shared by the kernels of every op (exact erf GELU and its derivative).
 
-Written for triton >= 3.0 (the GPU machine has 3.6, CI's interpreter 3.8): no newer APIs.
+Written for triton >= 3.6 (torch 2.11's; CI's interpreter runs 3.8; the AOT matrix compiles under 3.6, 3.8 and 3.9):
+no newer APIs. The launch / numerics policy of every kernel file is ``kernels/_launch.py``.
 """
 import triton
 import triton.language as tl

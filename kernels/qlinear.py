@@ -26,7 +26,8 @@ division; a plain ``/`` in Triton is an approximate division on NVIDIA GPUs), so
 
 Packed int4 layout: ``qweight (out, ceil(in / 2))`` uint8, byte ``j`` of a row holds code ``2j`` in
 its low nibble and ``2j + 1`` in its high nibble (two's complement); an odd ``in`` is padded with 0.
-Written for triton >= 3.0 (GPU machines have 3.6, CI's interpreter 3.8).
+Written for triton >= 3.6 (torch 2.11's; CI's interpreter 3.8; AOT-compiled under 3.6 / 3.8 / 3.9). Tiles come
+from the device through the ``plan_*`` functions below (policy: ``kernels/_launch.py``).
 """
 from __future__ import annotations
 
