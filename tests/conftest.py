@@ -18,6 +18,11 @@ if not _HAS_CUDA:
 
 import torch  # noqa: E402
 
+try:  # import triton now, under the interpreter setting above: a test that later monkeypatches
+    import triton  # noqa: E402,F401  TRITON_INTERPRET (test_contracts) must not be the first import of triton
+except ImportError:  # pragma: no cover - the suite then fails where triton is needed
+    pass
+
 
 @pytest.fixture(autouse=True)
 def _seed():

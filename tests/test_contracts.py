@@ -106,6 +106,28 @@ def test_functionals_validate_impl_at_the_call():
         weighted_triplet_loss(x, x, impl="triton")
 
 
+def test_mga_functional_dispatches_like_the_others():
+    """ops.mga.mga takes impl= with the same rule as mufa/qlinear/eqam: validated at the call, "reference"
+    is mga_ref exactly, "auto" on CPU tensors runs the reference, "triton" the kernels (interpreter here)."""
+    from rspeft_fast.modules import MGAdapter
+    from rspeft_fast.ops.mga import mga
+    from rspeft_fast.reference.mga import mga_ref
+
+    torch.manual_seed(0)
+    m = MGAdapter(24, hidden=16, heads=2)
+    for p in m.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    attn = {"in_proj_weight": m.attn.in_proj_weight, "in_proj_bias": m.attn.in_proj_bias,
+            "out_proj_weight": m.attn.out_proj.weight, "out_proj_bias": m.attn.out_proj.bias}
+    args = (torch.randn(2, 5, 24), m.down.weight, m.down.bias, m.up.weight, m.up.bias, attn, m.gate, 2)
+    with pytest.raises(ValueError, match="not one of"):
+        mga(*args, impl="x")
+    want = mga_ref(*args)
+    assert torch.equal(mga(*args, impl="reference"), want)
+    assert torch.equal(mga(*args, impl="auto"), want)
+    torch.testing.assert_close(mga(*args, impl="triton"), want, atol=1e-5, rtol=1e-5)
+
+
 # ----------------------------------------------------------------------------- one input contract
 import _helpers as H  # noqa: E402
 

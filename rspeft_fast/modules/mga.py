@@ -4,9 +4,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .._impl import impl_property, resolve_impl
-from .._validate import check_float, check_kernel_dtype, check_last_dim, check_matching_dtypes, compute_dtype
-from ..reference.mga import bishare_ref, mga_ref
+from .._impl import impl_property
+from .._validate import check_float, check_last_dim, check_matching_dtypes
+from ..reference.mga import bishare_ref
 
 GATE_INIT = 0.6
 
@@ -119,21 +119,11 @@ class MGAdapter(nn.Module):
         check_matching_dtypes("MGAdapter", x, *_linear_dtypes(self))
         if self.share is not None:
             check_matching_dtypes("MGAdapter (share)", x, *_linear_dtypes(self.share))
-        check_kernel_dtype("mga", self.impl, compute_dtype(x))
         from ..ops import mga as ops_mga
 
-        limits = None
-        mga_limits = getattr(ops_mga, "mga_limits", None)  # kernels.mga.why_unsupported through kernel_limits
-        if mga_limits is not None and self.impl != "reference" and not torch.compiler.is_compiling():
-            sh = self.share
-            limits = mga_limits(x, self.hidden, self.heads, sh.hidden // 2 if sh is not None else None,
-                                        sh.heads if sh is not None else None)
-        impl = resolve_impl("mga", self.impl, x.device, limits=limits)
         share = self.share.tensors() if self.share is not None else None
-        args = (x, self.down.weight, self.down.bias, self.up.weight, self.up.bias, _attn_tensors(self.attn), self.gate, self.heads)
-        if impl == "reference":
-            return mga_ref(*args, share=share, key_padding_mask=key_padding_mask)
-        return ops_mga.mga(*args, share=share, key_padding_mask=key_padding_mask)
+        return ops_mga.mga(x, self.down.weight, self.down.bias, self.up.weight, self.up.bias, _attn_tensors(self.attn),
+                           self.gate, self.heads, share=share, key_padding_mask=key_padding_mask, impl=self.impl)
 
 
 def _linear_dtypes(m: nn.Module) -> list[tuple[str, torch.Tensor]]:

@@ -33,9 +33,9 @@ import torch
 from torch import Tensor
 
 from .._impl import kernel_limits, resolve_impl
-from .._validate import check_float, check_last_dim, check_same_device, compute_dtype
+from .._validate import check_float, check_kernel_dtype, check_last_dim, check_same_device, compute_dtype
+from ..reference.mga import mga_ref
 
-_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _ATTN_KEYS = ("in_proj_weight", "in_proj_bias", "out_proj_weight", "out_proj_bias")
 _SHARE_KEYS = ("down_weight", "down_bias", "up_weight", "up_bias")
 _N_SHARE = 9  # down_w, down_b, up_w, up_b, in_w, in_b, out_w, out_b, gate
@@ -254,13 +254,18 @@ def _prep_linear(w, b, cdt):
     return w.to(cdt).contiguous(), b.to(cdt).contiguous()
 
 
-def mga(x, down_weight, down_bias, up_weight, up_bias, attn: dict, gate, heads, share=None, key_padding_mask=None):
+def mga(x, down_weight, down_bias, up_weight, up_bias, attn: dict, gate, heads, share=None, key_padding_mask=None,
+        impl: str = "triton"):
     """Fused MGAdapter: ``x (B, L, d)`` → ``x + up(a·GELU(down x) + (1-a)·MSA(share?(MSA(GELU(down x)))))``.
 
     Same arguments and result as :func:`rspeft_fast.reference.mga.mga_ref` (``share`` a dict of the BiShare
     tensors as ``BiShareAdapter.tensors()`` gives, ``key_padding_mask (B, L)`` bool, True = padded key; a fully
-    padded sequence gives NaN like the reference). Runs the Triton kernels (CUDA, or CPU under
-    ``TRITON_INTERPRET=1``); raises where they cannot run.
+    padded sequence gives NaN like the reference).
+
+    ``impl``: ``"triton"`` (default: the fused kernels, on CUDA or on CPU under ``TRITON_INTERPRET=1``;
+    :class:`ImplUnavailableError` where they cannot run, before any launch), ``"reference"``, or ``"auto"``
+    (the kernels on CUDA inside their limits, else the reference, with one warning per limit) — the same rule
+    as every other op (``rspeft_fast._impl.resolve_impl``).
     """
     check_float(x, "x")
     if x.dim() != 3:
@@ -279,9 +284,7 @@ def mga(x, down_weight, down_bias, up_weight, up_bias, attn: dict, gate, heads, 
     check_same_device(("x", x), ("down_weight", down_weight), ("up_weight", up_weight), ("gate", gate),
                       ("attn.in_proj_weight", attn["in_proj_weight"]), ("key_padding_mask", key_padding_mask))
     cdt = compute_dtype(x)
-    if cdt not in _KERNEL_DTYPES:
-        raise TypeError(f"mga (triton): compute dtype {cdt} is not supported (float32/float16/bfloat16); "
-                        "use impl='reference' for float64")
+    check_kernel_dtype("mga", impl, cdt)
     if key_padding_mask is not None:
         if tuple(key_padding_mask.shape) != (B, L):
             raise ValueError(f"key_padding_mask must have shape (B, L) = ({B}, {L}), got {tuple(key_padding_mask.shape)}")
@@ -308,9 +311,13 @@ def mga(x, down_weight, down_bias, up_weight, up_bias, attn: dict, gate, heads, 
         raise ValueError(f"mga: hidden={H} must be divisible by heads={heads}")
     if share is not None and (s_heads < 1 or H2 % s_heads):
         raise ValueError(f"mga: BiShare hidden={H2} must be divisible by its heads={s_heads}")
-    # the functional is the explicit fused path: a reason from the kernels' limits raises ImplUnavailableError
-    resolve_impl("mga", "triton", x.device, limits=mga_limits(
-        x, H, int(heads), H2 if share is not None else None, s_heads if share is not None else None))
+    limits = None
+    if impl != "reference" and not torch.compiler.is_compiling():  # under compile the op itself checks at run time
+        limits = mga_limits(x, H, int(heads), H2 if share is not None else None, s_heads if share is not None else None)
+    impl = resolve_impl("mga", impl, x.device, limits=limits)
+    if impl == "reference":
+        return mga_ref(x, down_weight, down_bias, up_weight, up_bias, attn, gate, heads, share=share,
+                       key_padding_mask=key_padding_mask)
 
     dwt, dbt = _prep_linear(down_weight, _bias(down_bias, H, down_weight), cdt)
     uwt, ubt = _prep_linear(up_weight, _bias(up_bias, D, up_weight), cdt)
