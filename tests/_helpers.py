@@ -7,6 +7,8 @@ triplet loss's C++ kernel) and once with ``impl="reference"`` on the very same p
 from __future__ import annotations
 
 import contextlib
+import os
+import socket
 
 import pytest
 import torch
@@ -142,3 +144,27 @@ def magnitude_close(actual, expected, atol: float, rtol: float, name: str):
     finite = expected.detach()[torch.isfinite(expected.detach())]
     mag = float(finite.abs().max()) if finite.numel() else 1.0
     assert_close(actual, expected, atol=atol * max(1.0, mag), rtol=rtol, name=name)
+
+
+# ----------------------------------------------------------------------------- torch.distributed (gloo) tests
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 for a test's process group."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def gloo_group(rank: int, port: int, world: int):
+    """Inside a spawned test worker: a gloo process group of ``world`` CPU ranks on ``port`` (one thread per
+    rank, so the ranks don't fight over the cores), destroyed on exit."""
+    import torch.distributed as dist
+
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import os
-import socket
 
 import pytest
 import torch
@@ -18,6 +17,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from rspeft_fast.testing import assert_close
+
+import _helpers as H  # noqa: E402  (tests/: free_port, gloo_group)
 
 pytest.importorskip("open_clip")
 pytest.importorskip("timm")
@@ -89,14 +90,10 @@ def _worker(rank, port, out_dir):
     from rspeft_fast.train.loop import DistInfo, wrap_model
     from rspeft_fast.retrieval.job import _clip_blocks
 
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     info = DistInfo(rank, WORLD, rank)
     sl = slice(rank * B // WORLD, (rank + 1) * B // WORLD)
     res = {}
-    try:
+    with H.gloo_group(rank, port, WORLD):
         # DDP retrieval
         args, model, images, tokens = _retrieval_setup()
         net = wrap_model(model, args, info)
@@ -129,20 +126,12 @@ def _worker(rank, port, out_dir):
         res["fsdp_clip"] = (ref_loss.detach(), _grads(plain), _global_mean(loss), _grads(sharded))
         if rank == 0:
             torch.save(res, os.path.join(out_dir, "results.pt"))
-    finally:
-        dist.destroy_process_group()
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     out = tmp_path_factory.mktemp("dist_jobs")
-    mp.spawn(_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(H.free_port(), str(out)), nprocs=WORLD, join=True)
     return torch.load(out / "results.pt", weights_only=False)
 
 
@@ -184,7 +173,7 @@ def test_torchrun_ddp_retrieval_job_matches_one_process(tmp_path):
     env.pop("TRITON_INTERPRET", None)
     common = ["retrieval", "--no-progress", "--device", "cpu", "--embedded-scale", "0.2", "--epochs", "1", "--max-steps", "3",
               "--lr", "3e-3", "--impl", "reference"]
-    tr = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()), "-m", "rspeft_fast"]
+    tr = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(H.free_port()), "-m", "rspeft_fast"]
     runs = {"one": [sys.executable, "-m", "rspeft_fast", *common, "--batch-size", "16"],
             "ddp": [*tr, *common, "--batch-size", "8"],
             "fsdp": [sys.executable, "-m", "rspeft_fast", *common, "--batch-size", "16", "--fsdp"]}

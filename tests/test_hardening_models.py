@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import os
-import socket
 
 import pytest
 import torch
@@ -21,6 +20,8 @@ timm = pytest.importorskip("timm")
 
 import rspeft_fast as rf  # noqa: E402
 from rspeft_fast.testing import assert_close  # noqa: E402
+
+import _helpers as H  # noqa: E402  (tests/: free_port, gloo_group)
 
 # tiny variants: the adapted code paths are those of the full-size models
 VIT = ("vit_tiny_patch16_224", {"img_size": 32, "depth": 2, "num_classes": 5})
@@ -285,14 +286,9 @@ def _train(model, spec, rank=None):
 
 
 def _ddp_worker(rank, port, out_dir):
-    import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=DDP_WORLD)
-    try:
+    with H.gloo_group(rank, port, DDP_WORLD):
         res = {}
         for i, (spec, method, opts) in enumerate(DDP_CASES):
             model = build(spec, method, opts, _ddp_impl(method))
@@ -300,14 +296,6 @@ def _ddp_worker(rank, port, out_dir):
             _train(ddp, spec, rank)
             res[i] = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
         torch.save(res, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_ddp_two_processes_equal_one_process_full_batch(tmp_path):
@@ -317,7 +305,7 @@ def test_ddp_two_processes_equal_one_process_full_batch(tmp_path):
 
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("torch.distributed with gloo is not available")
-    mp.spawn(_ddp_worker, args=(_free_port(), str(tmp_path)), nprocs=DDP_WORLD, join=True)
+    mp.spawn(_ddp_worker, args=(H.free_port(), str(tmp_path)), nprocs=DDP_WORLD, join=True)
     results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(DDP_WORLD)]
     for case, (spec, method, opts) in enumerate(DDP_CASES):
         model = build(spec, method, opts, _ddp_impl(method))

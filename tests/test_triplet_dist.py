@@ -4,7 +4,6 @@ is the global gradient of its shard."""
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
@@ -14,6 +13,8 @@ import torch.nn.functional as F
 
 from rspeft_fast.reference.triplet import weighted_triplet_ref
 from rspeft_fast.testing import assert_close
+
+import _helpers as H  # noqa: E402  (tests/: free_port, gloo_group)
 
 WORLD = 2
 B_LOCAL, D = 23, 16
@@ -36,11 +37,7 @@ def global_batch(dtype=torch.float64):
 
 
 def _worker(rank, port, out_dir):
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    try:
+    with H.gloo_group(rank, port, WORLD):
         from rspeft_fast.ops.triplet import weighted_triplet_loss
 
         img, txt, ids = global_batch()
@@ -54,20 +51,12 @@ def _worker(rank, port, out_dir):
             loss.backward()
             results[(impl, mv, use_ids)] = (loss.detach(), a.grad, b.grad)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def dist_results(tmp_path_factory):
     out = tmp_path_factory.mktemp("triplet_dist")
-    mp.spawn(_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(H.free_port(), str(out)), nprocs=WORLD, join=True)
     return [torch.load(out / f"rank{r}.pt") for r in range(WORLD)]
 
 
