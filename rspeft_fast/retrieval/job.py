@@ -361,8 +361,7 @@ def main(argv: Optional[list] = None) -> int:
         state.extra["zero_shot"] = ev("test")
         log(f"zero-shot test: {_fmt(state.extra['zero_shot'])}", flush=True)
     if resume_from is not None:
-        log(f"resumed from {resume_from}: epoch {state.epoch + 1}, step {state.epoch_step} of {steps_per_epoch} "
-            f"({state.step} steps done)", flush=True)
+        log(trainer.resumed_text(resume_from), flush=True)
 
     with stop.installed():
         while state.epoch < args.epochs:

@@ -302,8 +302,7 @@ def main(argv: Optional[list] = None) -> int:
         f"{len(train_loader.dataset)} train / {len(val_loader.dataset)} val"
         + (f" | {dist.world} processes" if dist.world > 1 else ""), flush=True)
     if resume_from is not None:
-        log(f"resumed from {resume_from}: epoch {state.epoch + 1}, step {state.epoch_step} of {steps_per_epoch} "
-            f"({state.step} steps done)", flush=True)
+        log(trainer.resumed_text(resume_from), flush=True)
 
     with stop.installed():
         while state.epoch < args.epochs:

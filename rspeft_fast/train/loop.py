@@ -334,6 +334,12 @@ class Trainer:
         acc["train_s"] += time.perf_counter() - t0
         return True
 
+    def resumed_text(self, path: str) -> str:
+        """The one-line report of where a ``--resume`` from ``path`` continues (both jobs print it)."""
+        st = self.state
+        return (f"resumed from {path}: epoch {st.epoch + 1}, step {st.epoch_step} of {self.steps_per_epoch} "
+                f"({st.step} steps done)")
+
     def epoch_metrics(self) -> dict:
         acc, n = self.state.epoch_acc, self.state.epoch_acc["n_seen"]
         return {"train_loss": acc["total_loss"] / max(n, 1), "first_loss": acc["first_loss"],
