@@ -59,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Fine-tune an open_clip dual encoder with HarMA's MGA adapters for image-text retrieval, "
                     "select on the validation split, report Recall@1/5/10 and mR on the test split.",
     )
-    p.add_argument("--model", default=TINY_CLIP, help=f"open_clip model name, e.g. ViT-B-32, ViT-B-32-quickgelu, ViT-L-14 (default %(default)s: a CPU-sized CLIP)")
+    p.add_argument("--model", default=TINY_CLIP, help="open_clip model name, e.g. ViT-B-32, ViT-B-32-quickgelu, ViT-L-14 (default %(default)s: a CPU-sized CLIP)")
     p.add_argument("--checkpoint", default=None, help="backbone weights (open_clip, OpenAI, GeoRSCLIP or RemoteCLIP state dict)")
     p.add_argument("--pretrained", default=None, help="an open_clip pretrained tag (downloads; needs the network)")
     p.add_argument("--option", action="append", type=parse_option, default=[], metavar="KEY=VALUE",
