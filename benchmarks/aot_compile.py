@@ -33,6 +33,7 @@ Usage::
     python benchmarks/aot_compile.py --groups mufa_fwd,mga --dtypes bf16 --json out.json
     python benchmarks/aot_compile.py --list              # the jobs, nothing compiled
     python benchmarks/aot_compile.py --coverage          # @triton.jit kernels found vs covered (JSON)
+    python benchmarks/aot_compile.py --merge a.json b.json --md all.md   # one table of several runs
 
 Another Triton release: ``pip install --no-deps --target DIR triton==3.6.0`` and run with ``PYTHONPATH=DIR``
 (the standalone compile needs nothing else; the JSON records ``triton.__version__``).
@@ -497,6 +498,35 @@ def matrix_md(results, triton_version, profile):
     return "\n".join(lines) + "\n"
 
 
+def merge_md(runs: list[dict], names: list[str] | None = None) -> str:
+    """One markdown matrix (Triton release × arch × dtype) of several ``--json`` runs, plus their totals and
+    failures: the committed table of a matrix run made of several processes (one per release / arch)."""
+    rows = {}
+    for run in runs:
+        for (arch, dt), c in matrix(run["results"]).items():
+            key = (tuple(int(p) for p in run["triton"].split(".")[:3]), arch, dt)
+            t = rows.setdefault(key, dict(launches=0, fit=0, compiles=0, over=0, spills=0, errors=0,
+                                          groups=set(), profile=set()))
+            for k in ("launches", "fit", "compiles", "over", "spills", "errors"):
+                t[k] += c[k]
+            t["groups"].update(run.get("groups", ()))
+            t["profile"].add(run.get("profile", "?"))
+    lines = ["| Triton | arch | dtype | profile | groups | fit / launches | compiles | over limit | spills | errors |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for (ver, arch, dt), t in sorted(rows.items()):
+        lines.append(f"| {'.'.join(map(str, ver))} | sm_{arch} | {dt} | {','.join(sorted(t['profile']))} | "
+                     f"{','.join(sorted(t['groups']))} | {t['fit']} / {t['launches']} | {t['compiles']} | "
+                     f"{t['over']} | {t['spills']} | {t['errors']} |")
+    fails = [f for run in runs for f in run.get("failures", [])]
+    lines += ["", f"Failures (exit status 1): {len(fails)}"] + [f"- {f}" for f in fails]
+    names = names or [f"run {i}" for i in range(len(runs))]
+    lines += ["", "Runs: " + "; ".join(
+        f"{n}: Triton {r['triton']}, sm_{',sm_'.join(map(str, r.get('archs', [])))}, {len(r['results'])} compiles, "
+        f"{r.get('cpu_s', float('nan')):.0f} CPU s, {r.get('wall_s', float('nan')):.0f} s wall, "
+        f"failures {len(r.get('failures', []))}" for n, r in zip(names, runs))]
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--groups", default=",".join(GROUPS), help=f"comma-separated, of {GROUPS}")
@@ -516,7 +546,21 @@ def main(argv=None):
     ap.add_argument("--coverage", action="store_true", help="print kernels found / covered as JSON and exit")
     ap.add_argument("--progress", action="store_true", help="one line per finished compile on stderr")
     ap.add_argument("--quiet", action="store_true", help="no table (summary only)")
+    ap.add_argument("--merge", nargs="+", metavar="JSON",
+                    help="compile nothing: merge these --json runs into one Triton x arch x dtype table "
+                         "(printed, and written to --md); exit 1 if any run had a failure")
     a = ap.parse_args(argv)
+    if a.merge:
+        runs = []
+        for path in a.merge:
+            with open(path) as f:
+                runs.append(json.load(f))
+        text = merge_md(runs, [os.path.basename(p) for p in a.merge])
+        print(text, end="")
+        if a.md:
+            with open(a.md, "w") as f:
+                f.write(text)
+        return 1 if any(r.get("failures") for r in runs) else 0
     if os.environ.get("TRITON_INTERPRET", "0") == "1" and "triton" in sys.modules:
         raise SystemExit("aot_compile: triton was imported under TRITON_INTERPRET=1; run this in a fresh process")
     os.environ.pop("TRITON_INTERPRET", None)

@@ -142,6 +142,28 @@ def test_problems_rules():
     assert cells[(86, "fp32")]["spills"] == 1
 
 
+def test_merge_runs(tmp_path):
+    """``--merge``: several --json runs (e.g. one per release and arch) become one Triton x arch x dtype table with
+    each cell's counts summed over the runs; a run with a failure makes the exit status 1."""
+    A = _aot()
+    run = dict(triton="3.6.0", archs=[86], groups=["qlinear"], profile="quick", cpu_s=1.0, wall_s=2.0, failures=[],
+               results=[_res(shared=2500, autotuned=True, config="a"), _res(autotuned=True, config="b"),
+                        _res(case="fp32 y", spill=4)])
+    other = dict(run, triton="3.9.0", archs=[120], results=[_res(arch=120, case="bf16 z")], failures=["sm_120 boom"])
+    paths = []
+    for i, r in enumerate((run, other)):
+        paths.append(tmp_path / f"r{i}.json")
+        paths[-1].write_text(json.dumps(r))
+    text = A.merge_md([run, other], ["r0", "r1"])
+    assert "| 3.6.0 | sm_86 | bf16 | quick | qlinear | 1 / 1 | 2 | 1 | 0 | 0 |" in text
+    assert "| 3.6.0 | sm_86 | fp32 | quick | qlinear | 1 / 1 | 1 | 0 | 1 | 0 |" in text
+    assert "| 3.9.0 | sm_120 | bf16 |" in text and "Failures (exit status 1): 1" in text and "- sm_120 boom" in text
+    p = _run(["--merge", str(paths[0]), "--md", str(tmp_path / "m.md")], timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert (tmp_path / "m.md").read_text().startswith("| Triton | arch |")
+    assert _run(["--merge", *map(str, paths)], timeout=300).returncode == 1
+
+
 @pytest.mark.parametrize("part", PARTS, ids=[p[0] for p in PARTS])
 def test_aot_compile(part, tmp_path):
     name, side, args, dtypes = part
