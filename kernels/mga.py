@@ -326,7 +326,7 @@ def _bwd_msa2_kernel(
     _store_tile(U + off, u, rows, hc, L, H, H, PREC)
     tl.debug_barrier()  # the DU tile was written by other threads of this program
     du = _load_tile(DU + off, rows, hc, L, H, H)
-    gp = tl.sum(tl.sum(du * (z0 - z3), axis=1), axis=0) * a * (1.0 - a)
+    gp = tl.sum(du * (z0 - z3)) * a * (1.0 - a)  # one flat sum: Triton 3.6 sm_100 fails on a sum of a sum (TMEM)
     tl.store(GP + b, gp)
 
 
@@ -361,7 +361,7 @@ def _bwd_share_kernel(
     dw = dwa + (1.0 - a_s) * dv
     _store_tile(DW + off2, dw, rows, h2c, L, H2, H2, PREC)
     _store_tile(VS + off2, a_s * ms + (1.0 - a_s) * w_s, rows, h2c, L, H2, H2, PREC)
-    gp = tl.sum(tl.sum(dv * (ms - w_s), axis=1), axis=0) * a_s * (1.0 - a_s)
+    gp = tl.sum(dv * (ms - w_s)) * a_s * (1.0 - a_s)  # one flat sum (see _bwd_msa2_kernel)
     tl.store(GP + b, gp)
     dz1 = dz2 + _linear_t(dw, SWd, H, H2, HP, H2P, PREC)  # SWd: (H2, H)
     _store_tile(DZ1 + off, dz1, rows, hc, L, H, H, PREC)
