@@ -11,7 +11,8 @@ launch, fp32 with the first, planned launches always): sm_86 (99 KB: RTX 3090/40
 as sm_89 / sm_120) and sm_90 (227 KB: H100/H200) under the installed Triton, plus sm_90 under the Triton
 releases of the other supported torch versions installed as side packages (3.6: torch 2.11, 3.9: torch 2.15;
 ``scripts/setup.sh`` installs them with ``pip install --no-deps --target .triton-side/<version>``; set
-``RSPEFT_TRITON_SIDE`` to a folder holding ``<version>/`` subfolders to use others). A missing side package or
+``RSPEFT_TRITON_SIDE`` to a folder holding ``<version>/`` subfolders to use others), and the MGA kernels on sm_100
+(B200) under Triton 3.6, whose Blackwell pipeline once rejected them. A missing side package or
 ptxas FAILS (never a skip). ``RSPEFT_AOT_FULL=1``: the full matrix instead (every arch, dtype, config, edge
 shape; the documented command of benchmarks/NOTES.md "Portability").
 
@@ -41,6 +42,9 @@ else:
              for a in (86, 90) for g, gs in GROUPS.items()]
 PARTS += [(f"triton{v}-sm90-{g}", v, ["--profile", "ci", "--arch", "90", "--groups", gs], {"bf16", "fp32"})
           for v in SIDE_RELEASES for g, gs in GROUPS.items()]
+# Triton 3.6's Blackwell pipeline (TMEM layouts) once aborted on MGA's per-sequence backward (a sum of a sum,
+# kernels/mga.py): the MGA kernels on sm_100 under torch 2.11's Triton, as a regression check
+PARTS += [("triton3.6.0-sm100-mga", "3.6.0", ["--profile", "ci", "--arch", "100", "--groups", "mga"], {"bf16", "fp32"})]
 
 KERNELS = {  # every kernel the three modules define today (a new one must get jobs from its aot_launches)
     "mufa._bottleneck_fwd_kernel", "mufa._bottleneck_bwd_rows_kernel", "mufa._atb_splitk_kernel",
