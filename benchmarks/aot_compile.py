@@ -316,9 +316,16 @@ def resource_usage(cubin: bytes):
 
 
 def mma_kind(ptx: str) -> str:
+    """The tensor-core instructions of a PTX listing: ``mma.bf16`` (sm_80-class ``mma.sync``), ``wgmma.bf16``
+    (sm_90), ``tcgen05.f16`` (sm_100: ``tcgen05.mma ... kind::f16`` covers bf16 and fp16, the operand type is in
+    the instruction descriptor, not the text), comma-separated; ``-``: none (scalar FMAs)."""
     kinds = []
     for m in re.finditer(r"\b(wgmma\.mma_async|mma\.sync)\.[\w.]*?\.(f32|f16)\.(bf16|f16|tf32|e4m3|e5m2|s8)\.", ptx):
         k = f"{m.group(1).split('.')[0]}.{m.group(3)}"
+        if k not in kinds:
+            kinds.append(k)
+    for m in re.finditer(r"\btcgen05\.mma(?:\.[\w:]+)*?\.kind::(\w+)", ptx):
+        k = f"tcgen05.{m.group(1)}"
         if k not in kinds:
             kinds.append(k)
     return ",".join(kinds) or "-"

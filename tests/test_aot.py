@@ -146,6 +146,16 @@ def test_problems_rules():
     assert cells[(86, "fp32")]["spills"] == 1
 
 
+def test_mma_kind():
+    """The tensor-core column: mma.sync (sm_80-class), wgmma (sm_90), tcgen05 (sm_100), none."""
+    A = _aot()
+    assert A.mma_kind("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {...}") == "mma.bf16"
+    assert A.mma_kind("wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {...}") == "wgmma.bf16"
+    assert A.mma_kind("tcgen05.mma.cta_group::1.kind::f16 [%r1], ...;\n tcgen05.mma.cta_group::1.kind::tf32 [%r2]") \
+        == "tcgen05.f16,tcgen05.tf32"
+    assert A.mma_kind("fma.rn.f32 %f1, %f2, %f3, %f4;") == "-"
+
+
 def test_merge_runs(tmp_path):
     """``--merge``: several --json runs (e.g. one per release and arch) become one Triton x arch x dtype table with
     each cell's counts summed over the runs; a run with a failure makes the exit status 1."""
