@@ -73,7 +73,7 @@ import triton.language as tl
 __all__ = [
     "LAUNCH_OPTIONS", "DeviceProps", "ARCH_PROPS", "INTERPRETER_PROPS", "MIN_ARCH", "INTERPRET", "SUPPORTED_DTYPES", "DTYPE_BYTES",
     "device_props", "props_for_arch", "smem_bytes", "prune_configs", "autotune_pruner", "precision",
-    "dot", "cast", "pad_pow2", "cdiv", "split_rows", "arch_unsupported", "dtype_bytes", "AotLaunch", "aot_dtype",
+    "dot", "cast", "pad_pow2", "cdiv", "split_rows", "arch_unsupported", "dtype_bytes", "operand_bytes", "AotLaunch", "aot_dtype",
     "AOT_DTYPES",
 ]
 
@@ -157,6 +157,14 @@ def dtype_bytes(dtype) -> int:
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
     return dtype.itemsize if hasattr(dtype, "itemsize") else torch.empty((), dtype=dtype).element_size()
+
+
+def operand_bytes(dtype, props: DeviceProps) -> int:
+    """Bytes per element of a dot operand as the compiled kernel stages it: the dtype's from sm_80 on; 4 before
+    (Triton 3.6-3.9 emit no tensor-core code there: the dots run as FMAs on operands staged in float32, whatever
+    the dtype; sm_75 compiles of bf16/fp16 tiles need what fp32 ones do). For shared-memory estimates and the
+    register-driven tile limits of the plans."""
+    return dtype_bytes(dtype) if props.arch >= 80 else 4
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -58,7 +58,7 @@ from torch import Tensor
 
 from ._common import gelu, gelu_grad
 from ._launch import (LAUNCH_OPTIONS, DeviceProps, arch_unsupported, cast, device_props, dot, dtype_bytes,  # noqa: F401
-                      pad_pow2, precision, smem_bytes)
+                      operand_bytes, pad_pow2, precision, smem_bytes)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -666,7 +666,7 @@ def plan_attention(L: int, DH: int, dtype: torch.dtype, props) -> AttnPlan | Non
     budget (fp32 at head dim 128 on a 99 KB sm_86: 32×32, 2 stages); ``None`` if even 16×16 does not fit.
     The block never exceeds the padded L (no work on rows that do not exist at L = 7)."""
     DHP = _p2(DH)
-    nb = dtype_bytes(dtype)
+    nb = operand_bytes(dtype, props)  # 4 before sm_80 (FMA dots on fp32-staged operands): sized like fp32
     blk = min(64, _p2(L))
     # registers: (blk, DHP) fp32 accumulators/operands per program; fp32 at head dim 128 with 64-row blocks
     # spilled 6-13 KB/thread (AOT, sm_80/90), so fp32 keeps blk·DHP ≤ 64·64 (16-bit: ≤ 64·128, spill-free)
@@ -734,7 +734,7 @@ def plan_mga(L: int, D: int, H: int, NH: int, H2: int | None, NH2: int | None, d
     DH2 = H2 // NH2 if share else 16
     LP, HP, DHP = _p2(L), _p2(H), _p2(DH)
     H2P, DH2P = (_p2(H2), _p2(DH2)) if share else (16, 16)
-    nb = dtype_bytes(dtype)
+    nb = operand_bytes(dtype, props)  # sm_75: 16-bit tiles staged as fp32 (AOT: 131072 B for the text forward)
     BD = 32 if HP > 128 or LP > 64 else 64
     nw = _warps(LP, HP)
     attn = plan_attention(L, DH, dtype, props)

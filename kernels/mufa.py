@@ -60,6 +60,7 @@ import triton.language as tl
 from ._common import gelu, gelu_grad
 from ._launch import (
     INTERPRET, LAUNCH_OPTIONS, SUPPORTED_DTYPES, DeviceProps, arch_unsupported, cast, cdiv, device_props, dot, dtype_bytes,
+    operand_bytes,
     pad_pow2, precision, prune_configs, smem_bytes, split_rows,
 )
 
@@ -153,7 +154,7 @@ def _row_smem(cfg, d: int, r: int, dtype, two_inputs: bool, props: DeviceProps) 
     Before sm_80 Triton (3.6-3.9) emits no tensor-core instructions: the dots run as FMAs on operands staged in
     float32, whatever the dtype (sm_75 compiles: 98304 B for a bf16 R = 256 tile, as an fp32 one).
     """
-    e = dtype_bytes(dtype) if props.arch >= 80 else 4
+    e = operand_bytes(dtype, props)
     kw = cfg.kwargs
     bm, bk, bn = kw["BLOCK_M"], kw["BLOCK_K"], kw["BLOCK_N"]
     ra, rb = column_groups(r)

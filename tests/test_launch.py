@@ -267,3 +267,19 @@ def test_plans_fit_every_arch_and_keep_the_sm90_tiles():
             assert got["dx"][4] == 3 or (dt == "fp32" and got["dx"][4] == 2), (dt, label, got)
             bn, bk = pow2(n, 16, 128), pow2(k, 16, 128)
             assert got["dw"] == [64, bn, bk, 8 if bn * bk >= 128 * 128 else 4, 3], (dt, label, got)
+
+
+def test_sm75_plans_size_16bit_operands_as_fp32():
+    """Before sm_80 the dots are FMAs on fp32-staged operands (no tensor cores): the plans size 16-bit tiles as
+    fp32 ones. Found by the full AOT profile on sm_75: the MGA text+BiShare per-sequence forward planned for
+    bf16 needed 131072 B and the L 577 head-dim-128 attention backward 98304 B, over sm_75's 65536 B."""
+    from rspeft_fast.kernels import mga as G
+
+    sm75, sm86 = L.ARCH_PROPS[75], L.ARCH_PROPS[86]
+    assert L.operand_bytes(torch.bfloat16, sm75) == L.operand_bytes(torch.float16, sm75) == 4
+    assert L.operand_bytes(torch.bfloat16, sm86) == 2 and L.operand_bytes(torch.float32, sm86) == 4
+    for dt in (torch.float16, torch.bfloat16):
+        assert G.plan_attention(577, 128, dt, sm75) == G.plan_attention(577, 128, torch.float32, sm75)
+        text = G.plan_mga(77, 512, 128, 8, 64, 8, dt, sm75, train=False)
+        assert text == G.plan_mga(77, 512, 128, 8, 64, 8, torch.float32, sm75, train=False)
+        assert G.plan_attention(577, 128, dt, sm86) != G.plan_attention(577, 128, torch.float32, sm86)
