@@ -522,7 +522,7 @@ def merge_md(runs: list[dict], names: list[str] | None = None) -> str:
              "|---|---|---|---|---|---|---|---|---|---|"]
     for (ver, arch, dt), t in sorted(rows.items()):
         lines.append(f"| {'.'.join(map(str, ver))} | sm_{arch} | {dt} | {','.join(sorted(t['profile']))} | "
-                     f"{','.join(sorted(t['groups']))} | {t['fit']} / {t['launches']} | {t['compiles']} | "
+                     f"{'all' if t['groups'] == set(GROUPS) else ','.join(sorted(t['groups']))} | {t['fit']} / {t['launches']} | {t['compiles']} | "
                      f"{t['over']} | {t['spills']} | {t['errors']} |")
     fails = [f for run in runs for f in run.get("failures", [])]
     lines += ["", f"Failures (exit status 1): {len(fails)}"] + [f"- {f}" for f in fails]
