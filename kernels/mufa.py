@@ -60,8 +60,7 @@ import triton.language as tl
 from ._common import gelu, gelu_grad
 from ._launch import (
     INTERPRET, LAUNCH_OPTIONS, SUPPORTED_DTYPES, DeviceProps, arch_unsupported, cast, cdiv, device_props, dot, dtype_bytes,
-    operand_bytes,
-    pad_pow2, precision, prune_configs, smem_bytes, split_rows,
+    operand_bytes, pad_pow2, precision, prune_configs, smem_bytes, split_rows,
 )
 
 __all__ = ["bottleneck_fwd", "bottleneck_bwd", "SUPPORTED_DTYPES", "column_groups", "plan_fwd", "plan_bwd_rows",

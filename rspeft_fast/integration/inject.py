@@ -57,6 +57,7 @@ log = logging.getLogger("rspeft_fast")
 
 SUPPORTED = {f.name: f.methods for f in FAMILIES}
 CONFIG_ATTR = "rspeft_config"
+MERGED_ATTR = "rspeft_merged"  # the config of adapters merge_adapters folded into the backbone's weights
 ADAPTED_ATTR = "rspeft_adapted"
 _ADAPTER_MODULES = (MuFAAdapter, EQAM, CAPM, MGAdapter, BiShareAdapter)
 _ADAPTER_PARAM_LEAVES = ("lora_A", "lora_B", "adapter_gate", "vpt_prompts")
@@ -241,21 +242,29 @@ def _switchable(model: nn.Module) -> Iterator[nn.Module]:
             yield m
 
 
+def injected_config(model: nn.Module, what: str, after_merge: str) -> AdapterConfig:
+    """The :class:`AdapterConfig` ``inject`` recorded on ``model``, else a RuntimeError starting ``what:``.
+    If :func:`merge_adapters` folded the adapters into the weights, the error is ``after_merge`` (formatted with
+    the merged ``method``: what happened and what to do instead)."""
+    cfg = getattr(model, CONFIG_ATTR, None)
+    if cfg is not None:
+        return cfg
+    merged = getattr(model, MERGED_ATTR, None)
+    if merged is not None:
+        raise RuntimeError(f"{what}: " + after_merge.format(method=merged.to_dict()["method"]))
+    raise RuntimeError(f"{what}: the model has no injected adapters (call rspeft_fast.inject first)")
+
+
 def enable_adapters(model: nn.Module, enabled: bool = True) -> nn.Module:
     """Switch every injected adapter on or off (off: the forward is exactly the bare backbone's).
 
     Methods that train the backbone's own tensors (bitfit, layernorm, linear, full) have nothing to
     switch off; a warning says so."""
-    cfg = getattr(model, CONFIG_ATTR, None)
-    if cfg is None:
-        merged = getattr(model, "rspeft_merged", None)
-        if merged is not None:
-            raise RuntimeError(
-                f"enable_adapters: the {merged.to_dict()['method']!r} adapters were merged into the backbone's weights "
-                "(merge_adapters): there is nothing left to switch off. Switch adapters off on an unmerged model "
-                "(merge a copy: copy.deepcopy(model)), or reload the backbone and load_adapters again"
-            )
-        raise RuntimeError("enable_adapters: the model has no injected adapters (call rspeft_fast.inject first)")
+    cfg = injected_config(
+        model, "enable_adapters",
+        "the {method!r} adapters were merged into the backbone's weights (merge_adapters): there is nothing left to "
+        "switch off. Switch adapters off on an unmerged model (merge a copy: copy.deepcopy(model)), or reload the "
+        "backbone and load_adapters again")
     mods = list(_switchable(model))
     if not mods:
         warnings.warn(
@@ -292,7 +301,7 @@ def merge_adapters(model: nn.Module) -> nn.Module:
             if isinstance(m, _blocks.LoRALinear):
                 _blocks.merge_lora(m)
         setattr(model, CONFIG_ATTR, None)
-        model.rspeft_merged = cfg
+        setattr(model, MERGED_ATTR, cfg)
         return model
     if method == "bitfit":
         return model

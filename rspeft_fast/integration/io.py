@@ -30,7 +30,7 @@ from .._fileio import atomic_write
 from ..modules.qlinear import QLinear
 from ..reference.qlinear_pack import storage_dtype
 from .config import AdapterConfig
-from .inject import CONFIG_ATTR, inject, model_family
+from .inject import CONFIG_ATTR, inject, injected_config, model_family
 
 __all__ = ["save_adapters", "load_adapters", "read_adapter_config"]
 
@@ -39,20 +39,6 @@ META_VERSION = "rspeft_fast.version"
 META_FAMILY = "rspeft_fast.family"
 META_EXTRA = "rspeft_fast.extra"  # JSON list: trainable parameters beyond those injection recorded
 META_PACKED = "rspeft_fast.packed"  # JSON list: module names of QLinear layers saved packed
-
-
-def _config_of(model: nn.Module, what: str) -> AdapterConfig:
-    cfg = getattr(model, CONFIG_ATTR, None)
-    if cfg is None:
-        merged = getattr(model, "rspeft_merged", None)
-        if merged is not None:
-            method = merged.to_dict()["method"]
-            raise RuntimeError(
-                f"{what}: merge_adapters folded this model's {method} adapters into its backbone weights, so no "
-                "adapter tensors are left to save. Save the adapters before merging (save_adapters, then "
-                "merge_adapters), or save the merged model whole (torch.save(model.state_dict(), path))")
-        raise RuntimeError(f"{what}: the model has no injected adapters (call rspeft_fast.inject first)")
-    return cfg
 
 
 def _names_of(model: nn.Module, extra: Iterable[str]) -> list[str]:
@@ -102,7 +88,11 @@ def save_adapters(model: nn.Module, path: str | os.PathLike, extra: Iterable[str
 
     from .. import __version__
 
-    cfg = _config_of(model, "save_adapters")
+    cfg = injected_config(
+        model, "save_adapters",
+        "merge_adapters folded this model's {method} adapters into its backbone weights, so no adapter tensors are "
+        "left to save. Save the adapters before merging (save_adapters, then merge_adapters), or save the merged "
+        "model whole (torch.save(model.state_dict(), path))")
     params = dict(model.named_parameters())
     packed = _packed_prefixes(model)
     packed_weights = {f"{p}.weight" for p in packed}

@@ -1,7 +1,7 @@
 """nn.Modules of every method. Each owns its parameters in the layout of SPEC §1, validates ``impl`` when it
 is built or assigned (:func:`rspeft_fast._impl.impl_property`) and calls its functional in
 ``rspeft_fast.ops`` with it, which resolves and runs the implementation (:func:`rspeft_fast._impl.resolve_impl`).
-(``MGAdapter`` resolves in the module until ``ops.mga.mga`` takes ``impl=``; ``CAPM`` is eager only.)"""
+(``CAPM`` is eager only.)"""
 from .mufa import MuFAAdapter
 from .qlinear import QLinear, EQAM
 from .capm import CAPM
