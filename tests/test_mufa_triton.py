@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from rspeft_fast._impl import ImplUnavailableError
 from rspeft_fast.modules.mufa import MuFAAdapter
 from rspeft_fast.reference.mufa import branch_sizes, mufa_ref
-from rspeft_fast.testing import TOLERANCES, assert_close, assert_fused_close, rel_err, run_fwd_bwd
+from rspeft_fast.testing import TOLERANCES, AbsTerms, assert_close, assert_fused_close, rel_err, run_fwd_bwd
 
 NAMES = ("y", "dx", "ddown_weight", "ddown_bias", "dup_weight", "dup_bias", "dgate", "dbase")
 
@@ -236,10 +236,11 @@ def test_mufa_16bit_cpu(dtype, d, rates, n, with_base):
     def call(fn):
         return lambda x, wd, bd, wu, bu, gate, base: fn(x, wd, bd, wu, bu, gate, sizes, 0.8, base)
 
-    (yf, gf), (ye, ge), (yr, gr) = (run_fwd_bwd(call(f), *args, seed=11)
-                                    for f, args in ((_ops().mufa, lo), (mufa_ref, lo), (mufa_ref, hi)))
+    terms = AbsTerms()  # the weight, bias and gate gradients are sums over the n rows
+    (yf, gf), (ye, ge), (yr, gr) = (run_fwd_bwd(call(f), *args, seed=11, terms=t)
+                                    for f, args, t in ((_ops().mufa, lo, None), (mufa_ref, lo, None), (mufa_ref, hi, terms)))
     assert yf.dtype == ye.dtype == dtype and [g.dtype for g in gf] == [g.dtype for g in ge]
-    assert_fused_close([yf, *gf], [ye, *ge], [yr, *gr], name=f"mufa {dtype}")
+    assert_fused_close([yf, *gf], [ye, *ge], [yr, *gr], name=f"mufa {dtype}", terms=[None, *terms.of(gr)])
 
 
 # ---------------------------------------------------------------------------------- torch.compile

@@ -7,7 +7,7 @@ import rspeft_fast
 from rspeft_fast.kernels import qlinear as K
 from rspeft_fast.ops import qlinear as Q
 from rspeft_fast.reference.qlinear import eqam_ref, qlinear_ref, quantize_weight
-from rspeft_fast.testing import assert_close, assert_fused_close, run_fwd_bwd, tolerances
+from rspeft_fast.testing import AbsTerms, assert_close, assert_fused_close, run_fwd_bwd, tolerances
 
 BITS = list(range(2, 9))
 SHAPES = [(13, 96, 37), (96, 192, 130), (192, 13, 1)]  # (in, out, rows)
@@ -147,7 +147,9 @@ def _fused_eager_ref(fused, eager, inputs, dtype):
     the gradients of every floating input, for :func:`rspeft_fast.testing.assert_fused_close`."""
     lo = [t.detach().to(dtype) if isinstance(t, torch.Tensor) else t for t in inputs]
     hi = [t.float() if isinstance(t, torch.Tensor) else t for t in lo]
-    return run_fwd_bwd(fused, *lo, seed=3), run_fwd_bwd(eager, *lo, seed=3), run_fwd_bwd(eager, *hi, seed=3)
+    terms = AbsTerms()  # weight and bias gradients are sums over the rows: their floor scales with Σ|terms|
+    ref = run_fwd_bwd(eager, *hi, seed=3, terms=terms)
+    return run_fwd_bwd(fused, *lo, seed=3), run_fwd_bwd(eager, *lo, seed=3), ref, [None, *terms.of(ref[1])]
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -159,10 +161,10 @@ def test_qlinear_half_inputs(dtype, bits, gelu, device):
     error eager PyTorch makes in the same dtype, against the float32 reference on the same rounded inputs."""
     x, w, b = _inputs(96, 40, 37, device)
     act = F.gelu if gelu else (lambda t: t)
-    (yf, gf), (ye, ge), (yr, gr) = _fused_eager_ref(lambda *a: Q.qlinear(*a, bits, gelu=gelu),
-                                                   lambda *a: act(qlinear_ref(*a, bits)), (x, w, b), dtype)
+    (yf, gf), (ye, ge), (yr, gr), terms = _fused_eager_ref(lambda *a: Q.qlinear(*a, bits, gelu=gelu),
+                                                          lambda *a: act(qlinear_ref(*a, bits)), (x, w, b), dtype)
     assert yf.dtype == ye.dtype == dtype and all(g.dtype == dtype for g in gf)
-    assert_fused_close([yf, *gf], [ye, *ge], [yr, *gr], name=f"qlinear {dtype} bits{bits}")
+    assert_fused_close([yf, *gf], [ye, *ge], [yr, *gr], name=f"qlinear {dtype} bits{bits}", terms=terms)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -170,9 +172,9 @@ def test_eqam_half_inputs(dtype, device):
     """The fused EQAM bottleneck (MuFA's kernels with fake-quantised weights) in 16-bit, same rule."""
     inputs = _eqam_inputs(96, 16, 37, device)
     got = _fused_eager_ref(lambda *a: Q.eqam(*a, 8), lambda *a: eqam_ref(*a, 8), inputs, dtype)
-    (yf, gf), (ye, ge), (yr, gr) = got
+    (yf, gf), (ye, ge), (yr, gr), terms = got
     assert yf.dtype == dtype
-    assert_fused_close([yf, *gf], [ye, *ge], [yr, *gr], name=f"eqam {dtype}")
+    assert_fused_close([yf, *gf], [ye, *ge], [yr, *gr], name=f"eqam {dtype}", terms=terms)
 
 
 def _compare_autocast(fused, ref, inputs, device, names=("x", "weight", "bias"), dtype=torch.bfloat16):

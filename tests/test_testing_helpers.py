@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from rspeft_fast.testing import assert_fused_close, run_fwd_bwd, ulp
+from rspeft_fast.testing import AbsTerms, assert_fused_close, run_fwd_bwd, ulp
 
 
 def _matmul_case(dtype, n=37, k=29, m=13):
@@ -79,3 +79,68 @@ def test_rule_floor_in_the_compute_dtype():
     with pytest.raises(AssertionError):
         assert_fused_close(fused, eager, ref, floor_ulps=1)
     assert_fused_close(fused, eager, ref, floor_ulps=1, dtype=torch.bfloat16)
+
+
+# ---------------------------------------------------------------- reductions: the floor scales with Σ|terms|
+def _gate_gradient(n=8192, seed=0):
+    """A scalar gate's gradient ``Σ_i x_i dy_i`` over ``n`` rows whose terms cancel: float64 reference, its
+    Σ|terms| recorded by :class:`AbsTerms` through autograd, and the float32 terms."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, generator=g, dtype=torch.float64)
+    dy = torch.randn(n, generator=g, dtype=torch.float64)
+    dy -= (x * dy).sum() / (x * x).sum() * x  # the result cancels to ~1e-14 of its terms
+    x, dy = x.float().double(), dy.float().double()  # the float32 inputs every implementation sees
+    gate = torch.tensor(0.6, dtype=torch.float64, requires_grad=True)
+    with AbsTerms() as m:
+        (gate * x).backward(dy)
+    return gate.grad, m.of(gate.grad), (x * dy).float()
+
+
+def test_abs_terms_through_autograd_is_the_sum_of_absolute_terms():
+    ref, terms, t = _gate_gradient()
+    torch.testing.assert_close(terms, t.double().abs().sum(), rtol=1e-6, atol=0)
+    assert float(terms) > 1e6 * abs(float(ref))  # the terms cancel: |ref| says nothing about the rounding
+    # a linear layer: |dy|ᵀ|x| for the weight, Σ|dy| over rows for the bias, through the real autograd graph
+    lin = torch.nn.Linear(7, 5).double()
+    x = torch.randn(33, 7, dtype=torch.float64)
+    dy = torch.randn(33, 5, dtype=torch.float64)
+    with AbsTerms() as m:
+        lin(x).backward(dy)
+    torch.testing.assert_close(m.of(lin.weight.grad), dy.abs().T @ x.abs())
+    torch.testing.assert_close(m.of(lin.bias.grad), dy.abs().sum(0))
+    # a tensor computed outside: its magnitude is itself
+    assert torch.equal(m.of(x), x.abs()) and m.of(None) is None
+
+
+def test_reduction_floor_accepts_a_reordered_fp32_sum_and_rejects_a_dropped_term_or_a_bf16_sum():
+    ref, terms, t = _gate_gradient()
+    eager = ref.float()  # an eager float32 sum that lands on the correctly rounded result (as DINOv3's MGA gate did)
+    blocked = t.view(64, -1).sum(1).flip(0).cumsum(0)[-1]                   # float32, another order (a kernel's)
+    big = int(t.abs().argmax())
+    dropped = torch.cat([t[:big], t[big + 1:]]).sum()                        # one term missing
+    bf16 = torch.zeros((), dtype=torch.bfloat16)                            # accumulated in bf16, stored in fp32
+    for v in t.view(-1, 256).to(torch.bfloat16):
+        bf16 = bf16 + v.sum()
+    bf16 = bf16.float()
+    # without terms= the rule is wrong for this reduction: the reordered float32 sum fails on rounding alone
+    with pytest.raises(AssertionError):
+        assert_fused_close(blocked, eager, ref, name="gate")
+    assert_fused_close(blocked, eager, ref, name="gate", terms=terms)
+    for bad, what in ((dropped, "a dropped term"), (bf16, "a bf16-accumulated sum")):
+        with pytest.raises(AssertionError, match="Σ\\|terms\\|"):
+            assert_fused_close(bad, eager, ref, name=what, terms=terms)
+
+
+def test_reduction_floor_is_per_element_and_checks_its_shape():
+    ref = torch.tensor([1.0, 1e-9], dtype=torch.float64)
+    terms = torch.tensor([1.0, 1.0], dtype=torch.float64)
+    eager = ref.float()
+    ok = (ref + torch.tensor([0.0, 3 * ulp(torch.float32)], dtype=torch.float64)).float()
+    assert_fused_close(ok, eager, ref, terms=terms)
+    bad = (ref + torch.tensor([0.0, 16 * ulp(torch.float32)], dtype=torch.float64)).float()
+    with pytest.raises(AssertionError, match="1/2 elements over"):
+        assert_fused_close(bad, eager, ref, terms=terms)
+    with pytest.raises(AssertionError, match="terms shape"):
+        assert_fused_close(ok, eager, ref, terms=terms[:1])
+    with pytest.raises(AssertionError, match="leaves"):
+        assert_fused_close([ok], [eager], [ref], terms=[terms, terms])
