@@ -1,7 +1,7 @@
 # The two commands of the README. Each sets everything up on a fresh machine first.
 PY ?= python3
 
-.PHONY: setup train retrieval test bench
+.PHONY: setup train retrieval test test-slow bench
 setup:
 	bash scripts/setup.sh
 
@@ -16,9 +16,16 @@ train: setup
 retrieval: setup
 	$(PY) -m rspeft_fast retrieval --out runs/retrieval-embedded
 
-# the test suite (CPU: Triton kernels through TRITON_INTERPRET=1, C++ extension, references, integration)
+# the test suite (CPU: Triton kernels through TRITON_INTERPRET=1, C++ extension, references, integration, the AOT
+# compile of every kernel for sm_86 and sm_90); CI runs this. Tests marked slow are deselected here.
+PYTEST = $(PY) -m pytest tests benchmarks -q -n 2 --benchmark-disable -p no:cacheprovider --durations=25
 test: setup
-	$(PY) -m pytest tests benchmarks -q -n 2 --benchmark-disable -p no:cacheprovider
+	$(PYTEST) -m "not slow"
+
+# what `make test` leaves out: the AOT matrix over every arch and the Triton 3.6 / 3.9 side releases,
+# torch.compile variants of the benchmarks on CPU, the longest model tests (README: "Tests")
+test-slow: setup
+	$(PYTEST) -m slow
 
 bench: setup
 	$(PY) -m rspeft_fast bench

@@ -118,23 +118,6 @@ def leaves_of(module: torch.nn.Module, xs) -> list[torch.Tensor]:
     return list(xs) + [p for p in module.parameters() if p.requires_grad]
 
 
-def fwd_bwd(fn, module, xs, dy=None, seed: int = 1):
-    """Forward ``fn(*xs)`` and backward with ``dy`` (random, fixed seed, when None); returns
-    ``(y, [grads of xs and of the module's parameters])`` (None where no gradient arrived)."""
-    xs = [x.detach().clone().requires_grad_(x.is_floating_point()) for x in xs]
-    for p in module.parameters():
-        p.grad = None
-    y = fn(*xs)
-    if dy is None:
-        g = torch.Generator().manual_seed(seed)
-        dy = torch.randn(y.shape, generator=g, dtype=torch.float32).to(y.dtype)
-    y.backward(dy)
-    grads = [t.grad for t in leaves_of(module, xs)]
-    for p in module.parameters():
-        p.grad = None
-    return y.detach(), grads
-
-
 def magnitude_close(actual, expected, atol: float, rtol: float, name: str):
     """Verbose allclose with ``atol`` scaled by the tensor's magnitude (sums over rows grow with N)."""
     from rspeft_fast.testing import assert_close

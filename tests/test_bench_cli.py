@@ -116,8 +116,9 @@ def test_classify_error():
     from rspeft_fast._impl import ImplUnavailableError
 
     assert C.classify_error(ImplUnavailableError("no"))[0] == "unavailable"
-    assert C.classify_error(ModuleNotFoundError("No module named 'x'"))[0] == "unavailable"
-    assert C.classify_error(ValueError("f: impl='cpu' is not one of ('auto',)"))[0] == "unavailable"
+    # a benchmark that cannot import its op, or whose op rejects the impl it asks for, fails: never a skip
+    assert C.classify_error(ModuleNotFoundError("No module named 'x'"))[0] == "error"
+    assert C.classify_error(ValueError("f: impl='cpu' is not one of ('auto',)"))[0] == "error"
     assert C.classify_error(RuntimeError("kernel crashed")) == ("error", "RuntimeError: kernel crashed")
     assert C.classify_error(ValueError("bad shape"))[0] == "error"
 

@@ -24,7 +24,7 @@ from torch import nn
 
 import _helpers as H
 from rspeft_fast._impl import ImplUnavailableError
-from rspeft_fast.testing import TOLERANCES, assert_fused_close, rel_err
+from rspeft_fast.testing import TOLERANCES, assert_fused_close, rel_err, run_fwd_bwd
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::RuntimeWarning")
 
@@ -90,7 +90,7 @@ def test_aot_graphs_hold_one_fused_op_each_way(op):
     w, xs = _wrapped(op)
     rec = AotEagerAndRecordGraphs()
     cw = torch.compile(w, backend=rec, fullgraph=True)
-    H.fwd_bwd(cw, w, xs)
+    run_fwd_bwd(cw, *xs, module=w, seed=1)
 
     def fused(graphs):
         return [str(n.target).rsplit(".", 1)[0] for g in graphs for n in g.graph.nodes
@@ -105,8 +105,8 @@ def test_aot_graphs_hold_one_fused_op_each_way(op):
 def test_compile_aot_eager_matches_eager(op):
     torch._dynamo.reset()
     w, xs = _wrapped(op)
-    y_e, g_e = H.fwd_bwd(w, w, xs)
-    y_c, g_c = H.fwd_bwd(torch.compile(w, backend="aot_eager", fullgraph=True), w, xs)
+    y_e, g_e = run_fwd_bwd(w, *xs, module=w, seed=1)
+    y_c, g_c = run_fwd_bwd(torch.compile(w, backend="aot_eager", fullgraph=True), *xs, module=w, seed=1)
     H.magnitude_close(y_c, y_e, 1e-6, 1e-5, "y")
     assert len(g_c) == len(g_e)
     for i, (a, e) in enumerate(zip(g_c, g_e)):
@@ -219,11 +219,11 @@ def test_autocast_returns_eager_dtypes(op, x_dtype, ac_dtype):
     xdt = ac_dtype if x_dtype == "ac" else x_dtype
     xs = [x.to(xdt) for x in H.inputs(op, m, ROWS[op])]
     with torch.autocast("cpu", dtype=ac_dtype):
-        y, g = H.fwd_bwd(m, m, xs)
+        y, g = run_fwd_bwd(m, *xs, module=m, seed=1)
         with _ref_ctx(m):
-            y_r, g_r = H.fwd_bwd(m, m, xs)
+            y_r, g_r = run_fwd_bwd(m, *xs, module=m, seed=1)
     with _ref_ctx(m):
-        y32, g32 = H.fwd_bwd(m, m, [x.float() for x in xs])
+        y32, g32 = run_fwd_bwd(m, *[x.float() for x in xs], module=m, seed=1)
     assert y.dtype == y_r.dtype
     assert [None if a is None else a.dtype for a in g] == [None if e is None else e.dtype for e in g_r]
     assert_fused_close([y] + g, [y_r] + g_r, [y32] + g32, factor=2.0, floor_ulps=2, dtype=ac_dtype,
@@ -236,11 +236,11 @@ def _fp16_triple(m, xs, big_x):
     x16 = [(x * big_x).half() if x.is_floating_point() else x for x in xs]
     m32 = copy.deepcopy(m16).float()
     x32 = [x.float() for x in x16]
-    out = {"fused": H.fwd_bwd(m16, m16, x16)}
+    out = {"fused": run_fwd_bwd(m16, *x16, module=m16, seed=1)}
     with _ref_ctx(m16):
-        out["eager16"] = H.fwd_bwd(m16, m16, x16)
+        out["eager16"] = run_fwd_bwd(m16, *x16, module=m16, seed=1)
     with _ref_ctx(m32):
-        out["ref32"] = H.fwd_bwd(m32, m32, x32)
+        out["ref32"] = run_fwd_bwd(m32, *x32, module=m32, seed=1)
     return out
 
 
@@ -312,7 +312,7 @@ def test_fp16_triplet_large_costs(max_violation):
     for impl, dt in (("fused", torch.float16), ("ref32", torch.float32)):
         ctx = _ref_ctx(m) if impl == "ref32" else H.impl_of(m, m.impl)
         with ctx:
-            out[impl] = H.fwd_bwd(m, m, [img.to(dt), txt.to(dt)])
+            out[impl] = run_fwd_bwd(m, *[img.to(dt), txt.to(dt)], module=m, seed=1)
     (y, g), (yr, gr) = out["fused"], out["ref32"]
     assert _all_finite(y, g)
     assert rel_err(y.float(), yr) < 1e-5
@@ -344,9 +344,9 @@ def test_nonfinite_input_propagates_like_eager(op, bad):
     x0 = xs[0].clone()
     x0.view(-1)[3] = bad
     xs[0] = x0
-    y, g = H.fwd_bwd(m, m, xs)
+    y, g = run_fwd_bwd(m, *xs, module=m, seed=1)
     with _ref_ctx(m):
-        y_r, g_r = H.fwd_bwd(m, m, xs)
+        y_r, g_r = run_fwd_bwd(m, *xs, module=m, seed=1)
     assert not torch.isfinite(y_r).all(), "the planted value should reach eager's output"
     pairs = [("y", y, y_r)] + [(f"grad {i}", a, e) for i, (a, e) in enumerate(zip(g, g_r))]
     for name, a, e in pairs:
@@ -575,8 +575,8 @@ def test_dynamic_compile_once_across_row_counts(op):
     rows = (2, 3, 4) if op == "mga" else (5, 11, 23)  # not 1: dynamo specialises sizes 0 and 1
     for n in rows:
         xs = H.inputs(op, w.adapter, n)
-        y_c, g_c = H.fwd_bwd(cw, w, xs)
-        y_e, g_e = H.fwd_bwd(w, w, xs)
+        y_c, g_c = run_fwd_bwd(cw, *xs, module=w, seed=1)
+        y_e, g_e = run_fwd_bwd(w, *xs, module=w, seed=1)
         H.magnitude_close(y_c, y_e, 1e-6, 1e-5, f"y (rows={n})")
         for i, (a, e) in enumerate(zip(g_c, g_e)):
             H.magnitude_close(a, e, 1e-6, 1e-5, f"grad {i} (rows={n})")
@@ -641,8 +641,8 @@ def test_backward_with_noncontiguous_dy():
         out_dim = m.out_features if op == "qlinear" else m.dim
         dy_t = torch.randn(out_dim, 7).t()
         keep = dy_t.clone()
-        _, g_nc = H.fwd_bwd(m, m, [x], dy=dy_t)
-        _, g_c = H.fwd_bwd(m, m, [x], dy=dy_t.contiguous())
+        _, g_nc = run_fwd_bwd(m, *[x], module=m, seed=1, grad_out=dy_t)
+        _, g_c = run_fwd_bwd(m, *[x], module=m, seed=1, grad_out=dy_t.contiguous())
         assert torch.equal(dy_t, keep)
         for a, b in zip(g_nc, g_c):
             assert torch.equal(a, b), op

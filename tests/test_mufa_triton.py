@@ -243,57 +243,6 @@ def test_mufa_16bit_cpu(dtype, d, rates, n, with_base):
     assert_fused_close([yf, *gf], [ye, *ge], [yr, *gr], name=f"mufa {dtype}", terms=[None, *terms.of(gr)])
 
 
-# ---------------------------------------------------------------------------------- torch.compile
-def test_torch_compile_no_graph_break(device):
-    d, rates = 64, (8, 16, 32)
-    sizes, params = _params(d, rates, device)
-    mufa = _ops().mufa
-
-    def fn(x, base):
-        return mufa(x, *params, sizes, 0.7, base) * 2.0
-
-    x = torch.randn(3, 11, d, device=device, requires_grad=True)
-    base = torch.randn(3, 11, d, device=device, requires_grad=True)
-    explain = torch._dynamo.explain(fn)(x, base)
-    assert explain.graph_break_count == 0, explain.break_reasons
-    torch._dynamo.reset()
-    compiled = torch.compile(fn, backend="aot_eager", fullgraph=True)
-    dy = torch.randn(3, 11, d, device=device)
-
-    def run(f):
-        for t in [x, base] + params:
-            t.grad = None
-        y = f(x, base)
-        y.backward(dy)
-        return [y.detach(), x.grad, base.grad] + [p.grad for p in params]
-
-    for i, (a, e) in enumerate(zip(run(compiled), run(fn))):
-        _close(a, e, f"compiled output/grad {i}")
-    torch._dynamo.reset()
-
-
-def test_opcheck_bottleneck_op(device):
-    """torch.library.opcheck: schema, fake tensor impl, autograd registration, AOT dispatch."""
-    ops = _ops()
-    n, d, r = 20, 32, 8
-    args = (
-        torch.randn(n, d, device=device, requires_grad=True),
-        (torch.randn(r, d, device=device) * 0.3).requires_grad_(),
-        torch.randn(r, device=device, requires_grad=True),
-        torch.randn(d, r, device=device, requires_grad=True),
-        torch.randn(d, device=device, requires_grad=True),
-        (torch.rand(r, device=device) + 0.5).requires_grad_(),
-        0.5,
-        torch.randn(n, d, device=device, requires_grad=True),
-        True,
-        torch.float32,
-    )
-    torch.library.opcheck(ops.bottleneck_fwd_op, args)
-    bwd_args = (torch.randn(n, d, device=device), args[0].detach(), None, args[1].detach(), args[2].detach(),
-                args[3].detach(), args[5].detach(), 0.5)
-    torch.library.opcheck(ops.bottleneck_bwd_op, bwd_args)
-
-
 # ------------------------------------------------------------------------------------ bad inputs
 def test_bad_inputs_raise(device):
     mufa = _ops().mufa

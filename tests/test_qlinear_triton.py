@@ -265,42 +265,6 @@ def test_modules_triton_vs_reference(bits, device):
 # ----------------------------------------------------------------------------- torch.compile / custom ops
 
 
-def test_compile_aot_eager_no_graph_break(device):
-    x, w, b = _inputs(96, 40, 37, device)
-    xe, wd, bd, wu, bu = _eqam_inputs(64, 16, 37, device)
-
-    def fn(x, w, b, xe, wd, bd, wu, bu):
-        return Q.qlinear(x, w, b, 4, gelu=True).sum() + Q.eqam(xe, wd, bd, wu, bu, 8).square().sum()
-
-    def ref(x, w, b, xe, wd, bd, wu, bu):
-        return F.gelu(qlinear_ref(x, w, b, 4)).sum() + eqam_ref(xe, wd, bd, wu, bu, 8).square().sum()
-
-    inputs = (x, w, b, xe, wd, bd, wu, bu)
-    compiled = torch.compile(fn, backend="aot_eager", fullgraph=True)
-    out = compiled(*inputs)
-    want = ref(*inputs)
-    assert_close(out, want, atol=1e-3, rtol=1e-4, name="loss")
-    for i, (ga, gr) in enumerate(zip(torch.autograd.grad(out, inputs), torch.autograd.grad(want, inputs))):
-        assert_close(ga, gr, atol=1e-4, rtol=1e-3, name=f"grad {i}")
-
-
-def test_module_compiles_without_graph_break(device):
-    m = rspeft_fast.EQAM(32, bits=4, impl="triton").to(device)
-    torch.nn.init.normal_(m.up.weight, std=0.2)
-    x = torch.randn(3, 5, 32, device=device)
-    compiled = torch.compile(m, backend="aot_eager", fullgraph=True)
-    assert_close(compiled(x), m(x), name="EQAM compiled")
-
-
-def test_opcheck(device):
-    x = torch.randn(20, 16, device=device, requires_grad=True)
-    w = torch.randn(24, 16, device=device, requires_grad=True)
-    b = torch.randn(24, device=device, requires_grad=True)
-    torch.library.opcheck(torch.ops.rspeft_fast.qlinear_fwd.default, (x, w, b, 4, True, True))
-    wu = torch.randn(16, 24, device=device, requires_grad=True)
-    torch.library.opcheck(torch.ops.rspeft_fast.eqam_fwd.default, (x, w, b, wu, None, 4, True))
-
-
 # ----------------------------------------------------------------------------- bad inputs
 
 

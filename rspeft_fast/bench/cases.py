@@ -53,8 +53,9 @@ def classify_error(e: BaseException) -> tuple[str, str]:
     """("unavailable" | "error", reason) for an exception raised while building/running a variant.
 
     Unavailable: an explicitly requested implementation that this machine/build cannot run
-    (``ImplUnavailableError``), a fused op whose module has not been built/landed (``ImportError``), an
-    ``impl=`` value this build of the op does not accept. Anything else is an error of the op itself.
+    (``ImplUnavailableError``, e.g. the CUDA triplet kernel on a CPU machine, or :class:`Unavailable`).
+    Anything else — an ``ImportError`` of a fused op, a rejected ``impl=`` value — is an error of the
+    build or of the op itself, and is reported as one.
     """
     from .._impl import ImplUnavailableError
 
@@ -63,10 +64,6 @@ def classify_error(e: BaseException) -> tuple[str, str]:
         return "unavailable", str(e)
     if isinstance(e, ImplUnavailableError):
         return "unavailable", msg
-    if isinstance(e, ImportError):
-        return "unavailable", f"fused op not importable in this build ({msg})"
-    if isinstance(e, ValueError) and "impl=" in str(e) and "is not one of" in str(e):
-        return "unavailable", f"this build does not offer that implementation ({msg})"
     return "error", msg
 
 

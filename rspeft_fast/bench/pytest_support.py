@@ -3,8 +3,8 @@
 Used by ``benchmarks/test_bench_*.py``. Environment variables:
 
 * ``RSPEFT_BENCH_SIZE`` = ``spec | small | tiny``: op shapes (default ``spec`` on GPU, ``tiny`` on CPU);
-* ``RSPEFT_BENCH_COMPILE=1``: also run ``torch.compile`` on CPU (skipped by default there: inductor's
-  first compile takes ~30 s per graph on a small machine).
+The ``torch.compile`` variants on CPU carry the ``slow`` marker (inductor's first compile takes ~30 s per graph
+on a small machine): the default test command deselects them, ``make test-slow`` runs them.
 
 On GPU each round is timed by CUDA events with synchronisation (:class:`.timing.cuda_event_timer`
 replaces pytest-benchmark's clock); warm-up rounds and the first (compiling) call are excluded, and
@@ -29,7 +29,9 @@ def op_params(op: str) -> list:
     """``pytest.param(case, mode, variant)`` for every case of ``op`` at :data:`SIZE`."""
     from .cases import MODES, VARIANTS
 
-    return [pytest.param(c, m, v, id=f"{c.name}-{m}-{v}") for c in cases(op, SIZE) for m in MODES for v in VARIANTS]
+    slow = (pytest.mark.slow,)
+    return [pytest.param(c, m, v, id=f"{c.name}-{m}-{v}", marks=slow if v == "compile" and DEVICE == "cpu" else ())
+            for c in cases(op, SIZE) for m in MODES for v in VARIANTS]
 
 
 def use_cuda_timer(benchmark) -> None:
@@ -50,8 +52,6 @@ def _skip_or_raise(e: Exception, what: str):
 def bench_op(benchmark, case, mode: str, variant: str) -> None:
     benchmark.group = f"{case.op}/{case.name}/{mode}"
     benchmark.extra_info.update(desc=case.desc, variant=variant, mode=mode, dtype=str(case.dtype), flops=case.flops[mode])
-    if variant == "compile" and DEVICE == "cpu" and os.environ.get("RSPEFT_BENCH_COMPILE") != "1":
-        pytest.skip("torch.compile on CPU is slow to compile (~30 s per graph); set RSPEFT_BENCH_COMPILE=1 to run it")
     try:
         r = build_runner(case, variant, mode, DEVICE)
         benchmark.extra_info["impl"] = r.impl_arg
