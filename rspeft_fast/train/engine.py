@@ -12,7 +12,9 @@ SIGINT/SIGTERM, the epoch loop (train → evaluate → select → log), the fina
         name = "segment"
 
         def model(self, ctx):                      # the injected model (frozen backbone + adapters)
-            return inject(build_segmenter(self.args), "mufa", impl=self.args.impl)
+            model = build_segmenter(self.args)
+            inject(model, "mufa", impl=self.args.impl)
+            return model
 
         def data(self, ctx, model):                # the training loader (resumable order, seeded augmentation)
             self.val = val_loader(self.args)
