@@ -20,8 +20,8 @@ from rspeft_fast.testing import assert_close
 
 import _helpers as H  # noqa: E402  (tests/: free_port, gloo_group)
 
-pytest.importorskip("open_clip")
-pytest.importorskip("timm")
+import open_clip  # noqa: F401,E402  (pinned: a missing one fails)
+import timm  # noqa: F401,E402  (pinned: a missing one fails)
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()), reason="needs torch.distributed with gloo")
 
 WORLD, B = 2, 8  # global batch 8: 4 per rank

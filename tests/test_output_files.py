@@ -13,7 +13,7 @@ import sys
 import pytest
 import torch
 
-pytest.importorskip("timm")
+import timm  # noqa: F401,E402  (pinned: a missing one fails)
 from safetensors.torch import load_file  # noqa: E402
 
 from rspeft_fast import _fileio  # noqa: E402

@@ -18,8 +18,8 @@ import textwrap
 import pytest
 import torch
 
-pytest.importorskip("timm")
-pytest.importorskip("open_clip")
+import timm  # noqa: F401,E402  (pinned: a missing one fails)
+import open_clip  # noqa: F401,E402  (pinned: a missing one fails)
 from safetensors.torch import load_file  # noqa: E402
 
 from rspeft_fast.retrieval.job import main as retrieval_main  # noqa: E402

@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-timm = pytest.importorskip("timm")
+import timm
 
 import rspeft_fast as rf  # noqa: E402
 from rspeft_fast.__main__ import main as dispatch  # noqa: E402
@@ -190,7 +190,7 @@ def test_seeded_samples_make_augmentation_a_function_of_the_sample():
 def test_train_hf_model_with_grad_checkpointing(tmp_path, monkeypatch):
     """`--model hf:<model_type>` (built from a config, no download) + `--grad-checkpointing` switches the HF
     family's own checkpointing on (activation/gradient_checkpointing_enable, not timm's set_grad_checkpointing)."""
-    pytest.importorskip("transformers")
+    import transformers  # noqa: F401,E402  (pinned: a missing one fails)
     from rspeft_fast.train import cli
 
     seen = {}
