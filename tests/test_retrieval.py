@@ -239,6 +239,71 @@ def test_harma_json(tmp_path):
         read_split(prefix, "val", images=root)
 
 
+def test_harma_train_image_must_agree_with_its_image_id(tmp_path):
+    root = str(tmp_path / "imgs")
+    a = _img(root, "a.jpg")
+    prefix = str(tmp_path / "rsitmd")
+    # entry 1 names a file that does not exist, under image 0's id: HarMA would load it and fail mid-training
+    json.dump([{"image": a, "caption": "A farm.", "image_id": 0}, {"image": "gone.jpg", "caption": "Houses", "image_id": 0}],
+              open(prefix + "_train.json", "w"))
+    with pytest.raises(DataError, match=r"rsitmd_train.json entry 1: image 'gone.jpg' disagrees with its image_id 0, "
+                                        r"which .*rsitmd_train.json entry 0 gives to image 'a.jpg'"):
+        read_split(prefix, "train", images=root)
+
+
+def test_captions_are_cut_at_harmas_30_words(tmp_path):
+    from rspeft_fast.retrieval.readers import MAX_WORDS
+    from rspeft_fast.retrieval.recipe import HARMA_RECIPE
+
+    assert MAX_WORDS == HARMA_RECIPE.max_words == 30
+    root = str(tmp_path / "imgs")
+    a = _img(root, "a.jpg")
+    prefix = str(tmp_path / "d")
+    words = " ".join(f"w{i}" for i in range(40))
+    json.dump([{"image": a, "caption": [words]}], open(prefix + "_test.json", "w"))
+    assert read_split(prefix, "test", "harma", images=root).captions == [" ".join(f"w{i}" for i in range(30))]
+    assert read_split(prefix, "test", "harma", images=root, max_words=None).captions == [words]
+    with pytest.raises(DataError, match=r"--max-words 0: expected a positive int"):
+        read_split(prefix, "test", "harma", images=root, max_words=0)
+
+
+def test_data_errors_are_one_complete_line(tmp_path):
+    root = str(tmp_path / "imgs")
+    names = [_img(root, f"{i}.jpg") for i in range(3)]
+    prefix = str(tmp_path / "rsitmd")
+    json.dump([{"image": n, "caption": ["c one", "c two"]} for n in names], open(prefix + "_test.json", "w"))
+    # a missing --images folder: one line, not one per image
+    with pytest.raises(DataError) as e:
+        read_split(prefix, "test", "harma", images=str(tmp_path / "nowhere"))
+    assert str(e.value) == f"--images {tmp_path / 'nowhere'}: no such folder"
+    # a Karpathy file is one .json; a HarMA prefix given to --format karpathy says so
+    with pytest.raises(DataError) as e:
+        read_split(prefix, "test", "karpathy", images=root)
+    msg = str(e.value)
+    assert "--format karpathy reads one .json file" in msg and "no such file" in msg and "\n" not in msg
+    json.dump([], open(prefix + "_train.json", "w"))
+    with pytest.raises(DataError, match=r"rsitmd_train.json exists: that is --format harma"):
+        read_split(prefix, "test", "karpathy", images=root)
+    # a HarMA format given one file
+    one = str(tmp_path / "dataset_rsicd.json")
+    json.dump({"images": []}, open(one, "w"))
+    with pytest.raises(DataError, match=r"dataset_rsicd.json_test.json: no such file; --format harma reads PREFIX_train.json.*"
+                                        r"--format karpathy\?"):
+        read_split(one, "test", "harma", images=root)
+    # every message names its file once (a caller prints it as it is)
+    for call in (lambda: read_split(prefix, "val", "harma", images=root),
+                 lambda: read_split(str(tmp_path / "x.json"), "test", "karpathy", images=root)):
+        with pytest.raises(DataError) as e:
+            call()
+        file = str(e.value).split(":")[0]
+        assert os.path.basename(file) in ("rsitmd_val.json", "x.json") and str(e.value).count(file) == 1, str(e.value)
+    # missing images: listed together under the file that names them
+    json.dump([{"image": "gone1.jpg", "caption": ["c"]}, {"image": "gone2.jpg", "caption": ["c"]}], open(prefix + "_val.json", "w"))
+    with pytest.raises(DataError) as e:
+        read_split(prefix, "val", "harma", images=root)
+    assert str(e.value).startswith(f"{prefix}_val.json: 2 image(s) missing:")
+
+
 def test_karpathy_json(tmp_path):
     root = str(tmp_path / "imgs")
     names = [_img(root, f"{i}.png") for i in range(3)]
