@@ -156,3 +156,16 @@ def test_create_clip_gives_harmas_transforms_by_default():
     assert all(type(t).__name__ != "RandAugment" for t in train.transforms)
     with pytest.raises(ValueError, match="transforms='timm'"):
         create_clip(TINY_CLIP, transforms="timm")
+
+
+def test_missing_open_clip_is_one_line_naming_the_extra(monkeypatch):
+    import sys
+
+    from rspeft_fast.retrieval import model
+
+    monkeypatch.setitem(sys.modules, "open_clip", None)  # import open_clip -> ImportError
+    for call in (model.require_open_clip, model.register_tiny_clip, lambda: model.create_clip(model.TINY_CLIP),
+                 lambda: model.uses_quick_gelu(nn.Identity())):
+        with pytest.raises(ImportError) as e:
+            call()
+        assert str(e.value) == "the retrieval model needs open_clip, an optional dependency: pip install 'rspeft_fast[open_clip]'"

@@ -29,7 +29,7 @@ from torch import nn
 
 __all__ = ["TINY_CLIP", "TINY_CLIP_CFG", "register_tiny_clip", "create_clip", "load_clip_checkpoint", "RetrievalModel",
            "uses_quick_gelu", "looks_openai_derived",
-           "TEMP_INIT", "ALBEF_TEMP_CLAMP"]
+           "TEMP_INIT", "ALBEF_TEMP_CLAMP", "require_open_clip"]
 
 TINY_CLIP = "rspeft-tiny-clip"
 TINY_CLIP_CFG = {
@@ -41,10 +41,23 @@ TEMP_INIT = 0.07
 ALBEF_TEMP_CLAMP = (0.001, 0.5)  # an option (ALBEF's); HarMA's temperature is not clamped
 
 
+OPEN_CLIP_MISSING = "the retrieval model needs open_clip, an optional dependency: pip install 'rspeft_fast[open_clip]'"
+
+
+def require_open_clip():
+    """The ``open_clip`` module, or an ImportError of one line naming the extra to install."""
+    try:
+        import open_clip
+    except ImportError:
+        raise ImportError(OPEN_CLIP_MISSING) from None
+    return open_clip
+
+
 def register_tiny_clip() -> None:
     """Add :data:`TINY_CLIP` (and its ``-quickgelu`` variant) to open_clip's model registry (idempotent)."""
     import copy
 
+    require_open_clip()
     from open_clip import factory
 
     if TINY_CLIP not in factory._MODEL_CONFIGS:
@@ -53,6 +66,7 @@ def register_tiny_clip() -> None:
 
 
 def uses_quick_gelu(model: nn.Module) -> bool:
+    require_open_clip()
     from open_clip.transformer import QuickGELU
 
     return any(isinstance(m, QuickGELU) for m in model.modules())
@@ -97,6 +111,7 @@ def _read_state_dict(path: str) -> tuple[dict, bool]:
 
 def load_clip_checkpoint(model: nn.Module, path: str, model_name: str = "") -> None:
     """Load an open_clip / OpenAI / GeoRSCLIP / RemoteCLIP state dict into ``model`` (strict); see the module docstring."""
+    require_open_clip()
     from open_clip.factory import convert_state_dict, resize_pos_embed, resize_text_pos_embed
 
     if not os.path.isfile(path):
@@ -128,7 +143,7 @@ def create_clip(name: str, checkpoint: Optional[str] = None, pretrained: Optiona
     mean / std) or ``"open_clip"`` (open_clip's ``image_transform``)."""
     if transforms not in ("harma", "open_clip"):
         raise ValueError(f"create_clip: transforms={transforms!r}: expected 'harma' or 'open_clip'")
-    import open_clip
+    open_clip = require_open_clip()
 
     register_tiny_clip()
     if name not in open_clip.list_models():
