@@ -146,13 +146,14 @@ def test_temperature_is_not_clamped_by_default():
         RetrievalModel(nn.Identity(), temp_init=0)
 
 
-def test_create_clip_gives_harmas_transforms_by_default():
+def test_create_clip_gives_harmas_transforms_on_request():
     pytest.importorskip("open_clip")
     from rspeft_fast.retrieval.model import TINY_CLIP, create_clip
 
-    _, _, train, ev = create_clip(TINY_CLIP)
+    assert HARMA_RECIPE.transforms == "harma"
+    _, _, train, ev = create_clip(TINY_CLIP, transforms=HARMA_RECIPE.transforms)
     assert type(train.transforms[2]).__name__ == "RandAugment" and tuple(ev.transforms[0].size) == (32, 32)
-    _, _, train, _ = create_clip(TINY_CLIP, transforms="open_clip")
+    _, _, train, _ = create_clip(TINY_CLIP)  # open_clip's (the embedded 32-px set learns nothing under HarMA's)
     assert all(type(t).__name__ != "RandAugment" for t in train.transforms)
     with pytest.raises(ValueError, match="transforms='timm'"):
         create_clip(TINY_CLIP, transforms="timm")

@@ -4,8 +4,9 @@
   tower, 64-d embeddings, open_clip's BPE tokenizer, context 24) registered in open_clip's model registry by
   :func:`register_tiny_clip`, so ``open_clip.create_model`` / ``get_tokenizer`` and ``--model`` accept it.
 * :func:`create_clip`: model, tokenizer, train / eval image transforms from an open_clip name, optionally
-  weights from ``--checkpoint`` (:func:`load_clip_checkpoint`). The transforms are HarMA's by default
-  (:func:`~rspeft_fast.retrieval.recipe.harma_transforms`), open_clip's own with ``transforms="open_clip"``.
+  weights from ``--checkpoint`` (:func:`load_clip_checkpoint`). The transforms are open_clip's own by default,
+  HarMA's with ``transforms="harma"`` (:func:`~rspeft_fast.retrieval.recipe.harma_transforms`; the recipe's
+  choice for real data — its crop / RandomAugment is too strong for the 32-px embedded scene set).
 * :func:`load_clip_checkpoint`: open_clip, OpenAI-format (raw state dict or TorchScript archive), GeoRSCLIP and
   RemoteCLIP state dicts (``state_dict`` / ``model`` wrappers and ``module.`` prefixes removed; open_clip's
   own conversions and position-embedding resampling applied), strict. When the checkpoint looks OpenAI-derived
@@ -137,10 +138,11 @@ def load_clip_checkpoint(model: nn.Module, path: str, model_name: str = "") -> N
                       f"will be poor. Use --model {fix}.", stacklevel=2)
 
 
-def create_clip(name: str, checkpoint: Optional[str] = None, pretrained: Optional[str] = None, transforms: str = "harma"):
+def create_clip(name: str, checkpoint: Optional[str] = None, pretrained: Optional[str] = None,
+                transforms: str = "open_clip"):
     """``(model, tokenizer, train transform, eval transform)`` for an open_clip model name; ``transforms``:
-    ``"harma"`` (HarMA's crop / flip / RandomAugment and square bicubic resize, at the model's image size and
-    mean / std) or ``"open_clip"`` (open_clip's ``image_transform``)."""
+    ``"open_clip"`` (open_clip's ``image_transform``) or ``"harma"`` (HarMA's crop / flip / RandomAugment and
+    square bicubic resize, at the model's image size and mean / std: ``HARMA_RECIPE.transforms``)."""
     if transforms not in ("harma", "open_clip"):
         raise ValueError(f"create_clip: transforms={transforms!r}: expected 'harma' or 'open_clip'")
     open_clip = require_open_clip()

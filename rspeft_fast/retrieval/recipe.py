@@ -59,6 +59,7 @@ class HarmaRecipe:
     rand_augment_ops: int = 2
     rand_augment_magnitude: int = 7
     translate_px: float = 10.0  # RandomAugment's translate_const, in pixels at image_size (7 px at magnitude 7)
+    transforms: str = "harma"  # create_clip(..., transforms=) for real data (the embedded 32-px set keeps "open_clip")
     text_padding_mask: bool = False
     temperature_init: float = 0.07
     temperature_clamp: Optional[tuple] = None
