@@ -67,3 +67,13 @@ def check_kernel_dtype(op: str, impl: str, dtype: torch.dtype) -> None:
     if impl == "triton" and dtype not in KERNEL_DTYPES:
         raise TypeError(f"{op}: the Triton kernels compute in float32/float16/bfloat16, got {dtype}; "
                         "use impl='reference' (or 'auto') for float64")
+
+
+def check_positive_int(owner: str, name: str, value) -> int:
+    """``value`` as an int when it is one (a Python / numpy integer, not a bool) and > 0; else a one-line
+    ValueError naming ``owner`` and the argument (no silent truncation of 8.7 to 8)."""
+    from numbers import Integral
+
+    if isinstance(value, bool) or not isinstance(value, Integral) or value <= 0:
+        raise ValueError(f"{owner}: {name} must be a positive int, got {value!r}")
+    return int(value)

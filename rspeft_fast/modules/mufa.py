@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from .._impl import impl_property
+from .._validate import check_positive_int
 from ..ops.mufa import mufa
 from ..reference.mufa import branch_sizes
 
@@ -31,9 +32,16 @@ class MuFAAdapter(nn.Module):
 
     def __init__(self, dim: int, rates: Sequence[int] = (8, 16, 32), scale: float = 1.0, impl: str = "auto"):
         super().__init__()
-        self.dim = int(dim)
-        self.rates = tuple(int(r) for r in rates)
-        self.sizes = branch_sizes(self.dim, self.rates)
+        self.dim = check_positive_int("MuFAAdapter", "dim", dim)
+        if isinstance(rates, (str, bytes)) or not isinstance(rates, Sequence) or not rates:
+            raise ValueError(f"MuFAAdapter: rates must be a non-empty sequence of positive ints, e.g. (8, 16, 32), got {rates!r}")
+        self.rates = tuple(check_positive_int("MuFAAdapter", f"rates[{i}]", r) for i, r in enumerate(rates))
+        try:
+            self.sizes = branch_sizes(self.dim, self.rates)
+        except ValueError as e:
+            raise ValueError(f"MuFAAdapter: {e}") from None
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+            raise ValueError(f"MuFAAdapter: scale must be a number, got {scale!r}")
         self.scale = float(scale)
         self.impl = impl
         R = sum(self.sizes)

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from .._impl import impl_property
+from .._validate import check_positive_int
 from ..ops.qlinear import PackedLinear, eqam, eqam_packed, qlinear, qlinear_packed
 from ..reference.qlinear import check_bits
 from ..reference.qlinear_pack import dequantize, pack_weight, storage_dtype
@@ -47,8 +48,8 @@ class QLinear(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, bits: int = 8, impl: str = "auto"):
         super().__init__()
-        self.in_features = int(in_features)
-        self.out_features = int(out_features)
+        self.in_features = check_positive_int("QLinear", "in_features", in_features)
+        self.out_features = check_positive_int("QLinear", "out_features", out_features)
         self.bits = check_bits(bits)
         self.impl = impl
         self.packed = False
@@ -195,18 +196,17 @@ class EQAM(nn.Module):
     def __init__(self, dim: int, hidden: int | None = None, bits: int = 8, impl: str = "auto",
                  reduction: int | None = None):
         super().__init__()
-        self.dim = int(dim)
+        self.dim = check_positive_int("EQAM", "dim", dim)
         if hidden is not None and reduction is not None:
             raise ValueError(f"EQAM: give hidden={hidden} or reduction={reduction}, not both")
         if reduction is not None:
-            if isinstance(reduction, bool) or int(reduction) <= 0 or self.dim % int(reduction):
+            reduction = check_positive_int("EQAM", "reduction", reduction)
+            if self.dim % reduction:
                 raise ValueError(f"EQAM: dim={dim} is not divisible by reduction={reduction}")
-            hidden = self.dim // int(reduction)
+            hidden = self.dim // reduction
         hidden = self.DEFAULT_HIDDEN if hidden is None else hidden
-        if isinstance(hidden, bool) or int(hidden) <= 0:
-            raise ValueError(f"EQAM: hidden must be a positive integer, got {hidden!r}")
-        self.reduction = None if reduction is None else int(reduction)
-        self.hidden = int(hidden)
+        self.reduction = reduction
+        self.hidden = check_positive_int("EQAM", "hidden", hidden)
         self.bits = check_bits(bits)
         self.impl = impl
         self.down = QLinear(self.dim, self.hidden, bits=bits, impl=impl)

@@ -15,8 +15,11 @@
   file with a ``split`` column or ``PREFIX_{split}.csv`` files.
 
 Image paths are relative to ``--images DIR`` (absolute paths are kept). Captions are cleaned as HarMA does
-(:func:`clean_caption`). Any number of captions per image. Errors (:class:`DataError`, a ``ValueError``) name the
-file and the entry: a missing image, an empty caption, an unknown split, a malformed entry.
+(:func:`clean_caption`) and cut at 30 words (HarMA's ``max_words``). Any number of captions per image. In a HarMA
+train json, ``image_id`` names the image: every entry with the same id must name the same ``image`` (HarMA loads
+each entry's own file and pairs by id). Errors (:class:`DataError`, a ``ValueError``) are complete one-line
+messages (a caller prints ``str(e)`` as it is) that name the file and the entry: a missing image, an empty caption,
+an unknown split, a malformed entry; missing images are listed together, a missing ``--images`` folder once.
 """
 from __future__ import annotations
 
@@ -27,14 +30,15 @@ import re
 from dataclasses import dataclass, field
 from typing import Optional
 
-__all__ = ["CaptionSplit", "DataError", "clean_caption", "detect_format", "read_split", "FORMATS", "SPLITS"]
+__all__ = ["CaptionSplit", "DataError", "clean_caption", "detect_format", "read_split", "FORMATS", "SPLITS", "MAX_WORDS"]
 
 FORMATS = ("auto", "harma", "karpathy", "precomp", "csv")
+MAX_WORDS = 30  # HarMA's caption length (dataset/re_dataset.py); = recipe.HARMA_RECIPE.max_words
 SPLITS = ("train", "val", "test")
 
 
 class DataError(ValueError):
-    """Malformed retrieval data; the message names the file and the entry."""
+    """Malformed retrieval data; the message names the file and the entry (complete: print it without a prefix)."""
 
 
 @dataclass
@@ -46,6 +50,7 @@ class CaptionSplit:
     txt_to_img: list
     source: str = ""
     entries: list = field(default_factory=list)  # per image: where it was declared (file, entry), for messages
+    names: list = field(default_factory=list)  # per image: the name as the data file gives it
 
     @property
     def n_images(self) -> int:
@@ -89,12 +94,16 @@ class _Builder:
             raise DataError(f"{where}: empty caption {caption!r} (after cleaning)")
         key = image if key is None else key
         i = self.index.get(key)
+        if i is not None and key != image and self.split.names[i] != image:
+            raise DataError(f"{where}: image {image!r} disagrees with its image_id {key!r}, which "
+                            f"{self.split.entries[i]} gives to image {self.split.names[i]!r}")
         if i is None:
             path = image if (self.root is None or os.path.isabs(image)) else os.path.join(self.root, image)
             if self.check_files and not os.path.isfile(path):
                 self.missing.append(f"{where}: image {image!r} not found" + (f" under --images {self.root}" if self.root else ""))
             i = self.index[key] = len(self.split.images)
             self.split.images.append(path)
+            self.split.names.append(image)
             self.split.entries.append(where)
         self.split.captions.append(text)
         self.split.txt_to_img.append(i)
@@ -102,16 +111,16 @@ class _Builder:
     def done(self, source: str) -> CaptionSplit:
         if self.missing:
             more = f"\n  ... and {len(self.missing) - 20} more" if len(self.missing) > 20 else ""
-            raise DataError(f"{len(self.missing)} image(s) missing:\n  " + "\n  ".join(self.missing[:20]) + more)
+            raise DataError(f"{source}: {len(self.missing)} image(s) missing:\n  " + "\n  ".join(self.missing[:20]) + more)
         if not self.split.images:
             raise DataError(f"{source}: no entries")
         self.split.source = source
         return self.split
 
 
-def _load_json(path: str):
+def _load_json(path: str, hint: str = ""):
     if not os.path.isfile(path):
-        raise DataError(f"{path}: no such file")
+        raise DataError(f"{path}: no such file" + (f"; {hint}" if hint else ""))
     try:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
@@ -121,7 +130,8 @@ def _load_json(path: str):
 
 def _read_harma(prefix: str, split: str, b: _Builder) -> CaptionSplit:
     path = f"{prefix}_{split}.json"
-    data = _load_json(path)
+    data = _load_json(path, "--format harma reads PREFIX_train.json, PREFIX_val.json and PREFIX_test.json: pass "
+                            "--data PREFIX" + (f" (--data {prefix} is one file: --format karpathy?)" if os.path.isfile(prefix) else ""))
     if not isinstance(data, list):
         raise DataError(f"{path}: expected a list of entries, got {type(data).__name__}")
     for n, e in enumerate(data):
@@ -137,7 +147,8 @@ def _read_harma(prefix: str, split: str, b: _Builder) -> CaptionSplit:
 
 
 def _read_karpathy(path: str, split: str, b: _Builder) -> CaptionSplit:
-    data = _load_json(path)
+    data = _load_json(path, "--format karpathy reads one .json file (e.g. dataset_rsicd.json)"
+                            + (f"; {path}_train.json exists: that is --format harma" if os.path.isfile(f"{path}_train.json") else ""))
     if not isinstance(data, dict) or not isinstance(data.get("images"), list):
         raise DataError(f"{path}: expected {{'images': [...]}} (Karpathy format)")
     for n, e in enumerate(data["images"]):
@@ -237,12 +248,17 @@ def detect_format(data: str) -> str:
 
 
 def read_split(data: str, split: str, fmt: str = "auto", images: Optional[str] = None, encoding: str = "utf-8",
-               max_words: Optional[int] = None, check_files: bool = True) -> CaptionSplit:
-    """Read ``split`` (train / val / test) of ``data`` in format ``fmt``; image paths joined to ``images``."""
+               max_words: Optional[int] = MAX_WORDS, check_files: bool = True) -> CaptionSplit:
+    """Read ``split`` (train / val / test) of ``data`` in format ``fmt``; image paths joined to ``images``; captions
+    cut at ``max_words`` words (HarMA: 30; ``None``: not cut)."""
     if split not in SPLITS:
         raise DataError(f"unknown split {split!r} (expected train, val or test)")
     if fmt not in FORMATS:
         raise DataError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}")
+    if max_words is not None and (isinstance(max_words, bool) or not isinstance(max_words, int) or max_words < 1):
+        raise DataError(f"--max-words {max_words!r}: expected a positive int (or none)")
+    if check_files and images is not None and not os.path.isdir(images):
+        raise DataError(f"--images {images}: no such folder")
     fmt = detect_format(data) if fmt == "auto" else fmt
     b = _Builder(images, max_words, check_files)
     if fmt == "harma":
