@@ -7,13 +7,19 @@ The protocol (SPEC §5):
    the text tower; ``--share-image-tower`` shares it into the image tower as the HarMA paper describes);
 2. zero-shot evaluation of the starting model on the test split (the injected model at initialisation is the
    backbone exactly: MGA's up-projections start at zero);
-3. training with HarMA's objective ``contrastive_loss(ids, learnable τ) + w · weighted_triplet_loss(margin 0.2,
-   γ 2, ids)`` (``--triplet-weight`` w = 1; ids = image ids, so other captions of the same image are never
-   negatives; ``--triplet-diagonal-only`` for HarMA's own diagonal-only mask), AdamW (wd 0.04, betas 0.9/0.98),
-   on the engine (:mod:`rspeft_fast.train.engine`: warm-up + cosine, autocast, checkpoints, ``--resume``, DDP
-   with gather-with-grad under ``torchrun``, ``--fsdp``, ``--grad-checkpointing``);
+3. training with HarMA's objective ``contrastive_loss(ids, learnable τ, unclamped) + w · weighted_triplet_loss(margin
+   0.2, γ 2)`` (``--triplet-weight`` w = 1) with HarMA's diagonal-only triplet mask (other captions of the same image
+   count as negatives; ``--triplet-ids`` excludes them instead), captions cut at 30 words, MGA attending over the
+   text padding as HarMA's does (``--option text_padding_mask=true`` masks it), HarMA's optimiser and schedule
+   (``--recipe harma``, the default: AdamW wd 0.04 by HarMA's name rule, betas 0.9/0.98, eps 1e-8, linear warm-up
+   over 10 % of the steps then linear decay, per iteration; ``--recipe engine``: the engine's warm-up + cosine) and,
+   on real data, HarMA's image transforms (``--transforms``); all of it is :data:`~rspeft_fast.retrieval.recipe.
+   HARMA_RECIPE`. On the engine (:mod:`rspeft_fast.train.engine`: autocast, checkpoints, ``--resume``, DDP with
+   gather-with-grad under ``torchrun``, ``--fsdp``, ``--grad-checkpointing``);
 4. after each epoch, evaluation on the validation split; the epoch with the best validation mR is selected
-   (never the test split; the engine's selection) and its adapters kept (``OUT/adapters.safetensors``);
+   (never the test split; the engine's selection; an epoch with NaN similarities is never selected) and its
+   adapters kept (``OUT/adapters.safetensors``). Recall@K ranks ties as HarMA's evaluator does (``--ties argsort``,
+   ``np.argsort(row)[::-1]``); ``--ties pessimistic`` counts a tie against the model;
 5. the selected epoch's test metrics, once, at the end.
 
 This module is the job's description (:class:`Retrieval`): model, data, objective, metrics and selection score.
@@ -43,6 +49,7 @@ import torch
 from ..train.engine import Job, Settings, add_engine_args, control, method_options, parse_option, run
 from .model import TINY_CLIP, RetrievalModel, create_clip
 from .readers import FORMATS, CaptionSplit, DataError, read_split
+from .recipe import HARMA_RECIPE, harma_lr_lambda, harma_param_groups
 
 __all__ = ["main", "build_parser", "retrieval_loss", "objective", "evaluate_split", "build_retrieval_model", "Retrieval"]
 
@@ -66,14 +73,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", default=None, help="image root folder (paths in --data are relative to it)")
     p.add_argument("--format", default="auto", choices=FORMATS, help="data format (default %(default)s: detected)")
     p.add_argument("--encoding", default="utf-8", help="text encoding of csv / txt data (default %(default)s)")
-    p.add_argument("--max-words", type=int, default=None, help="truncate cleaned captions to this many words")
+    p.add_argument("--max-words", type=int, default=HARMA_RECIPE.max_words,
+                   help="truncate cleaned captions to this many words (default %(default)s, HarMA's; 0 = no limit)")
+    p.add_argument("--transforms", default=None, choices=("harma", "open_clip"),
+                   help="image transforms (default: harma with --data, open_clip's on the embedded 32-px set)")
+    p.add_argument("--recipe", default="harma", choices=("harma", "engine"),
+                   help="optimiser and schedule: harma = HarMA's AdamW groups + linear warm-up 10%% / linear decay "
+                        "(default); engine = the engine's AdamW + warm-up / cosine")
+    p.add_argument("--ties", default=HARMA_RECIPE.ties, choices=("argsort", "pessimistic"),
+                   help="Recall@K tie rule (default %(default)s: ranks as HarMA's evaluator, np.argsort(row)[::-1])")
     p.add_argument("--embedded-scale", type=float, default=1.0, help="embedded set size factor (1 = 240/60/60 images, 5 captions each)")
     p.add_argument("--triplet-weight", type=float, default=1.0, help="weight of the weighted triplet term (HarMA: 1)")
     p.add_argument("--margin", type=float, default=0.2)
     p.add_argument("--gamma", type=float, default=2.0)
     p.add_argument("--max-violation", action="store_true", help="hard-negative mining in the triplet term")
-    p.add_argument("--triplet-diagonal-only", action="store_true",
-                   help="HarMA's mask: only the pair itself is a positive in the triplet term (other captions of the same image count as negatives)")
+    p.add_argument("--triplet-diagonal-only", dest="triplet_diagonal_only", action="store_true",
+                   default=HARMA_RECIPE.triplet_diagonal_only,
+                   help="HarMA's mask (default): only the pair itself is a positive in the triplet term (other captions "
+                        "of the same image count as negatives)")
+    p.add_argument("--triplet-ids", dest="triplet_diagonal_only", action="store_false",
+                   help="the triplet term never counts another caption of the same image as a negative (an option)")
     add_engine_args(p, epochs=10, batch_size=32, lr=2e-3, weight_decay=0.04, out_help="output folder (default runs/retrieval-<model>)")
     control(p, p.add_argument("--eval-batch-size", type=int, default=256))
     control(p, p.add_argument("--eval-only", action="store_true", help="evaluate the injected model (with --adapters) on the test split only"))
@@ -91,9 +110,14 @@ def build_retrieval_model(args) -> tuple:
     from ..integration import inject, load_adapters
     from ..integration.config import config_for
 
-    clip, tok, t_train, t_eval = create_clip(args.model, args.checkpoint, args.pretrained)
+    transforms = args.transforms or (HARMA_RECIPE.transforms if args.data else "open_clip")
+    try:
+        clip, tok, t_train, t_eval = create_clip(args.model, args.checkpoint, args.pretrained, transforms=transforms)
+    except ImportError as e:
+        raise SystemExit(str(e)) from None
     opts = {**_MGA_DEFAULTS.get(args.model, {}), **method_options("mga", args.option)}
     opts.setdefault("impl", args.impl)
+    opts.setdefault("text_padding_mask", HARMA_RECIPE.text_padding_mask)  # HarMA's MSA attends over the padding
     if args.share_image_tower:
         opts["share_across_towers"] = True
     try:
@@ -177,9 +201,10 @@ def load_splits(args, size: int, progress=None, splits=("train", "val", "test"))
     if args.data is None:
         return {k: v for k, v in _embedded(args, size).items() if k in splits}
     try:
-        out = {s: read_split(args.data, s, args.format, args.images, args.encoding, args.max_words) for s in splits}
-    except DataError as e:
-        raise SystemExit(f"--data {args.data}: {e}") from None
+        out = {s: read_split(args.data, s, args.format, args.images, args.encoding, args.max_words or None)
+               for s in splits}
+    except DataError as e:  # its message names the file
+        raise SystemExit(str(e)) from None
     every = [(s, i) for s in splits for i in range(out[s].n_images)]
     ok = set(check_images([out[s].images[i] for s, i in every], workers=args.workers, skip_bad=args.skip_bad_images,
                           what=f"images of {args.data}", progress=progress))
@@ -244,7 +269,7 @@ def evaluate_split(model, images: _Images, tokens: torch.Tensor, txt_to_img, ctx
     from .metrics import recall_at_k
 
     img, txt = embed(model, images, tokens, ctx)
-    m = recall_at_k(img @ txt.t(), torch.as_tensor(txt_to_img, device=img.device))
+    m = recall_at_k(img @ txt.t(), torch.as_tensor(txt_to_img, device=img.device), ties=ctx.args.ties)
     m["n_images"], m["n_captions"] = int(img.shape[0]), int(txt.shape[0])
     return m
 
@@ -306,7 +331,17 @@ class Retrieval(Job):
         return {"val": self._eval(ctx, net, "val"), "temperature": float(self._model.temperature().detach())}
 
     def score(self, m):
-        return m["val"]["r_mean"]
+        from .metrics import selectable
+
+        return m["val"]["r_mean"] if selectable(m["val"]) else float("nan")  # NaN: never selected (engine)
+
+    def optimizer(self, model, settings, total_steps, device):
+        if self.args.recipe != "harma":
+            return None
+        opt = torch.optim.AdamW(harma_param_groups(model.named_parameters(), settings.weight_decay), lr=settings.lr,
+                                betas=HARMA_RECIPE.betas, eps=HARMA_RECIPE.eps,
+                                fused=True if device.type == "cuda" else None)
+        return opt, torch.optim.lr_scheduler.LambdaLR(opt, harma_lr_lambda(total_steps))
 
     def adapters(self, model):
         return model.clip

@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import random
 import signal
@@ -230,7 +231,14 @@ class Job:
         return {}
 
     def score(self, metrics: dict) -> float:
+        """The selection score of an epoch's metrics (higher is better). An epoch whose score is not a finite
+        number (NaN metrics of a diverged model) is never selected."""
         raise NotImplementedError
+
+    def optimizer(self, model: nn.Module, settings: "Settings", total_steps: int, device: torch.device):
+        """``(optimizer, LambdaLR scheduler stepped per iteration)``, or None for the engine's AdamW (decay on
+        matrices only) with linear warm-up then cosine (:func:`~rspeft_fast.train.loop.build_optim`)."""
+        return None
 
     def adapters(self, model: nn.Module) -> nn.Module:
         return model
@@ -351,8 +359,11 @@ def _run(job: Job, s: Settings, dist: DistInfo) -> int:
 def _train(job, ctx, s, model, net, loader, folder, ckpt_path, resume_from) -> int:
     dist, device, log = ctx.dist, ctx.device, ctx.log
     steps_per_epoch = len(loader) if s.max_steps is None else min(len(loader), s.max_steps)
-    opt, sched = build_optim(model, lr=s.lr, weight_decay=s.weight_decay, warmup_steps=s.warmup_steps,
-                             total_steps=max(1, steps_per_epoch * s.epochs), device=device, betas=job.betas)
+    total = max(1, steps_per_epoch * s.epochs)
+    built = job.optimizer(model, s, total, device)
+    opt, sched = built if built is not None else build_optim(
+        model, lr=s.lr, weight_decay=s.weight_decay, warmup_steps=s.warmup_steps, total_steps=total, device=device,
+        betas=job.betas)
     scaler = torch.amp.GradScaler(device.type) if amp_dtype(s.amp, device) == torch.float16 else None
     stop = StopRequest()
     trainer = Trainer(model, loader, opt, sched, scaler, s, steps_per_epoch, device=device, ckpt_path=ckpt_path,
@@ -373,13 +384,22 @@ def _train(job, ctx, s, model, net, loader, folder, ckpt_path, resume_from) -> i
 
     def select(m: dict) -> None:
         score, best = job.score(m), state.extra.get("best_score")
+        if not isinstance(score, (int, float)) or not math.isfinite(score):
+            log(f"epoch {m['epoch']}: selection score {score} is not finite (diverged?): not selectable")
+            return
         if best is None or score > best:
             state.extra["best_score"], state.extra["selected_epoch"] = score, m["epoch"]
             save_selected()
 
     with stop.installed():
-        done = trainer.fit(evaluate=lambda: job.evaluate(ctx, net), select=select if job.selects else None,
-                           on_epoch_end=lambda m: log(job.epoch_line(m, s.epochs)))
+        try:
+            done = trainer.fit(evaluate=lambda: job.evaluate(ctx, net), select=select if job.selects else None,
+                               on_epoch_end=lambda m: log(job.epoch_line(m, s.epochs)))
+        except FloatingPointError as e:  # a diverged run: stop, keep what was saved before it diverged
+            kept = [p for p in (ckpt_path, adapters_path) if os.path.exists(p)]
+            raise SystemExit(f"the run diverged: {e}; stopped without saving the diverged weights"
+                             + (f" (kept, from before: {', '.join(kept)})" if kept else "")
+                             + "; lower --lr or use --clip-grad") from None
         if not done:
             log(f"stopped by {signal.Signals(stop.signum).name} at epoch {state.epoch + 1}, step {state.epoch_step}; "
                 f"checkpoint written to {ckpt_path} (continue with --resume)")
@@ -391,6 +411,9 @@ def _train(job, ctx, s, model, net, loader, folder, ckpt_path, resume_from) -> i
             _final_adapters(job, model, target, adapters_path, ckpt_path if s.ckpt_every else None, dist)
         elif "selected_epoch" in state.extra:
             load_adapters_into(model, target, adapters_path)
+        elif state.history:  # epochs ran, none selectable (every score NaN): nothing trustworthy to keep
+            raise SystemExit(f"no epoch of {len(state.history)} had a finite selection score (diverged?): no adapters "
+                             f"were selected or saved, and no {METRICS} was written")
         else:  # no epoch ran (--epochs 0): the starting model
             state.extra["best_score"], state.extra["selected_epoch"] = None, 0
             save_selected()
