@@ -3,9 +3,16 @@
 from __future__ import annotations
 
 import sys
+import warnings
+
+
+def _cli_warning(message, category, filename, lineno, line=None) -> str:
+    """Warnings of a command-line run as one line for the user (``warning: ...``), never a line of our source."""
+    return f"warning: {message}\n"
 
 
 def main(argv: list[str] | None = None) -> int:
+    warnings.formatwarning = _cli_warning
     argv = list(sys.argv[1:] if argv is None else argv)
     usage = ("usage: python -m rspeft_fast {train,retrieval,bench} [options]   "
              "(see `python -m rspeft_fast train --help`, `... retrieval --help`)")

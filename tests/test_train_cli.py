@@ -227,3 +227,21 @@ def test_fsdp_without_torchrun_says_what_happens(tmp_path, capsys):
     assert "--fsdp in a single process" in text and "torchrun --nproc_per_node" in text
     assert not dist.is_initialized()
     assert os.path.exists(os.path.join(out, "adapters.safetensors"))
+
+
+def test_cli_warnings_are_one_line_without_source(tmp_path):
+    """`--skip-bad-images` as a user sees it (a subprocess): the warning is one `warning: ...` line; before, Python
+    printed `data.py:153: UserWarning: ...` followed by the package's own source line."""
+    import subprocess
+    import sys
+
+    root = str(tmp_path / "data")
+    _twelve_images(root, corrupt=7)
+    p = subprocess.run([sys.executable, "-m", "rspeft_fast", "train", *SMALL, "--method", "bitfit", "--data", root,
+                        "--epochs", "1", "--max-steps", "1", "--batch-size", "4", "--val-fraction", "0.34",
+                        "--skip-bad-images", "--no-progress", "--out", str(tmp_path / "o")],
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr
+    assert "warning: --skip-bad-images: dropped 1 unreadable file(s) of 12" in p.stderr, p.stderr
+    assert "warnings.warn" not in p.stderr and "UserWarning" not in p.stderr, p.stderr
+
