@@ -29,7 +29,7 @@ Shared memory and autotune lists
     :func:`smem_bytes` (the estimate every plan uses: pipelined operand tiles × stages + scratch),
     :func:`prune_configs` (the configs whose estimate fits; never empty: the smallest is kept) and
     :func:`autotune_pruner` (the same, as ``triton.autotune(prune_configs_by={"early_config_prune": ...})``).
-    The estimate is checked against real compiles by ``benchmarks/aot_compile.py`` for every arch above.
+    The estimate is checked against real compiles by ``tools/aot_compile.py`` for every arch above.
 
 Numerics (one policy, decided the same way for every op)
     :data:`SUPPORTED_DTYPES`; :func:`precision` → the ``PREC`` constexpr every kernel takes:
@@ -57,7 +57,7 @@ AOT
     :class:`AotLaunch` (one launch of a kernel at a case: its arguments, with meta tensors for the tensors,
     and the configs its plan allows on an arch) and :func:`aot_dtype` (the AOT matrix's dtype names). Each
     kernel file's ``aot_launches(props, dtype, profile)`` returns its launches, built by the same argument
-    helpers and plan functions as its launchers; ``benchmarks/aot_compile.py`` compiles them.
+    helpers and plan functions as its launchers; ``tools/aot_compile.py`` compiles them.
 
 Names here are stable (other kernel files import them); add, do not rename.
 """
@@ -83,7 +83,7 @@ INTERPRET: bool = os.environ.get("TRITON_INTERPRET", "0").strip() == "1"
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 DTYPE_BYTES = {torch.float32: 4, torch.float16: 2, torch.bfloat16: 2}
 
-# Options every launch passes (and benchmarks/aot_compile.py compiles with). FP fusion (a*b + c contracted to
+# Options every launch passes (and tools/aot_compile.py compiles with). FP fusion (a*b + c contracted to
 # one FMA) ON: Triton 3.9 warns that its default flips to OFF in 3.10. The kernels want it on: eager PyTorch's
 # CUDA kernels are built with nvcc's default --fmad=true (so fused results track eager's the same way), the
 # GELU / softmax / epilogue arithmetic is faster with FMAs, and no result depends on an uncontracted a*b + c
@@ -91,7 +91,7 @@ DTYPE_BYTES = {torch.float32: 4, torch.float16: 2, torch.bfloat16: 2}
 # launch also keeps 3.6 / 3.8 / 3.9 / 3.10 compiling the same code. The interpreter ignores it.
 LAUNCH_OPTIONS = dict(enable_fp_fusion=True)
 
-# The oldest compute capability the kernels are compiled and checked for (benchmarks/aot_compile.py --arch 75).
+# The oldest compute capability the kernels are compiled and checked for (tools/aot_compile.py --arch 75).
 MIN_ARCH = 75
 
 
@@ -301,7 +301,7 @@ def arch_unsupported(dtype: torch.dtype, props: DeviceProps, bf16_min_arch: int 
 # AOT matrix records
 # ----------------------------------------------------------------------------------------------------------
 class AotLaunch(NamedTuple):
-    """One launch for ``benchmarks/aot_compile.py``: ``kernel`` ("module.name" under ``rspeft_fast.kernels``),
+    """One launch for ``tools/aot_compile.py``: ``kernel`` ("module.name" under ``rspeft_fast.kernels``),
     ``case`` (label, starting with the AOT dtype name), ``args`` (every non-config kernel parameter: tensors as
     meta tensors of the launch's dtype/strides, ints, floats, constexprs), ``configs`` (the ``triton.Config`` s
     the plan allows on the arch: one for a planned launch, the pruned list for an autotuned one),

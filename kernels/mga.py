@@ -1125,7 +1125,7 @@ def _backward_blocked(dy, r: MGAGrads, saved: MGASaved, down_weight, up_weight, 
 
 
 # ----------------------------------------------------------------------------------------------------
-# AOT matrix (benchmarks/aot_compile.py): every launch the plans choose at the cases below
+# AOT matrix (tools/aot_compile.py): every launch the plans choose at the cases below
 # ----------------------------------------------------------------------------------------------------
 AOT_CASES = [  # (label, B, L, D, hidden, heads, share (hidden, heads) or None, mask, edge)
     ("image L50 D768 h128/8", 214, 50, 768, 128, 8, None, False, False),            # HarMA ViT-B/32

@@ -40,7 +40,7 @@ Weight gradients (and ``dcol_scale``) are returned in float32.
 
 Launch plans (``kernels/_launch.py`` holds the policy): each launch's candidate configs come from
 :func:`plan_fwd` / :func:`plan_bwd_rows` / :func:`plan_atb` ``(shapes..., dtype, props)``, the same
-functions ``benchmarks/aot_compile.py`` calls per arch (:func:`aot_launches`). Autotuning (keyed on
+functions ``tools/aot_compile.py`` calls per arch (:func:`aot_launches`). Autotuning (keyed on
 ``(D, R)`` and the constexpr flags, never on the row count) runs over the configs whose shared-memory
 estimate fits the device (``triton.autotune``'s ``early_config_prune`` calls the plan); when none of the
 main list fits (99 KB cards, fp32, wide bottlenecks) the plan falls back to a list of small tiles, and at
@@ -135,7 +135,7 @@ else:  # pragma: no cover - needs a GPU
 
 
 # ----------------------------------------------------------------------------------------------
-# plans: which configs a launch may use on a device (the launchers and benchmarks/aot_compile.py)
+# plans: which configs a launch may use on a device (the launchers and tools/aot_compile.py)
 # ----------------------------------------------------------------------------------------------
 def _stages(cfg, props: DeviceProps) -> int:
     """Pipelined buffers per loop: sm_90+ keeps ``num_stages`` of them, sm_80-class ``num_stages - 1``."""
@@ -144,7 +144,7 @@ def _stages(cfg, props: DeviceProps) -> int:
 
 def _row_smem(cfg, d: int, r: int, dtype, two_inputs: bool, props: DeviceProps) -> int:
     """Shared-memory estimate of the row kernels (calibrated on sm_75 / sm_86 / sm_90 compiles of
-    benchmarks/aot_compile.py; the larger of the two loops, their buffers are reused):
+    tools/aot_compile.py; the larger of the two loops, their buffers are reused):
 
     * the d loop: pipelined chunks of x (and dy) and of the down weight for every held column;
     * the up / dx loop: pipelined output blocks of the weight, the bottleneck staged as a dot operand and
@@ -239,7 +239,7 @@ def why_unsupported(*, dtype: torch.dtype, props: DeviceProps, **shapes) -> str 
     """Why the MuFA/bottleneck kernels cannot run these inputs on ``props`` (None: they can).
 
     The kernels take any ``n``, ``d`` and ``r`` (``shapes`` is accepted for a uniform signature) in
-    float32/float16/bfloat16 on sm_75+ (every config fits, checked by ``benchmarks/aot_compile.py``)."""
+    float32/float16/bfloat16 on sm_75+ (every config fits, checked by ``tools/aot_compile.py``)."""
     del shapes
     return arch_unsupported(dtype, props, bf16_min_arch=0)
 
@@ -646,7 +646,7 @@ def bottleneck_bwd(dy, x, pre, wd, bd, wu, col_scale, scale: float):
 
 
 # ----------------------------------------------------------------------------------------------
-# AOT: the launches of each case on an arch, for benchmarks/aot_compile.py
+# AOT: the launches of each case on an arch, for tools/aot_compile.py
 # ----------------------------------------------------------------------------------------------
 # (label, d, rates or r, rows, has_base, edge): SPEC §2 shapes; EQAM runs the same bottleneck kernels.
 AOT_CASES = [

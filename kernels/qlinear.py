@@ -381,7 +381,7 @@ def plan_rows(n: int, k: int, props: DeviceProps, *, rows_hi: int = 16, k_hi: in
 
 def why_unsupported(*, dtype: torch.dtype, props: DeviceProps, **shapes) -> str | None:
     """Why the Q-Linear kernels cannot run these inputs on ``props`` (None: they can): any ``m, n, k``, any
-    bit width 2..8, float32/float16/bfloat16 activations on sm_75+ (``benchmarks/aot_compile.py``)."""
+    bit width 2..8, float32/float16/bfloat16 activations on sm_75+ (``tools/aot_compile.py``)."""
     bits = shapes.get("bits")
     if bits is not None and (isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 8):
         return f"bits={bits!r} (Q-Linear takes 2..8)"

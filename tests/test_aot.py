@@ -2,7 +2,7 @@
 
 CI checks the kernels' numerics through Triton's interpreter, which never runs the Triton compiler: errors only
 a GPU compile shows (``tl.dot`` layout/dtype rules, ptxas limits, shared memory per block) would otherwise first
-appear on a user's GPU. ``benchmarks/aot_compile.py`` compiles the launches of ``kernels/*.py``, as their plans
+appear on a user's GPU. ``tools/aot_compile.py`` compiles the launches of ``kernels/*.py``, as their plans
 choose them for each arch (``kernels.<mod>.aot_launches``), ahead of time through the bundled ptxas, and checks
 shared memory against the arch's limit (``kernels._launch.ARCH_PROPS``), registers/spills and tensor cores.
 
@@ -29,7 +29,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "benchmarks" / "aot_compile.py"
+SCRIPT = ROOT / "tools" / "aot_compile.py"
 FULL = os.environ.get("RSPEFT_AOT_FULL", "0") == "1"
 SIDE_RELEASES = ("3.6.0", "3.9.0")
 GROUPS = {"mufa": "mufa_fwd,mufa_bwd,mufa_atb", "qlinear": "qlinear", "mga": "mga"}
@@ -109,7 +109,7 @@ def test_unknown_arch_is_refused():
 
 
 def _aot():
-    sys.path.insert(0, str(ROOT / "benchmarks"))
+    sys.path.insert(0, str(ROOT / "tools"))
     try:
         import aot_compile
     finally:

@@ -26,14 +26,14 @@ autotuner skips those at run time) are warnings.
 
 Usage::
 
-    python benchmarks/aot_compile.py --jobs 2                                # quick profile, sm_90
-    python benchmarks/aot_compile.py --arch 80,86,89,90,100,120 --profile quick --dtypes bf16,fp32
-    python benchmarks/aot_compile.py --arch 75,80,86,89,90,100,120 --profile full \\
+    python tools/aot_compile.py --jobs 2                                # quick profile, sm_90
+    python tools/aot_compile.py --arch 80,86,89,90,100,120 --profile quick --dtypes bf16,fp32
+    python tools/aot_compile.py --arch 75,80,86,89,90,100,120 --profile full \\
         --json benchmarks/results/aot-2026-12-01/full.json --md benchmarks/results/aot-2026-12-01/full.md
-    python benchmarks/aot_compile.py --groups mufa_fwd,mga --dtypes bf16 --json out.json
-    python benchmarks/aot_compile.py --list              # the jobs, nothing compiled
-    python benchmarks/aot_compile.py --coverage          # @triton.jit kernels found vs covered (JSON)
-    python benchmarks/aot_compile.py --merge a.json b.json --md all.md   # one table of several runs
+    python tools/aot_compile.py --groups mufa_fwd,mga --dtypes bf16 --json out.json
+    python tools/aot_compile.py --list              # the jobs, nothing compiled
+    python tools/aot_compile.py --coverage          # @triton.jit kernels found vs covered (JSON)
+    python tools/aot_compile.py --merge a.json b.json --md all.md   # one table of several runs
 
 Another Triton release: ``pip install --no-deps --target DIR triton==3.6.0`` and run with ``PYTHONPATH=DIR``
 (the standalone compile needs nothing else; the JSON records ``triton.__version__``).
