@@ -76,7 +76,7 @@ import triton.language as tl
 __all__ = [
     "LAUNCH_OPTIONS", "DeviceProps", "ARCH_PROPS", "INTERPRETER_PROPS", "MIN_ARCH", "INTERPRET", "SUPPORTED_DTYPES", "DTYPE_BYTES",
     "device_props", "props_for_arch", "smem_bytes", "prune_configs", "autotune_pruner", "precision",
-    "dot", "cast", "round_to", "dot_as", "static_assert_tile", "pad_pow2", "cdiv", "split_rows", "arch_unsupported", "dtype_bytes", "operand_bytes", "AotLaunch", "aot_dtype",
+    "dot", "cast", "round_to", "dot_as", "static_assert_tile", "static_assert_tiles", "pad_pow2", "cdiv", "split_rows", "arch_unsupported", "dtype_bytes", "operand_bytes", "AotLaunch", "aot_dtype",
     "AOT_DTYPES", "AotProfile", "AOT_PROFILES", "aot_profile",
 ]
 
@@ -278,6 +278,14 @@ def static_assert_tile(N: tl.constexpr):
     """Compile-time precondition of a tile width (a ``tl.arange`` length that feeds ``tl.dot``): a power of
     two, at least 16. The plans pad every width with :func:`pad_pow2`; a launch that does not fails to compile."""
     tl.static_assert((N >= 16) & ((N & (N - 1)) == 0), "tile widths must be powers of two >= 16")
+
+
+@triton.jit
+def static_assert_tiles(A: tl.constexpr, B: tl.constexpr, C: tl.constexpr):
+    """:func:`static_assert_tile` of the three tile widths of a matmul kernel."""
+    static_assert_tile(A)
+    static_assert_tile(B)
+    static_assert_tile(C)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -75,6 +75,21 @@ def _sequence(MASK, L, LP: tl.constexpr, HP: tl.constexpr, HAS_MASK: tl.constexp
 
 
 @triton.jit
+def _model_dim_in(A, sal, sad, W, swd, swh, rows, rmask, hc, D, H, LP: tl.constexpr, HP: tl.constexpr,
+                  BD: tl.constexpr, PREC: tl.constexpr):
+    """(LP, HP) fp32 ``A[rows, :D] @ Wt`` with ``Wt[d, h] = W[d·swd + h·swh]``: a projection from the model dim
+    into the hidden one, a K-loop over ``D`` in ``BD`` chunks (``A`` row stride ``sal``, column stride ``sad``)."""
+    static_assert_tile(BD)
+    acc = tl.zeros((LP, HP), dtype=tl.float32)
+    for k0 in range(0, D, BD):
+        kc = k0 + tl.arange(0, BD)
+        a = tl.load(A + rows[:, None] * sal + kc[None, :] * sad, mask=rmask[:, None] & (kc[None, :] < D), other=0.0)
+        w = tl.load(W + kc[:, None] * swd + hc[None, :] * swh, mask=(kc[:, None] < D) & (hc[None, :] < H), other=0.0)
+        acc += dot_as(a, w, W, PREC)
+    return acc
+
+
+@triton.jit
 def _load_tile(P, rows, cols, L, N, stride_l):
     """(LP, NP) fp32 tile of a row-major ``(L, N)`` block (rows/cols padded with zeros)."""
     m = (rows[:, None] < L) & (cols[None, :] < N)
@@ -222,15 +237,9 @@ def _mga_fwd_kernel(
     b, rows, rmask, hc, kbias = _sequence(MASK, L, LP, HP, HAS_MASK)
     Xb = X + b * sxb
 
-    # down-projection + GELU, K-loop over the model dim
-    acc = tl.zeros((LP, HP), dtype=tl.float32)
-    for k0 in range(0, D, BD):
-        kc = k0 + tl.arange(0, BD)
-        xt = tl.load(Xb + rows[:, None] * sxl + kc[None, :] * sxd, mask=rmask[:, None] & (kc[None, :] < D), other=0.0)
-        w = tl.load(Wd + hc[None, :] * D + kc[:, None], mask=(kc[:, None] < D) & (hc[None, :] < H), other=0.0)
-        acc += dot_as(xt, w, Wd, PREC)
+    # down-projection + GELU (Wd: (H, D))
     bdv = tl.load(bd + hc, mask=hc < H, other=0.0).to(tl.float32)
-    hpre = acc + bdv[None, :]
+    hpre = _model_dim_in(Xb, sxl, sxd, Wd, 1, D, rows, rmask, hc, D, H, LP, HP, BD, PREC) + bdv[None, :]
     z0 = gelu(hpre)
     if SAVE:
         _store_tile(HPRE + b * L * H, hpre, rows, hc, L, H, H, PREC)
@@ -281,12 +290,7 @@ def _bwd_msa2_kernel(
     DYb = DY + b * sdb
 
     # du = dy Wu  (Wu: (D, H))
-    du = tl.zeros((LP, HP), dtype=tl.float32)
-    for k0 in range(0, D, BD):
-        kc = k0 + tl.arange(0, BD)
-        dyt = tl.load(DYb + rows[:, None] * sdl + kc[None, :] * sdd, mask=rmask[:, None] & (kc[None, :] < D), other=0.0)
-        w = tl.load(Wu + kc[:, None] * H + hc[None, :], mask=(kc[:, None] < D) & (hc[None, :] < H), other=0.0)
-        du += dot_as(dyt, w, Wu, PREC)
+    du = _model_dim_in(DYb, sdl, sdd, Wu, H, 1, rows, rmask, hc, D, H, LP, HP, BD, PREC)
     a = tl.sigmoid(tl.load(GATE).to(tl.float32))
     g = (1.0 - a) * du
 
@@ -655,7 +659,7 @@ def mga_forward(x, down_weight, down_bias, up_weight, up_bias, in_w, in_b, out_w
 def _seq_fwd_args(x, y, mask_u8, w, share, saved: MGASaved, NH, plan: MGAPlan, save, prec) -> dict:
     """Arguments of :func:`_mga_fwd_kernel` (the launcher and :func:`aot_launches` both build them here).
     ``w`` = (down_w, down_b, up_w, up_b, in_w, in_b, out_w, out_b, gate)."""
-    B, L, D = x.shape
+    _, L, D = x.shape
     H = w[0].shape[0]
     DH = H // NH
     has_share = share is not None
@@ -681,7 +685,7 @@ def mga_backward(dy, x_dtype, down_weight, up_weight, in_w, in_b, out_w, out_b, 
     ``plan`` (default :func:`plan_for`, training) must be a ``"sequence"`` plan."""
     if share is not None:
         share = ShareWeights._make(share)
-    B, L, D = dy.shape
+    B, L, _ = dy.shape
     H = down_weight.shape[0]
     cdt = down_weight.dtype
     r = grad_buffers(dy, x_dtype, H, share, cdt, saved)
@@ -702,7 +706,7 @@ def mga_backward(dy, x_dtype, down_weight, up_weight, in_w, in_b, out_w, out_b, 
 def _seq_bwd_args(dy, mask_u8, w, share, saved: MGASaved, r: MGAGrads, du, NH, plan: MGAPlan, prec):
     """Arguments of the per-sequence backward kernels ``(msa2, share or None, msa1)`` (launcher and
     :func:`aot_launches`). ``w`` = (down_w, up_w, in_w, in_b, out_w, out_b, gate)."""
-    B, L, D = dy.shape
+    _, L, D = dy.shape
     dw, uw, iw, ib, ow, ob, gate = w
     H = dw.shape[0]
     DH = H // NH

@@ -139,6 +139,8 @@ def module_jobs(mod, arch, dtypes, profile, coverage):
     jobs = []
     for dname in dtypes:
         for launch in K.aot_launches(props, dname, profile):
+            if not launch.configs:  # the plan pruned every config: nothing could launch
+                raise SystemExit(f"aot_compile: sm_{arch} {launch.kernel} [{launch.case}]: the plan left no config")
             cfgs = _select(launch.configs, coverage[dname]) if launch.autotuned else list(launch.configs)
             for cfg in cfgs:
                 args = dict(launch.args)

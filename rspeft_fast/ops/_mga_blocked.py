@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from ..kernels.attention import attention_backward, attention_forward
-from ..kernels.mga import MGAGrads, MGAPlan, MGASaved, ShareWeights, grad_buffers, plan_for, saved_buffers
+from ..kernels.mga import MGAGrads, MGAPlan, MGASaved, grad_buffers, plan_for, saved_buffers
 from ..kernels._launch import precision
 
 _SQRT1_2 = 0.7071067811865476
@@ -53,13 +53,12 @@ def _msa_bwd(z, g, o, lse, in_w, in_b, out_w, heads, mask_u8, dqkv, plan, prec):
 
 def mga_forward_blocked(x, down_weight, down_bias, up_weight, up_bias, in_w, in_b, out_w, out_b, gate, heads,
                         share=None, mask_u8=None, save=False, plan: MGAPlan | None = None):
-    """The forward on the blocked path, arguments and result as ``kernels.mga.mga_forward``'s: projections as
+    """The forward on the blocked path, arguments and result as ``kernels.mga.mga_forward``'s (``share`` a
+    ``kernels.mga.ShareWeights`` or None): projections as
     GEMMs over the B·L rows written straight into the saved buffers, one element-wise kernel per gate
     (``lerp`` in the compute dtype with fp32 internals and one rounding, as eager's ``a*m + (1-a)*z`` whose 0-dim
     fp32 gate is taken in the tensor dtype), attention by :func:`attention_forward`, and up projection + bias +
     residual in one GEMM (x read once, y written once) when x is in the compute dtype."""
-    if share is not None:
-        share = ShareWeights._make(share)
     B, L, D = x.shape
     H = down_weight.shape[0]
     cdt = down_weight.dtype
@@ -118,8 +117,6 @@ def mga_backward_blocked(dy, x_dtype, down_weight, up_weight, in_w, in_b, out_w,
     as ``kernels.mga.mga_backward``'s: attention by :func:`attention_backward` with the forward's ``o``/``lse``,
     projections as GEMMs in the compute dtype (fp32 accumulation), element-wise maths in fp32 (stored in the
     compute dtype like the per-sequence kernels)."""
-    if share is not None:
-        share = ShareWeights._make(share)
     B, L, D = dy.shape
     H = down_weight.shape[0]
     cdt = down_weight.dtype

@@ -124,7 +124,7 @@ def mga_bwd(
     share = _share_weights((s_down_weight, s_down_bias, s_up_weight, s_up_bias, s_in_proj_weight, s_in_proj_bias,
                             s_out_proj_weight, s_out_proj_bias, s_gate), share_heads)
     cdt = down_weight.dtype
-    B, L, D = x.shape
+    D = x.shape[-1]
     H = down_weight.shape[0]
     f32 = torch.float32
     with torch.autocast(x.device.type, enabled=False):
