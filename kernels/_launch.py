@@ -29,7 +29,7 @@ Shared memory and autotune lists
     :func:`smem_bytes` (the estimate every plan uses: pipelined operand tiles × stages + scratch),
     :func:`prune_configs` (the configs whose estimate fits; never empty: the smallest is kept) and
     :func:`autotune_pruner` (the same, as ``triton.autotune(prune_configs_by={"early_config_prune": ...})``).
-    The estimate is checked against real compiles by ``benchmarks/aot_compile.py`` for every arch above.
+    The estimate is checked against real compiles by ``tools/aot_compile.py`` for every arch above.
 
 Numerics (one policy, decided the same way for every op)
     :data:`SUPPORTED_DTYPES`; :func:`precision` → the ``PREC`` constexpr every kernel takes:
@@ -42,8 +42,10 @@ Numerics (one policy, decided the same way for every op)
       widened to float32 for the dot (exact: products of 16-bit floats fit in fp32) and every float32 →
       16-bit conversion rounds to nearest even by hand (:func:`cast`): CPU tests then see the rounding a GPU does.
 
-    Jit helpers: :func:`dot` ``(a, b, acc, PREC)`` and :func:`cast` ``(x, DTYPE, PREC)``. Rule for kernel
-    code: every float32 → 16-bit conversion of a value that is stored or fed to a dot goes through ``cast``.
+    Jit helpers: :func:`dot` ``(a, b, acc, PREC)`` and :func:`cast` ``(x, DTYPE, PREC)``, and their pointer-typed
+    forms :func:`round_to` ``(x, P, PREC)`` / :func:`dot_as` ``(a, b, P, PREC)`` (the dtype of what ``P`` points
+    to). Rule for kernel code: every float32 → 16-bit conversion of a value that is stored or fed to a dot goes
+    through ``cast``. :func:`static_assert_tile` states a tile width's precondition at compile time.
 
 Sizes
     :func:`pad_pow2` (power-of-two padding with a floor — 16 is ``tl.dot``'s minimum — and a cap),
@@ -55,9 +57,10 @@ Arch limits
 
 AOT
     :class:`AotLaunch` (one launch of a kernel at a case: its arguments, with meta tensors for the tensors,
-    and the configs its plan allows on an arch) and :func:`aot_dtype` (the AOT matrix's dtype names). Each
-    kernel file's ``aot_launches(props, dtype, profile)`` returns its launches, built by the same argument
-    helpers and plan functions as its launchers; ``benchmarks/aot_compile.py`` compiles them.
+    the configs its plan allows on an arch and those that must compile spill-free), :func:`aot_dtype` (the AOT
+    matrix's dtype names) and :func:`aot_profile` (what the profile names mean, one meaning for every kernel
+    file). Each kernel file's ``aot_launches(props, dtype, profile)`` returns its launches, built by the same argument
+    helpers and plan functions as its launchers; ``tools/aot_compile.py`` compiles them.
 
 Names here are stable (other kernel files import them); add, do not rename.
 """
@@ -73,8 +76,8 @@ import triton.language as tl
 __all__ = [
     "LAUNCH_OPTIONS", "DeviceProps", "ARCH_PROPS", "INTERPRETER_PROPS", "MIN_ARCH", "INTERPRET", "SUPPORTED_DTYPES", "DTYPE_BYTES",
     "device_props", "props_for_arch", "smem_bytes", "prune_configs", "autotune_pruner", "precision",
-    "dot", "cast", "pad_pow2", "cdiv", "split_rows", "arch_unsupported", "dtype_bytes", "operand_bytes", "AotLaunch", "aot_dtype",
-    "AOT_DTYPES",
+    "dot", "cast", "round_to", "dot_as", "static_assert_tile", "static_assert_tiles", "pad_pow2", "cdiv", "split_rows", "arch_unsupported", "dtype_bytes", "operand_bytes", "AotLaunch", "aot_dtype",
+    "AOT_DTYPES", "AotProfile", "AOT_PROFILES", "aot_profile",
 ]
 
 # Triton's interpreter is chosen when ``@triton.jit`` runs (import time of the kernel files): read it then too.
@@ -83,7 +86,7 @@ INTERPRET: bool = os.environ.get("TRITON_INTERPRET", "0").strip() == "1"
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 DTYPE_BYTES = {torch.float32: 4, torch.float16: 2, torch.bfloat16: 2}
 
-# Options every launch passes (and benchmarks/aot_compile.py compiles with). FP fusion (a*b + c contracted to
+# Options every launch passes (and tools/aot_compile.py compiles with). FP fusion (a*b + c contracted to
 # one FMA) ON: Triton 3.9 warns that its default flips to OFF in 3.10. The kernels want it on: eager PyTorch's
 # CUDA kernels are built with nvcc's default --fmad=true (so fused results track eager's the same way), the
 # GELU / softmax / epilogue arithmetic is faster with FMAs, and no result depends on an uncontracted a*b + c
@@ -91,7 +94,7 @@ DTYPE_BYTES = {torch.float32: 4, torch.float16: 2, torch.bfloat16: 2}
 # launch also keeps 3.6 / 3.8 / 3.9 / 3.10 compiling the same code. The interpreter ignores it.
 LAUNCH_OPTIONS = dict(enable_fp_fusion=True)
 
-# The oldest compute capability the kernels are compiled and checked for (benchmarks/aot_compile.py --arch 75).
+# The oldest compute capability the kernels are compiled and checked for (tools/aot_compile.py --arch 75).
 MIN_ARCH = 75
 
 
@@ -256,6 +259,35 @@ def dot(a, b, acc, PREC: tl.constexpr):
         return tl.dot(a, b, acc, input_precision=PREC)
 
 
+@triton.jit
+def round_to(x, P, PREC: tl.constexpr):
+    """``x`` cast to the element type of pointer ``P`` (:func:`cast`: round to nearest even)."""
+    return cast(x, P.dtype.element_ty, PREC)
+
+
+@triton.jit
+def dot_as(a, b, P, PREC: tl.constexpr):
+    """fp32-accumulated ``a @ b`` with both operands cast to the element type of pointer ``P`` (the compute
+    dtype) under the one precision policy (:func:`dot`, :func:`cast`)."""
+    T = P.dtype.element_ty
+    return dot(cast(a, T, PREC), cast(b, T, PREC), None, PREC)
+
+
+@triton.jit
+def static_assert_tile(N: tl.constexpr):
+    """Compile-time precondition of a tile width (a ``tl.arange`` length that feeds ``tl.dot``): a power of
+    two, at least 16. The plans pad every width with :func:`pad_pow2`; a launch that does not fails to compile."""
+    tl.static_assert((N >= 16) & ((N & (N - 1)) == 0), "tile widths must be powers of two >= 16")
+
+
+@triton.jit
+def static_assert_tiles(A: tl.constexpr, B: tl.constexpr, C: tl.constexpr):
+    """:func:`static_assert_tile` of the three tile widths of a matmul kernel."""
+    static_assert_tile(A)
+    static_assert_tile(B)
+    static_assert_tile(C)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # sizes
 # ----------------------------------------------------------------------------------------------------------
@@ -301,11 +333,13 @@ def arch_unsupported(dtype: torch.dtype, props: DeviceProps, bf16_min_arch: int 
 # AOT matrix records
 # ----------------------------------------------------------------------------------------------------------
 class AotLaunch(NamedTuple):
-    """One launch for ``benchmarks/aot_compile.py``: ``kernel`` ("module.name" under ``rspeft_fast.kernels``),
+    """One launch for ``tools/aot_compile.py``: ``kernel`` ("module.name" under ``rspeft_fast.kernels``),
     ``case`` (label, starting with the AOT dtype name), ``args`` (every non-config kernel parameter: tensors as
     meta tensors of the launch's dtype/strides, ints, floats, constexprs), ``configs`` (the ``triton.Config`` s
     the plan allows on the arch: one for a planned launch, the pruned list for an autotuned one),
-    ``autotuned``, ``edge`` (not a SPEC §2 shape)."""
+    ``autotuned``, ``edge`` (not a SPEC §2 shape), ``spill_free`` (the configs of ``configs`` the kernel's
+    owner tuned spill-free at this case on this arch: a spill in one of them fails the AOT run; other spills
+    are warnings)."""
 
     kernel: str
     case: str
@@ -313,6 +347,36 @@ class AotLaunch(NamedTuple):
     configs: tuple
     autotuned: bool = False
     edge: bool = False
+    spill_free: tuple = ()
+
+
+class AotProfile(NamedTuple):
+    """What an AOT profile name means to every kernel file's ``aot_launches`` (:func:`aot_profile`).
+
+    ``lean``: the SPEC §2 cases only (no edge shapes), and outside bf16 only the training launches (the other
+    variants of a launch — inference, recompute, packed weights, other bit widths — are compiled in bf16 only);
+    ``thin``: also leave out the repeats that only exercise a constexpr's value (a launch listed once per bit
+    width whose width is only a ``QMAX`` constant) or code another listed launch compiles (the packed-weight
+    modes of Q-Linear's dequantisation kernel: the same ``_weight_tile`` as its packed forwards)."""
+
+    lean: bool
+    thin: bool
+
+
+# the AOT profile names: "quick" (the done-when matrix), "ci" (the test suite's slice), "full" (everything)
+AOT_PROFILES = {
+    "quick": AotProfile(lean=True, thin=False),
+    "ci": AotProfile(lean=True, thin=True),
+    "full": AotProfile(lean=False, thin=False),
+}
+
+
+def aot_profile(name: str) -> AotProfile:
+    """The :class:`AotProfile` of an AOT profile name (``quick``, ``ci``, ``full``; ValueError otherwise)."""
+    try:
+        return AOT_PROFILES[name]
+    except KeyError:
+        raise ValueError(f"unknown AOT profile {name!r}; known: {sorted(AOT_PROFILES)}") from None
 
 
 # AOT dtype name -> (torch compute dtype, PREC on a GPU)

@@ -40,7 +40,7 @@ Weight gradients (and ``dcol_scale``) are returned in float32.
 
 Launch plans (``kernels/_launch.py`` holds the policy): each launch's candidate configs come from
 :func:`plan_fwd` / :func:`plan_bwd_rows` / :func:`plan_atb` ``(shapes..., dtype, props)``, the same
-functions ``benchmarks/aot_compile.py`` calls per arch (:func:`aot_launches`). Autotuning (keyed on
+functions ``tools/aot_compile.py`` calls per arch (:func:`aot_launches`). Autotuning (keyed on
 ``(D, R)`` and the constexpr flags, never on the row count) runs over the configs whose shared-memory
 estimate fits the device (``triton.autotune``'s ``early_config_prune`` calls the plan); when none of the
 main list fits (99 KB cards, fp32, wide bottlenecks) the plan falls back to a list of small tiles, and at
@@ -60,7 +60,7 @@ import triton.language as tl
 from ._common import gelu, gelu_grad
 from ._launch import (
     INTERPRET, LAUNCH_OPTIONS, SUPPORTED_DTYPES, DeviceProps, arch_unsupported, cast, cdiv, device_props, dot, dtype_bytes,
-    operand_bytes, pad_pow2, precision, prune_configs, smem_bytes, split_rows,
+    operand_bytes, pad_pow2, precision, prune_configs, smem_bytes, split_rows, static_assert_tile, static_assert_tiles,
 )
 
 __all__ = ["bottleneck_fwd", "bottleneck_bwd", "SUPPORTED_DTYPES", "column_groups", "plan_fwd", "plan_bwd_rows",
@@ -135,7 +135,7 @@ else:  # pragma: no cover - needs a GPU
 
 
 # ----------------------------------------------------------------------------------------------
-# plans: which configs a launch may use on a device (the launchers and benchmarks/aot_compile.py)
+# plans: which configs a launch may use on a device (the launchers and tools/aot_compile.py)
 # ----------------------------------------------------------------------------------------------
 def _stages(cfg, props: DeviceProps) -> int:
     """Pipelined buffers per loop: sm_90+ keeps ``num_stages`` of them, sm_80-class ``num_stages - 1``."""
@@ -144,7 +144,7 @@ def _stages(cfg, props: DeviceProps) -> int:
 
 def _row_smem(cfg, d: int, r: int, dtype, two_inputs: bool, props: DeviceProps) -> int:
     """Shared-memory estimate of the row kernels (calibrated on sm_75 / sm_86 / sm_90 compiles of
-    benchmarks/aot_compile.py; the larger of the two loops, their buffers are reused):
+    tools/aot_compile.py; the larger of the two loops, their buffers are reused):
 
     * the d loop: pipelined chunks of x (and dy) and of the down weight for every held column;
     * the up / dx loop: pipelined output blocks of the weight, the bottleneck staged as a dot operand and
@@ -239,7 +239,7 @@ def why_unsupported(*, dtype: torch.dtype, props: DeviceProps, **shapes) -> str 
     """Why the MuFA/bottleneck kernels cannot run these inputs on ``props`` (None: they can).
 
     The kernels take any ``n``, ``d`` and ``r`` (``shapes`` is accepted for a uniform signature) in
-    float32/float16/bfloat16 on sm_75+ (every config fits, checked by ``benchmarks/aot_compile.py``)."""
+    float32/float16/bfloat16 on sm_75+ (every config fits, checked by ``tools/aot_compile.py``)."""
     del shapes
     return arch_unsupported(dtype, props, bf16_min_arch=0)
 
@@ -275,6 +275,20 @@ def _fwd_columns(acc, cols, cmask, rows, rmask, bd_ptr, cs_ptr, pre_ptr, stride_
     return cast(gelu(pre) * cs[None, :], OUT_TY, PREC)
 
 
+@triton.jit
+def _row_block(N, R, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, R_A: tl.constexpr,
+               R_B: tl.constexpr):
+    """The preamble of the row kernels: the ``BLOCK_M`` rows of block ``program_id(0)`` and their mask, the
+    columns of group A and their mask. Preconditions: tiles and column groups are powers of two ≥ 16 (group B
+    may be absent: ``R_B = 0``)."""
+    static_assert_tiles(BLOCK_M, BLOCK_K, BLOCK_N)
+    static_assert_tile(R_A)
+    tl.static_assert((R_B == 0) | ((R_B >= 16) & ((R_B & (R_B - 1)) == 0)), "R_B: 0 or a power of two >= 16")
+    rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    ca = tl.arange(0, R_A)
+    return rows, rows < N, ca, ca < R
+
+
 # ----------------------------------------------------------------------------------------------
 # forward
 #
@@ -294,11 +308,7 @@ def _bottleneck_fwd_kernel(
     HAS_BASE: tl.constexpr, SAVE_PRE: tl.constexpr, PREC: tl.constexpr, R_A: tl.constexpr, R_B: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    rows = (pid * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    rmask = rows < N
-    ca = tl.arange(0, R_A)
-    ma = ca < R
+    rows, rmask, ca, ma = _row_block(N, R, BLOCK_M, BLOCK_K, BLOCK_N, R_A, R_B)
     acc_a = tl.zeros((BLOCK_M, R_A), dtype=tl.float32)
     if R_B > 0:
         cb = R_A + tl.arange(0, R_B)
@@ -363,11 +373,7 @@ def _bottleneck_bwd_rows_kernel(
     RECOMPUTE: tl.constexpr, PREC: tl.constexpr, R_A: tl.constexpr, R_B: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    rows = (pid * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    rmask = rows < N
-    ca = tl.arange(0, R_A)
-    ma = ca < R
+    rows, rmask, ca, ma = _row_block(N, R, BLOCK_M, BLOCK_K, BLOCK_N, R_A, R_B)
     if R_B > 0:
         cb = R_A + tl.arange(0, R_B)
         mb = cb < R
@@ -440,6 +446,7 @@ def _atb_splitk_kernel(
 ):
     """``c[s, p, q] = Σ_{n in split s} a[n, p] b[n, q]`` (b cast to a's dtype for the dot), fp32;
     optionally ``sa[s, p] = Σ a[n, p]`` and ``sb[s, q] = Σ b[n, q]`` (fp32, from b's own dtype)."""
+    static_assert_tiles(BLOCK_M, BLOCK_P, BLOCK_Q)
     pid_p = tl.program_id(0)
     pid_q = tl.program_id(1)
     pid_s = tl.program_id(2)
@@ -646,7 +653,7 @@ def bottleneck_bwd(dy, x, pre, wd, bd, wu, col_scale, scale: float):
 
 
 # ----------------------------------------------------------------------------------------------
-# AOT: the launches of each case on an arch, for benchmarks/aot_compile.py
+# AOT: the launches of each case on an arch, for tools/aot_compile.py
 # ----------------------------------------------------------------------------------------------
 # (label, d, rates or r, rows, has_base, edge): SPEC §2 shapes; EQAM runs the same bottleneck kernels.
 AOT_CASES = [
@@ -660,6 +667,14 @@ AOT_CASES = [
 ]
 
 
+# (arch, AOT dtype, case label) -> the forward configs tuned spill-free there (bf16 sm_90 AOT compiles, see the
+# config lists): at R = 168 only the 8-warp BLOCK_M = 64 tiles; at R = 21 every config. Elsewhere spills warn.
+_SPILL_FREE = {
+    (90, "bf16", "MuFA ViT-B/16 D768 R168"): lambda c: c.kwargs["BLOCK_M"] == 64 and c.num_warps == 8,
+    (90, "bf16", "MuFA Swin-T D96 R21"): lambda c: True,
+}
+
+
 def _case_r(d, rates_or_r):
     return sum(d // q for q in rates_or_r) if isinstance(rates_or_r, tuple) else int(rates_or_r)
 
@@ -667,12 +682,12 @@ def _case_r(d, rates_or_r):
 def aot_launches(props: DeviceProps, dtype: str, profile: str = "quick") -> list:
     """Every launch of :func:`bottleneck_fwd` / :func:`bottleneck_bwd` at :data:`AOT_CASES` on ``props``, as
     ``kernels._launch.AotLaunch`` records (meta-tensor arguments, the plan's configs). ``dtype``: ``"fp32"``,
-    ``"tf32"`` (fp32 with TF32 allowed), ``"bf16"`` or ``"fp16"``. ``profile="quick"``: SPEC cases, training
-    variants only outside bf16 (``"ci"``: the same); ``"full"``: every variant and the edge cases."""
-    from ._launch import AotLaunch, aot_dtype
+    ``"tf32"`` (fp32 with TF32 allowed), ``"bf16"`` or ``"fp16"``; ``profile``: ``_launch.aot_profile``'s names
+    (nothing here is thinned by ``"ci"``). The forward's ``spill_free`` configs: :data:`_SPILL_FREE`."""
+    from ._launch import AotLaunch, aot_dtype, aot_profile
 
     tdt, prec = aot_dtype(dtype)
-    quick = profile in ("quick", "ci")
+    quick = aot_profile(profile).lean
     meta = lambda *shape, dt=tdt: torch.empty(shape, device="meta", dtype=dt)  # noqa: E731
     out = []
     for label, d, rr, n, has_base, edge in AOT_CASES:
@@ -687,8 +702,10 @@ def aot_launches(props: DeviceProps, dtype: str, profile: str = "quick") -> list
                 continue
             args = _fwd_args(x, wd, bd, wu, bu, cs, meta(n, d) if base else None, meta(n, d),
                              meta(n, r) if save_pre else None, 0.5, prec)
+            cfgs = plan_fwd(n, d, r, tdt, props, save_pre=save_pre, has_base=base)
+            tuned = _SPILL_FREE.get((props.arch, dtype, label), lambda c: False)
             out.append(AotLaunch("mufa._bottleneck_fwd_kernel", f"{case} {'train' if save_pre else 'infer'}", args,
-                                 plan_fwd(n, d, r, tdt, props, save_pre=save_pre, has_base=base), True, edge))
+                                 cfgs, True, edge, tuple(c for c in cfgs if tuned(c))))
         for recompute in (False, True):
             if quick and recompute and dtype != "bf16":
                 continue

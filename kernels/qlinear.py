@@ -40,15 +40,16 @@ import triton.language as tl
 from ._common import gelu, gelu_grad
 from ._launch import (
     LAUNCH_OPTIONS, SUPPORTED_DTYPES, DeviceProps, arch_unsupported, cast, cdiv, device_props, dot, dtype_bytes, pad_pow2, precision,
-    smem_bytes, split_rows,
+    smem_bytes, split_rows, static_assert_tile, static_assert_tiles,
 )
 
-SCALE_EPS = 1e-8
-
-# weight tile modes
+# weight tile modes (the W_MODE constexpr)
 FLOAT = 0  # float master weight, fake-quantised in registers
 INT8 = 1  # int8 codes
 INT4 = 2  # two int4 codes per uint8
+_FLOAT = tl.constexpr(FLOAT)  # the same, as the kernels read them
+_INT8 = tl.constexpr(INT8)
+CODE_QMAX = 127  # QMAX of the packed-code modes: unused by their dequantisation (the codes are stored)
 
 
 # ----------------------------------------------------------------------------- jit helpers
@@ -71,11 +72,11 @@ def _weight_tile(W, n2, k2, mask, s2, stride_wn, stride_wk, W_MODE: tl.constexpr
 
     ``n2``/``k2``/``mask``/``s2`` are broadcast to the tile's shape by the caller (either orientation).
     """
-    if W_MODE == 0:
+    if W_MODE == _FLOAT:
         w = tl.load(W + n2 * stride_wn + k2 * stride_wk, mask=mask, other=0.0).to(tl.float32)
         q = round_half_even(tl.math.div_rn(w, s2))
         q = tl.minimum(tl.maximum(q, -QMAX - 1.0), QMAX * 1.0)
-    elif W_MODE == 1:
+    elif W_MODE == _INT8:
         q = tl.load(W + n2 * stride_wn + k2 * stride_wk, mask=mask, other=0).to(tl.float32)
     else:
         byte = tl.load(W + n2 * stride_wn + (k2 // 2) * stride_wk, mask=mask, other=0).to(tl.int32)
@@ -84,13 +85,13 @@ def _weight_tile(W, n2, k2, mask, s2, stride_wn, stride_wk, W_MODE: tl.constexpr
     return q * s2
 
 
-# ----------------------------------------------------------------------------- kernels
-
-
 @triton.jit
-def _row_scale_kernel(W, S, N, K, stride_wn, stride_wk, QMAX: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    pid = tl.program_id(0)
-    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+def _row_scales(W, N, K, stride_wn, stride_wk, QMAX: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The ``BLOCK_N`` rows of block ``program_id(0)``, their mask and their scales
+    ``s = max(max_k |W[n, k]| / QMAX, 1e-8)`` (float32, IEEE division: SPEC §1's clamp)."""
+    tl.static_assert((BLOCK_N & (BLOCK_N - 1)) == 0, "row blocks: a power of two rows")
+    static_assert_tile(BLOCK_K)
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     nmask = offs_n < N
     amax = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
@@ -99,7 +100,15 @@ def _row_scale_kernel(W, S, N, K, stride_wn, stride_wk, QMAX: tl.constexpr, BLOC
         w = tl.load(W + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk, mask=m, other=0.0).to(tl.float32)
         amax = tl.maximum(amax, tl.abs(w))
     s = tl.math.div_rn(tl.max(amax, axis=1), tl.full([BLOCK_N], QMAX, tl.float32))
-    s = tl.maximum(s, 1e-8)
+    return offs_n, nmask, tl.maximum(s, 1e-8)
+
+
+# ----------------------------------------------------------------------------- kernels
+
+
+@triton.jit
+def _row_scale_kernel(W, S, N, K, stride_wn, stride_wk, QMAX: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    offs_n, nmask, s = _row_scales(W, N, K, stride_wn, stride_wk, QMAX, BLOCK_N, BLOCK_K)
     tl.store(S + offs_n, s, mask=nmask)
 
 
@@ -107,6 +116,8 @@ def _row_scale_kernel(W, S, N, K, stride_wn, stride_wk, QMAX: tl.constexpr, BLOC
 def _weight_kernel(W, S, Q, N, K, stride_wn, stride_wk, stride_qn, W_MODE: tl.constexpr, QMAX: tl.constexpr, PREC: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """``Q[n, k] = q * s`` in Q's dtype (for small weights only)."""
+    static_assert_tile(BLOCK_N)
+    static_assert_tile(BLOCK_K)
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -122,22 +133,12 @@ def _weight_kernel(W, S, Q, N, K, stride_wn, stride_wk, stride_qn, W_MODE: tl.co
 def _quantize_rows_kernel(W, Q, S, N, K, stride_wn, stride_wk, stride_qn, QMAX: tl.constexpr, PREC: tl.constexpr,
                           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """Scales and ``Wq = q * s`` of ``BLOCK_N`` whole rows in one program (two passes over each row)."""
-    pid = tl.program_id(0)
-    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    nmask = offs_n < N
-    amax = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        m = nmask[:, None] & (offs_k[None, :] < K)
-        w = tl.load(W + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk, mask=m, other=0.0).to(tl.float32)
-        amax = tl.maximum(amax, tl.abs(w))
-    s = tl.math.div_rn(tl.max(amax, axis=1), tl.full([BLOCK_N], QMAX, tl.float32))
-    s = tl.maximum(s, 1e-8)
+    offs_n, nmask, s = _row_scales(W, N, K, stride_wn, stride_wk, QMAX, BLOCK_N, BLOCK_K)
     tl.store(S + offs_n, s, mask=nmask)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         m = nmask[:, None] & (offs_k[None, :] < K)
-        wq = _weight_tile(W, offs_n[:, None], offs_k[None, :], m, s[:, None], stride_wn, stride_wk, 0, QMAX)
+        wq = _weight_tile(W, offs_n[:, None], offs_k[None, :], m, s[:, None], stride_wn, stride_wk, _FLOAT, QMAX)
         tl.store(Q + offs_n[:, None] * stride_qn + offs_k[None, :], cast(wq, Q.dtype.element_ty, PREC), mask=m)
 
 
@@ -150,6 +151,7 @@ def _fwd_kernel(
     PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
+    static_assert_tiles(BLOCK_M, BLOCK_N, BLOCK_K)
     pid = tl.program_id(0)
     num_m = tl.cdiv(M, BLOCK_M)
     num_n = tl.cdiv(N, BLOCK_N)
@@ -192,6 +194,7 @@ def _bwd_dx_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """``DX (M, K) = dPre (M, N) @ Wq (N, K)``, looping over N; ``dPre = DY * GELU'(PRE)`` if GELU."""
+    static_assert_tiles(BLOCK_M, BLOCK_N, BLOCK_K)
     pid_m = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
@@ -211,7 +214,7 @@ def _bwd_dx_kernel(
             if WRITE_DPRE:
                 tl.store(DPRE + gptr, g, mask=gmask & (pid_k == 0))
         s = tl.load(S + offs_n, mask=nmask, other=1.0)
-        w = _weight_tile(W, offs_n[:, None], offs_k[None, :], nmask[:, None] & kmask[None, :], s[:, None], stride_wn, stride_wk, 0, QMAX)
+        w = _weight_tile(W, offs_n[:, None], offs_k[None, :], nmask[:, None] & kmask[None, :], s[:, None], stride_wn, stride_wk, _FLOAT, QMAX)
         acc = dot(g, cast(w, g.dtype, PREC), acc, PREC)
     tl.store(DX + offs_m[:, None] * stride_dxm + offs_k[None, :], cast(acc, DX.dtype.element_ty, PREC), mask=mmask[:, None] & kmask[None, :])
 
@@ -225,6 +228,7 @@ def _bwd_dw_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """``DW[split] (N, K) = Gᵀ X`` and ``DB[split] (N,) = Σ G`` over this split's rows (float32)."""
+    static_assert_tiles(BLOCK_M, BLOCK_N, BLOCK_K)
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_s = tl.program_id(2)
@@ -381,7 +385,7 @@ def plan_rows(n: int, k: int, props: DeviceProps, *, rows_hi: int = 16, k_hi: in
 
 def why_unsupported(*, dtype: torch.dtype, props: DeviceProps, **shapes) -> str | None:
     """Why the Q-Linear kernels cannot run these inputs on ``props`` (None: they can): any ``m, n, k``, any
-    bit width 2..8, float32/float16/bfloat16 activations on sm_75+ (``benchmarks/aot_compile.py``)."""
+    bit width 2..8, float32/float16/bfloat16 activations on sm_75+ (``tools/aot_compile.py``)."""
     bits = shapes.get("bits")
     if bits is not None and (isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 8):
         return f"bits={bits!r} (Q-Linear takes 2..8)"
@@ -395,10 +399,6 @@ def qmax_of(bits: int) -> int:
     if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 8:
         raise ValueError(f"bits must be an integer in 2..8, got {bits!r}")
     return 2 ** (bits - 1) - 1
-
-
-def _pow2(n: int, lo: int, hi: int) -> int:
-    return pad_pow2(n, lo, hi)
 
 
 def _check_2d(name: str, t: torch.Tensor) -> None:
@@ -476,7 +476,7 @@ def weight_values(weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype,
     _check_2d("weight", weight)
     n = weight.shape[0]
     k = in_features if in_features is not None else weight.shape[1]
-    qmax = qmax_of(bits) if mode == FLOAT else 127
+    qmax = qmax_of(bits) if mode == FLOAT else CODE_QMAX
     out = torch.empty(n, k, device=weight.device, dtype=dtype)
     if out.numel() == 0:
         return out
@@ -498,13 +498,6 @@ def fake_quant(weight: torch.Tensor, bits: int, dtype: torch.dtype) -> tuple[tor
     plan = plan_rows(n, k, device_props(weight.device))
     _quantize_rows_kernel[(triton.cdiv(n, plan.BLOCK_N),)](**_quantize_args(weight, out, s, qmax, plan, precision(dtype)), **LAUNCH_OPTIONS)
     return out, s
-
-
-def _fwd_blocks(m: int, n: int, k: int, dtype: torch.dtype = torch.bfloat16, props: DeviceProps | None = None,
-                mode: int = FLOAT) -> tuple[int, int, int, int]:
-    """``(BLOCK_M, BLOCK_N, BLOCK_K, num_warps)`` of :func:`plan_fwd` (kept for callers of the old helper)."""
-    p = plan_fwd(m, n, k, dtype, props or device_props("cpu"), mode=mode)
-    return p.BLOCK_M, p.BLOCK_N, p.BLOCK_K, p.num_warps
 
 
 def qlinear_fwd(
@@ -540,7 +533,7 @@ def qlinear_fwd(
         raise ValueError(f"x has {k} features but the weight expects {kw}")
     if x.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"qlinear: the Triton kernels support float32/float16/bfloat16 inputs, got x.dtype={x.dtype}")
-    qmax = qmax_of(bits) if mode == FLOAT else 127
+    qmax = qmax_of(bits) if mode == FLOAT else CODE_QMAX
     y = torch.empty(m, n, device=x.device, dtype=x.dtype)
     pre = torch.empty(m, n, device=x.device, dtype=x.dtype) if save_pre else None
     if m == 0 or n == 0:
@@ -659,14 +652,14 @@ def _strip(args: dict) -> dict:
 def aot_launches(props: DeviceProps, dtype: str, profile: str = "quick") -> list:
     """Every launch of the Q-Linear launchers at :data:`AOT_CASES` on ``props`` (``kernels._launch.AotLaunch``
     records built by the launchers' own argument helpers and plans). The float master weight is fp32 (autocast
-    training) for a 16-bit compute dtype. ``profile="quick"``: outside bf16 no dequantisation kernel and no
-    packed int4 forward; ``"ci"`` (the test suite's slice): as quick, with the scale / quantise kernels at
-    8 bits only (the bit width is only their QMAX constexpr) and the dequantisation kernel for float weights."""
-    from ._launch import AotLaunch, aot_dtype
+    training) for a 16-bit compute dtype. ``profile``: ``_launch.aot_profile``'s names: lean (``quick``, ``ci``)
+    compiles outside bf16 one bit width, no dequantisation kernel and no packed int4 forward; thin (``ci``) the
+    scale / quantise kernels at 8 bits only and the dequantisation kernel for float weights only."""
+    from ._launch import AotLaunch, aot_dtype, aot_profile
 
     tdt, prec = aot_dtype(dtype)
-    ci = profile == "ci"
-    lean = profile in ("quick", "ci")
+    prof = aot_profile(profile)
+    ci, lean = prof.thin, prof.lean
     meta = lambda *shape, dt=tdt: torch.empty(shape, device="meta", dtype=dt)  # noqa: E731
     f32 = lambda *shape: meta(*shape, dt=torch.float32)  # noqa: E731
     out = []
@@ -687,7 +680,7 @@ def aot_launches(props: DeviceProps, dtype: str, profile: str = "quick") -> list
             wq = {FLOAT: w, INT8: meta(n, k, dt=torch.int8), INT4: meta(n, (k + 1) // 2, dt=torch.uint8)}[mode]
             p = plan_rows(n, k, props, rows_hi=64, k_hi=128, rows_lo=16)
             out.append(AotLaunch("qlinear._weight_kernel", f"{case} {mname}",
-                                 _strip(_weight_args(wq, f32(n), meta(n, k), n, k, mode, 127 if mode != FLOAT else 7, p, prec)),
+                                 _strip(_weight_args(wq, f32(n), meta(n, k), n, k, mode, CODE_QMAX if mode != FLOAT else qmax_of(4), p, prec)),
                                  (p.config(),), False, edge))
         # forward: training (float weight, both bit widths) and packed inference (int8 / int4 codes)
         variants = [(FLOAT, b, gelu, gelu) for b in bits_list] + [(INT8, 8, gelu, False)]
@@ -699,14 +692,14 @@ def aot_launches(props: DeviceProps, dtype: str, profile: str = "quick") -> list
             p = plan_fwd(m, n, k, tdt, props, mode=mode, w_dtype=torch.float32)
             mname = {FLOAT: f"float bits{bits}", INT8: "packed int8", INT4: "packed int4"}[mode]
             args = _fwd_args(x, wq, f32(n), f32(n), meta(m, n), meta(m, n) if save_pre else None, mode,
-                             qmax_of(bits) if mode == FLOAT else 127, use_gelu, p, prec)
+                             qmax_of(bits) if mode == FLOAT else CODE_QMAX, use_gelu, p, prec)
             args = _strip(args)
             out.append(AotLaunch("qlinear._fwd_kernel", f"{case} {mname}{' gelu' if use_gelu else ''}", args,
                                  (p.config(),), False, edge))
         # backward (float weight): dX = dPre Wq (dPre written when GELU), dW = dPreᵀ X (+ Σ dPre)
         p = plan_bwd_dx(m, n, k, tdt, props, gelu=gelu, w_dtype=torch.float32)
-        args = _dx_args(meta(m, n), meta(m, n), w, f32(n), meta(m, k), meta(m, n) if gelu else None, m, n, k, 127,
-                        gelu, p, prec)
+        args = _dx_args(meta(m, n), meta(m, n), w, f32(n), meta(m, k), meta(m, n) if gelu else None, m, n, k,
+                        qmax_of(8), gelu, p, prec)
         args = _strip(args)
         out.append(AotLaunch("qlinear._bwd_dx_kernel", f"{case}{' gelu' if gelu else ''}", args, (p.config(),), False,
                              edge))

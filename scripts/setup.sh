@@ -11,7 +11,7 @@ fi
 $PY -m pip install -q -r requirements-ci.txt
 $PY -m pip install -q --no-build-isolation -e .
 # The Triton releases of the other supported torch versions (torch 2.11 -> 3.6, torch 2.15 -> 3.9) as side
-# packages for the AOT compile matrix (tests/test_aot.py, benchmarks/aot_compile.py with PYTHONPATH=DIR):
+# packages for the AOT compile matrix (tests/test_aot.py, tools/aot_compile.py with PYTHONPATH=DIR):
 # no dependencies, nothing else changes in this environment.
 SIDE=${RSPEFT_TRITON_SIDE:-.triton-side}
 for v in 3.6.0 3.9.0; do

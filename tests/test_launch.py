@@ -273,13 +273,13 @@ def test_sm75_plans_size_16bit_operands_as_fp32():
     """Before sm_80 the dots are FMAs on fp32-staged operands (no tensor cores): the plans size 16-bit tiles as
     fp32 ones. Found by the full AOT profile on sm_75: the MGA text+BiShare per-sequence forward planned for
     bf16 needed 131072 B and the L 577 head-dim-128 attention backward 98304 B, over sm_75's 65536 B."""
-    from rspeft_fast.kernels import mga as G
+    from rspeft_fast.kernels import attention as A, mga as G
 
     sm75, sm86 = L.ARCH_PROPS[75], L.ARCH_PROPS[86]
     assert L.operand_bytes(torch.bfloat16, sm75) == L.operand_bytes(torch.float16, sm75) == 4
     assert L.operand_bytes(torch.bfloat16, sm86) == 2 and L.operand_bytes(torch.float32, sm86) == 4
     for dt in (torch.float16, torch.bfloat16):
-        assert G.plan_attention(577, 128, dt, sm75) == G.plan_attention(577, 128, torch.float32, sm75)
+        assert A.plan_attention(577, 128, dt, sm75) == A.plan_attention(577, 128, torch.float32, sm75)
         text = G.plan_mga(77, 512, 128, 8, 64, 8, dt, sm75, train=False)
         assert text == G.plan_mga(77, 512, 128, 8, 64, 8, torch.float32, sm75, train=False)
-        assert G.plan_attention(577, 128, dt, sm86) != G.plan_attention(577, 128, torch.float32, sm86)
+        assert A.plan_attention(577, 128, dt, sm86) != A.plan_attention(577, 128, torch.float32, sm86)

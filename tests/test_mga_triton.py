@@ -1,7 +1,8 @@
 """Fused Triton MGAdapter (+ BiShare): forward and every gradient against the eager reference (autograd).
 
-Both launch paths of ``kernels/mga.py`` are covered (``plan_mga`` decides; each case asserts which ran):
-the per-sequence kernels (short L) and the blocked path (any L: GEMMs + flash-style attention kernels with
+Both launch paths of the op are covered (``kernels.mga.plan_mga`` decides; each case asserts which ran): the
+per-sequence kernels of ``kernels/mga.py`` (short L) and the blocked path of ``ops/_mga_blocked.py`` (any L:
+GEMMs + the flash-style kernels of ``kernels/attention.py``, tested on their own in ``test_attention.py``, with
 the forward's log-sum-exp reused by the backward). On CPU the kernels run through Triton's interpreter
 (16-bit rounding emulated), so the shapes are small but cover L ∈ {1, 7, 77, 197, 257, 577}, head dims
 4/8/16/64/128, mask, BiShare and fp32/fp16/bf16 pairwise. The rule everywhere is
@@ -19,6 +20,7 @@ import torch
 
 from rspeft_fast._impl import ImplUnavailableError
 from rspeft_fast.kernels import _launch
+from rspeft_fast.kernels import attention as A
 from rspeft_fast.kernels import mga as K
 from rspeft_fast.modules.mga import BiShareAdapter, MGAdapter
 from rspeft_fast.ops.mga import mga
@@ -203,7 +205,7 @@ def test_plans_fit_every_arch(arch):
                 nb = _launch.dtype_bytes(dtype)
                 for a in (p.attn, p.attn_s):
                     if a is not None:
-                        assert K._attn_smem(a.BQ, a.BK, a.DHP, nb, a.num_stages) <= props.smem_per_block
+                        assert A.attn_smem(a.BQ, a.BK, a.DHP, nb, a.num_stages) <= props.smem_per_block
                         assert a.BQ <= K._p2(L) and a.BQ >= 16
                 if p.path == "sequence":
                     assert K._seq_smem(p.LP, max(p.HP, p.H2P), p.BD, nb, train, p.num_stages) <= props.smem_per_block
@@ -222,9 +224,9 @@ def test_plan_choices_with_reasons():
     long = K.plan_mga(577, 1024, 128, 8, None, None, BF16, sm90, True)
     assert long.path == "blocked" and "L=1024" in long.reason
     assert K.plan_mga(7, 64, 512, 4, None, None, F32, sm90, False).path == "blocked"
-    a86 = K.plan_attention(577, 128, F32, sm86)
+    a86 = A.plan_attention(577, 128, F32, sm86)
     assert (a86.BQ, a86.num_stages) != (64, 2)  # fp32 head dim 128 tiles are shrunk on a 99 KB device
-    assert K.plan_attention(577, 16, BF16, sm90).BQ == 64
+    assert A.plan_attention(577, 16, BF16, sm90).BQ == 64
 
 
 def test_why_unsupported_and_limits(device):
@@ -420,37 +422,6 @@ def test_opcheck(device, L):
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
 
 
-def test_launch_constants_do_not_depend_on_batch(monkeypatch):
-    """The blocked attention kernels launch with one set of compile-time constants over batch sizes."""
-    log = {}
-
-    class Rec:
-        def __init__(self, name):
-            self.name = name
-
-        def __getitem__(self, grid):
-            def launch(*a, **k):
-                log.setdefault(self.name, set()).add(tuple(sorted((n, v) for n, v in k.items()
-                                                                  if not isinstance(v, torch.Tensor))))
-            return launch
-
-    for name in ("_attn_fwd_kernel", "_attn_bwd_dq_kernel", "_attn_bwd_dkdv_kernel"):
-        monkeypatch.setattr(K, name, Rec(name))
-    m = _make(24, 32, 4, None)
-    for b in (1, 3, 40):
-        qkv = torch.randn(b, 200, 96)
-        o, lse = torch.empty(b, 200, 32), torch.empty(b, 4, 200)
-        plan = K.plan_attention(200, 8, F32, _launch.ARCH_PROPS[90])
-        K.attention_forward_blocked(qkv, 4, None, o, lse, plan, "ieee")
-        K.attention_backward_blocked(qkv, o, o, lse, 4, None, torch.empty_like(qkv), plan, "ieee")
-    assert set(log) == {"_attn_fwd_kernel", "_attn_bwd_dq_kernel", "_attn_bwd_dkdv_kernel"}
-    assert all(len(v) == 1 for v in log.values()), log
-    del m
-
-
-# ----------------------------------------------------------------------------------------------------
-# errors
-# ----------------------------------------------------------------------------------------------------
 def test_errors(device):
     m = _make(32, 32, 4, None, device)
     x = torch.randn(2, 5, 32, device=device)

@@ -1,7 +1,8 @@
 """MGAdapter (HarMA gated multimodal adapter, optional BiShare): fused Triton op, autograd and functional.
 
 ``mga(x, down_weight, down_bias, up_weight, up_bias, attn, gate, heads, share=None, key_padding_mask=None)``
-computes exactly :func:`rspeft_fast.reference.mga.mga_ref` with the kernels of ``rspeft_fast.kernels.mga``.
+computes exactly :func:`rspeft_fast.reference.mga.mga_ref` with the kernels of ``rspeft_fast.kernels.mga`` (short
+sequences) or the blocked path of ``rspeft_fast.ops._mga_blocked`` (``kernels.attention`` + GEMMs).
 
 Registered with ``torch.library`` so ``torch.compile`` sees single ops, no graph break:
 
@@ -47,6 +48,12 @@ def _kernels():
     return k
 
 
+def _blocked():
+    from . import _mga_blocked
+
+    return _mga_blocked
+
+
 def _mask_u8(mask: Optional[Tensor]) -> Optional[Tensor]:
     return None if mask is None else mask.to(torch.uint8).contiguous()
 
@@ -74,10 +81,13 @@ def mga_fwd(
     ``kernels.mga.MGASaved``, filled when ``save``)."""
     share = _share_weights((s_down_weight, s_down_bias, s_up_weight, s_up_bias, s_in_proj_weight, s_in_proj_bias,
                           s_out_proj_weight, s_out_proj_bias, s_gate), share_heads)
+    k = _kernels()
+    plan = k.plan_for(x.shape, down_weight.shape[0], heads, share, down_weight.dtype, x.device, save)
+    forward = _blocked().mga_forward_blocked if plan.path == "blocked" else k.mga_forward
     with torch.autocast(x.device.type, enabled=False):
-        y, saved = _kernels().mga_forward(
-            x, down_weight, down_bias, up_weight, up_bias, in_proj_weight, in_proj_bias, out_proj_weight,
-            out_proj_bias, gate, heads, share=share, mask_u8=_mask_u8(key_padding_mask), save=save)
+        y, saved = forward(x, down_weight, down_bias, up_weight, up_bias, in_proj_weight, in_proj_bias,
+                           out_proj_weight, out_proj_bias, gate, heads, share=share,
+                           mask_u8=_mask_u8(key_padding_mask), save=save, plan=plan)
     return (y, *saved)
 
 
@@ -86,24 +96,13 @@ def _(x, down_weight, down_bias, up_weight, up_bias, in_proj_weight, in_proj_bia
       gate, heads, s_down_weight, s_down_bias, s_up_weight, s_up_bias, s_in_proj_weight, s_in_proj_bias,
       s_out_proj_weight, s_out_proj_bias, s_gate, share_heads, key_padding_mask, save):
     k = _kernels()
-    B, L, D = x.shape
     H = down_weight.shape[0]
     cdt = down_weight.dtype
-    y = x.new_empty((B, L, D), dtype=torch.promote_types(x.dtype, cdt))
+    y = x.new_empty(x.shape, dtype=torch.promote_types(x.dtype, cdt))
     share = _share_weights((s_down_weight, s_down_bias, s_up_weight, s_up_bias, s_in_proj_weight, s_in_proj_bias,
                             s_out_proj_weight, s_out_proj_bias, s_gate), share_heads)
     blocked = k.plan_for(x.shape, H, heads, share, cdt, x.device, save).path == "blocked"
-
-    def buf(keep, *shape, dtype=cdt):
-        return x.new_empty(shape if (save and keep) else (0,), dtype=dtype)
-
-    has = share is not None
-    H2 = s_down_weight.shape[0] if has else 16
-    NH2 = share_heads if has else 1
-    f32 = torch.float32
-    return (y, buf(True, B, L, H), buf(has, B, L, H), buf(True, B, L, H), buf(has, B, L, H2),
-            buf(blocked, 2, B, L, H), buf(blocked and has, B, L, H2), buf(blocked, 2, B, heads, L, dtype=f32),
-            buf(blocked and has, B, NH2, L, dtype=f32))
+    return (y, *k.saved_buffers(x, H, heads, share, cdt, blocked, save))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -125,13 +124,15 @@ def mga_bwd(
     share = _share_weights((s_down_weight, s_down_bias, s_up_weight, s_up_bias, s_in_proj_weight, s_in_proj_bias,
                             s_out_proj_weight, s_out_proj_bias, s_gate), share_heads)
     cdt = down_weight.dtype
-    B, L, D = x.shape
+    D = x.shape[-1]
     H = down_weight.shape[0]
     f32 = torch.float32
     with torch.autocast(x.device.type, enabled=False):
-        r = k.mga_backward(
-            dy, x.dtype, down_weight, up_weight, in_proj_weight, in_proj_bias, out_proj_weight, out_proj_bias, gate,
-            heads, k.MGASaved(hpre, z1, z2, ws, o, o_s, lse, lse_s), share=share, mask_u8=_mask_u8(key_padding_mask))
+        # the forward's path: the blocked one saved the attention's head outputs
+        backward = _blocked().mga_backward_blocked if o.numel() > 0 else k.mga_backward
+        r = backward(dy, x.dtype, down_weight, up_weight, in_proj_weight, in_proj_bias, out_proj_weight, out_proj_bias,
+                     gate, heads, k.MGASaved(hpre, z1, z2, ws, o, o_s, lse, lse_s), share=share,
+                     mask_u8=_mask_u8(key_padding_mask))
 
         def rows(t, n):
             return t.reshape(-1, n)

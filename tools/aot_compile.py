@@ -1,4 +1,4 @@
-"""Ahead-of-time compile every Triton kernel of ``kernels/{mufa,qlinear,mga}.py`` for the GPUs researchers own, no GPU needed.
+"""Ahead-of-time compile every Triton kernel of ``kernels/{mufa,qlinear,mga,attention}.py`` for the GPUs researchers own, no GPU needed.
 
 Triton's interpreter (``TRITON_INTERPRET=1``, what CI runs the kernels' numerics on) never runs the Triton
 compiler, so it hides errors only a GPU compile shows (plain Python float globals in ``@triton.jit`` code,
@@ -20,20 +20,20 @@ a launch above it fails with OutOfResources; the compile itself does not check i
 instructions of the PTX (``wgmma`` / ``mma`` and their operand type, ``-`` = none).
 
 Fails (exit 1) on: a compile error; a planned (non-autotuned) launch over its arch's shared memory; an
-autotuned launch none of whose configs fits; spills in the configs tuned spill-free on sm_90 (bf16 MuFA
-forward: R = 168 with 8-warp 64-row tiles, R = 21 all). Other spills / over-limit autotune configs (the
-autotuner skips those at run time) are warnings.
+autotuned launch none of whose configs fits; spills in a config its launch record lists as tuned spill-free
+(``AotLaunch.spill_free``: today the bf16 MuFA forward on sm_90, R = 168 with 8-warp 64-row tiles, R = 21 all).
+Other spills / over-limit autotune configs (the autotuner skips those at run time) are warnings.
 
 Usage::
 
-    python benchmarks/aot_compile.py --jobs 2                                # quick profile, sm_90
-    python benchmarks/aot_compile.py --arch 80,86,89,90,100,120 --profile quick --dtypes bf16,fp32
-    python benchmarks/aot_compile.py --arch 75,80,86,89,90,100,120 --profile full \\
+    python tools/aot_compile.py --jobs 2                                # quick profile, sm_90
+    python tools/aot_compile.py --arch 80,86,89,90,100,120 --profile quick --dtypes bf16,fp32
+    python tools/aot_compile.py --arch 75,80,86,89,90,100,120 --profile full \\
         --json benchmarks/results/aot-2026-12-01/full.json --md benchmarks/results/aot-2026-12-01/full.md
-    python benchmarks/aot_compile.py --groups mufa_fwd,mga --dtypes bf16 --json out.json
-    python benchmarks/aot_compile.py --list              # the jobs, nothing compiled
-    python benchmarks/aot_compile.py --coverage          # @triton.jit kernels found vs covered (JSON)
-    python benchmarks/aot_compile.py --merge a.json b.json --md all.md   # one table of several runs
+    python tools/aot_compile.py --groups mufa_fwd,mga --dtypes bf16 --json out.json
+    python tools/aot_compile.py --list              # the jobs, nothing compiled
+    python tools/aot_compile.py --coverage          # @triton.jit kernels found vs covered (JSON)
+    python tools/aot_compile.py --merge a.json b.json --md all.md   # one table of several runs
 
 Another Triton release: ``pip install --no-deps --target DIR triton==3.6.0`` and run with ``PYTHONPATH=DIR``
 (the standalone compile needs nothing else; the JSON records ``triton.__version__``).
@@ -59,16 +59,17 @@ if __name__ == "__main__":
     os.environ.pop("TRITON_INTERPRET", None)  # before triton is imported (lazily, below)
 
 GROUPS = ("mufa_fwd", "mufa_bwd", "mufa_atb", "qlinear", "mga")
-KERNEL_MODULES = ("mufa", "qlinear", "mga")
+AOT_MODULES = ("mufa", "qlinear", "mga")  # the kernel files with an aot_launches (MGA's lists kernels.attention's)
+KERNEL_MODULES = AOT_MODULES + ("attention",)  # every kernel file (coverage)
 ALL_DTYPES = ("bf16", "fp16", "fp32", "tf32")
 DEFAULT_ARCHS = (90,)
 
 
-def _group_of(kernel: str) -> str:
-    mod, name = kernel.split(".")
+def _group_of(mod: str, kernel: str) -> str:
+    """The group of a launch listed by ``kernels.<mod>.aot_launches`` (MGA's lists its attention kernels too)."""
     if mod == "mufa":
-        return {"_bottleneck_fwd_kernel": "mufa_fwd", "_bottleneck_bwd_rows_kernel": "mufa_bwd",
-                "_atb_splitk_kernel": "mufa_atb"}.get(name, "mufa_fwd")
+        return {"mufa._bottleneck_fwd_kernel": "mufa_fwd", "mufa._bottleneck_bwd_rows_kernel": "mufa_bwd",
+                "mufa._atb_splitk_kernel": "mufa_atb"}.get(kernel, "mufa_fwd")
     return mod
 
 
@@ -126,19 +127,6 @@ def _select(cfgs, coverage):
     return [cfgs[0]] + ([largest] if largest is not cfgs[0] else [])
 
 
-def _spill_strict(arch, kernel, case):
-    """Configs the MuFA kernel owner tuned spill-free (kernels/mufa.py, bf16 sm_90 AOT compiles): at R = 168
-    "only 8-warp BLOCK_M = 64 tiles ... stay spill-free; the BLOCK_M = 128 and 4-warp ones are for small
-    bottlenecks (Swin-T R = 21)", i.e. every config at R = 21. Other archs/dtypes: spills are warnings."""
-    if arch != 90 or kernel != "mufa._bottleneck_fwd_kernel" or not case.startswith("bf16 MuFA"):
-        return lambda cfg: False
-    if "R168" in case:
-        return lambda cfg: cfg.kwargs["BLOCK_M"] == 64 and cfg.num_warps == 8
-    if "R21" in case:
-        return lambda cfg: True
-    return lambda cfg: False
-
-
 def module_jobs(mod, arch, dtypes, profile, coverage):
     """Jobs of ``kernels.<mod>.aot_launches`` on ``arch``: one per config the plan allows (autotuned launches:
     thinned by ``coverage[dtype]``)."""
@@ -151,14 +139,16 @@ def module_jobs(mod, arch, dtypes, profile, coverage):
     jobs = []
     for dname in dtypes:
         for launch in K.aot_launches(props, dname, profile):
-            strict = _spill_strict(arch, launch.kernel, launch.case)
+            if not launch.configs:  # the plan pruned every config: nothing could launch
+                raise SystemExit(f"aot_compile: sm_{arch} {launch.kernel} [{launch.case}]: the plan left no config")
             cfgs = _select(launch.configs, coverage[dname]) if launch.autotuned else list(launch.configs)
             for cfg in cfgs:
                 args = dict(launch.args)
                 args.update(cfg.kwargs)
-                jobs.append(Job(_group_of(launch.kernel), launch.kernel, launch.case, _cfg_label(cfg), args,
+                jobs.append(Job(_group_of(mod, launch.kernel), launch.kernel, launch.case, _cfg_label(cfg), args,
                                 dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
-                                spill_strict=strict(cfg), autotuned=launch.autotuned, edge=launch.edge, arch=arch))
+                                spill_strict=cfg in launch.spill_free, autotuned=launch.autotuned, edge=launch.edge,
+                                arch=arch))
     return jobs
 
 
@@ -193,7 +183,7 @@ def all_jobs(groups=GROUPS, profile="quick", dtypes=None, coverage=None, edge=No
     cov = {d: coverage for d in ALL_DTYPES} if coverage else prof["coverage"]
     lean = prof["lean"] and not coverage
     edge = prof["edge"] if edge is None else edge
-    kprofile = "full" if not lean or edge else ("ci" if profile == "ci" else "quick")
+    kprofile = "full" if not lean or edge else profile
     jobs = []
     for arch in archs:
         if groups & {"mufa_fwd", "mufa_bwd", "mufa_atb"}:
@@ -201,7 +191,7 @@ def all_jobs(groups=GROUPS, profile="quick", dtypes=None, coverage=None, edge=No
         if "qlinear" in groups:
             jobs += module_jobs("qlinear", arch, dtypes, kprofile, cov)
         if "mga" in groups:
-            jobs += module_jobs("mga", arch, dtypes, "quick" if kprofile == "ci" else kprofile, cov)
+            jobs += module_jobs("mga", arch, dtypes, kprofile, cov)
     return jobs
 
 
@@ -401,7 +391,7 @@ def run_jobs(jobs, n_procs=1, progress=None):
 # ------------------------------------------------------------------------------------------------------
 def kernels_found():
     """``module.name`` of every kernel (autotuned/heuristics-wrapped, or a JITFunction named ``*_kernel``)
-    defined in kernels/{mufa,qlinear,mga}.py; device helpers (``_dot``, ``gelu``...) are compiled inline."""
+    defined in kernels/{mufa,qlinear,mga,attention}.py; device helpers (``_dot``, ``gelu``...) are compiled inline."""
     import importlib
 
     from triton.runtime.jit import JITFunction
