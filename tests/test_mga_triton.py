@@ -12,6 +12,7 @@ inputs) at most 2× eager's error in the same dtype (+ 4 ulps of the reference's
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import warnings
 
@@ -25,7 +26,7 @@ from rspeft_fast.kernels import mga as K
 from rspeft_fast.modules.mga import BiShareAdapter, MGAdapter
 from rspeft_fast.ops.mga import mga
 from rspeft_fast.reference.mga import mga_ref
-from rspeft_fast.testing import assert_close, assert_fused_close
+from rspeft_fast.testing import AbsTerms, assert_close, assert_fused_close
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -61,13 +62,15 @@ def _args(m: MGAdapter):
     return (m.down.weight, m.down.bias, m.up.weight, m.up.bias, attn, m.gate, m.heads)
 
 
-def _run(fn, m, x, mask, dy):
-    """y and the gradients of x and of every parameter of ``m`` (BiShare included) for loss <y, dy>."""
+def _run(fn, m, x, mask, dy, terms=None):
+    """y and the gradients of x and of every parameter of ``m`` (BiShare included) for loss <y, dy>; ``terms``: an
+    :class:`AbsTerms` recording the magnitudes of the summed terms (the float64 reference run)."""
     m.zero_grad(set_to_none=True)
     x = x.detach().requires_grad_(True)
     share = m.share.tensors() if m.share is not None else None
-    y = fn(x, *_args(m), share=share, key_padding_mask=mask)
-    y.backward(dy)
+    with terms if terms is not None else contextlib.nullcontext():
+        y = fn(x, *_args(m), share=share, key_padding_mask=mask)
+        y.backward(dy)
     grads = {"x": x.grad}
     grads.update({n: p.grad for n, p in m.named_parameters()})
     return y.detach(), grads
@@ -97,10 +100,12 @@ def _check(m32: MGAdapter, x32: torch.Tensor, mask, dtype: torch.dtype, name: st
     dy = torch.randn(x.shape, device=x.device).to(dtype)
     yf, gf = _run(mga, m_lo, x, mask, dy)
     ye, ge = _run(mga_ref, m_lo, x, mask, dy)
-    yr, gr = _run(mga_ref, m_ref, x.double(), mask, dy.double())
+    terms = AbsTerms()  # parameter gradients (gates, biases, weights) are sums over B·L rows
+    yr, gr = _run(mga_ref, m_ref, x.double(), mask, dy.double(), terms)
     assert yf.dtype == dtype and set(gf) == set(gr)
     assert all(g is not None for g in gf.values()), [n for n, g in gf.items() if g is None]
-    assert_fused_close({"y": yf, **gf}, {"y": ye, **ge}, {"y": yr, **gr}, name=name)
+    assert_fused_close({"y": yf, **gf}, {"y": ye, **ge}, {"y": yr, **gr}, name=name,
+                       terms={"y": None, **{n: (None if n == "x" else terms.of(g)) for n, g in gr.items()}})
     return yf, gf
 
 
