@@ -8,7 +8,8 @@ module has a plain bool attribute ``adapter_enabled``; when False the forward is
 backbone's.
 
 The forwards mirror timm 1.0.x / open_clip 3.x; ``tests/test_inject.py`` checks that an adapted model
-at initialisation returns exactly what the backbone returns.
+at initialisation returns exactly what the backbone returns. Every BatchNorm gets a subclass too, whose ``train()``
+keeps it in eval mode while it is frozen (:func:`keep_frozen_batchnorm_in_eval`).
 """
 from __future__ import annotations
 

@@ -32,7 +32,6 @@ from typing import Iterator, NamedTuple, Optional, Sequence, Union
 
 from torch import nn
 
-from ..modules import CAPM, EQAM, BiShareAdapter, MGAdapter, MuFAAdapter
 from . import _blocks, methods  # noqa: F401  (methods: importing it fills the registry)
 from .config import AdapterConfig, config_for
 from .families import FAMILIES, Family, family_of, why_not
@@ -56,8 +55,7 @@ SUPPORTED = {f.name: f.methods for f in FAMILIES}
 CONFIG_ATTR = "rspeft_config"
 MERGED_ATTR = "rspeft_merged"  # the config of adapters merge_adapters folded into the backbone's weights
 ADAPTED_ATTR = "rspeft_adapted"
-_ADAPTER_MODULES = (MuFAAdapter, EQAM, CAPM, MGAdapter, BiShareAdapter)
-_ADAPTER_PARAM_LEAVES = ("lora_A", "lora_B", "adapter_gate", "vpt_prompts")
+ADDED_ATTR = "rspeft_added"  # names of the parameters the injector added (adapters, LoRA factors, gates, prompts)
 
 
 def model_family(model: nn.Module) -> str:
@@ -159,7 +157,9 @@ def inject(model: nn.Module, method: Union[str, AdapterConfig], **options) -> nn
     if spec.resolve is not None:
         cfg = spec.resolve(model, fam, cfg)
     model.requires_grad_(False)
+    before = {n for n, _ in model.named_parameters()}
     adapted = list(spec.inject(model, fam, cfg, Target(cfg.target)))
+    setattr(model, ADDED_ATTR, tuple(n for n, _ in model.named_parameters() if n not in before))
 
     if head is not None and (cfg.train_head or name == "linear"):
         head.requires_grad_(True)
@@ -196,16 +196,9 @@ class TrainableParams(NamedTuple):
 
 
 def adapter_parameter_names(model: nn.Module) -> set:
-    """Names of the parameters that injection added (adapter modules, LoRA factors, gates, prompts)."""
-    names = set()
-    for mname, mod in model.named_modules():
-        if isinstance(mod, _ADAPTER_MODULES):
-            for pn, _ in mod.named_parameters(prefix=mname):
-                names.add(pn)
-    for pn, _ in model.named_parameters():
-        if pn.rsplit(".", 1)[-1] in _ADAPTER_PARAM_LEAVES:
-            names.add(pn)
-    return names
+    """Names of the parameters that injection added (adapter modules, LoRA factors, gates, prompts) and that the
+    model still has (``merge_adapters`` removes LoRA's)."""
+    return set(getattr(model, ADDED_ATTR, ())) & {n for n, _ in model.named_parameters()}
 
 
 def trainable_parameters(model: nn.Module) -> TrainableParams:

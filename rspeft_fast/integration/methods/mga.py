@@ -35,9 +35,9 @@ class MGAConfig(AdapterConfig):
     Sizes follow the model's width ``W`` (the widest adapted tower) unless given: ``hidden`` = ``W / 6``
     rounded down to a multiple of 16, between 16 and 128; ``heads`` = ``hidden / 16`` (head dim 16; 1 for a
     ``hidden`` that is not a multiple of 16). HarMA's 128 / 8 on CLIP ViT-B (768 / 512 wide) follows, and
-    every model gets about the same share: MGA tunes ≈ 3.5 % of a ViT-Ti / S / B (a fixed 128 / 8 would
-    tune 25 % of the 192-wide ViT-Ti). ``inject`` stores the sizes it chose in the config (and so in a
-    saved adapter file).
+    ViTs get about the same share: MGA tunes 3.6-3.7 % of a ViT-Ti / S / B (32 / 2, 64 / 4, 128 / 8; the head
+    not counted), 2.6 % of a ViT-L (capped at 128 / 8); a fixed 128 / 8 tuned 25 % of the 192-wide ViT-Ti.
+    ``inject`` stores the sizes it chose in the config (and so in a saved adapter file).
     """
 
     method: ClassVar[str] = "mga"
