@@ -328,3 +328,50 @@ def test_target_fullmatch_one_meaning_across_methods_and_report():
         rf.inject(_model(VIT), "mufa", target="blocks.1.mlp")
     with pytest.raises(ValueError, match="non-empty strings"):
         rf.MuFAConfig(target=["blocks.0", ""])
+
+
+def test_a_method_declared_in_one_place_is_known_everywhere(tmp_path):
+    """What a file in ``integration/methods/`` declares (config, injector, families, why not) is all inject,
+    config_for, the families, trainable_parameters and save / load need (the package docstring's recipe)."""
+    from dataclasses import dataclass
+    from typing import ClassVar
+
+    from rspeft_fast.integration.config import OptionError
+    from rspeft_fast.integration.families import family_by_name
+    from rspeft_fast.integration.methods._common import attach, blocks_of, dd
+    from rspeft_fast.integration.registry import REGISTRY, register
+
+    @dataclass
+    class DemoConfig(AdapterConfig):
+        method: ClassVar[str] = "demo-serial"
+        rate: int = 16
+
+        def validate(self) -> None:
+            super().validate()
+            if self.rate <= 0:
+                raise OptionError(f"rate must be positive, got {self.rate}")
+
+    def inject_demo(model, fam, cfg, target):
+        return [attach(fam, n, b, rf.MuFAAdapter(fam.block_dim(b), rates=(cfg.rate,), impl="reference").to(**dd(b)), "serial")
+                for n, b in target.select(blocks_of(model, fam), "transformer blocks")]
+
+    register("demo-serial", DemoConfig, ("vit",), why_not={"swin": "demo: ViT only"})(inject_demo)
+    try:
+        assert "demo-serial" in family_by_name("vit").methods and config_for("demo-serial", rate="8").rate == 8
+        with pytest.raises(OptionError, match="rate"):
+            config_for("demo-serial", rate=0)
+        with pytest.raises(ValueError, match="demo: ViT only"):
+            rf.inject(_model(SWIN), "demo-serial")
+        torch.manual_seed(0)
+        model = rf.inject(_model(VIT, num_classes=3), "demo-serial", target=r"blocks\.[01]")
+        tp = rf.trainable_parameters(model)
+        assert tp.adapted == ("blocks.0", "blocks.1") and tp.backbone == sum(p.numel() for p in _model(VIT, num_classes=3).parameters())
+        _randomise_trainable(model)
+        rf.save_adapters(model, tmp_path / "demo.safetensors")
+        torch.manual_seed(0)
+        fresh = rf.load_adapters(_model(VIT, num_classes=3), tmp_path / "demo.safetensors")
+        x = _x(VIT)
+        with torch.no_grad():
+            assert torch.equal(fresh(x), model(x))
+    finally:
+        REGISTRY.pop("demo-serial", None)
