@@ -257,3 +257,24 @@ def test_resume_may_extend_epochs_but_not_shorten_them(tmp_path, capsys):
     assert "resumed from" in capsys.readouterr().out
     m = _metrics(out)
     assert m["state"]["epoch"] == 3 and m["state"]["step"] == 18
+
+
+# a BatchNorm backbone whose norm layers are tuned (bitfit: BN weight/bias train, their running statistics with them)
+TRAIN_BN = ["--model", "resnet18", "--img-size", "32", "--no-progress", "--device", "cpu", "--method", "bitfit",
+            "--epochs", "2", "--embedded-per-class", "6", "--batch-size", "8", "--lr", "3e-3"]
+
+
+def test_batchnorm_backbone_resume_is_exact_in_evaluation_too(tmp_path):
+    """resnet18 + bitfit, SIGTERM mid-epoch 1, --resume: the checkpoint carries the tuned BatchNorms' running
+    statistics (before: parameters only, so the resumed run's validation accuracy differed while its weights were
+    bit-exact), so weights, buffers and every epoch's validation metrics equal the uninterrupted run's."""
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    assert train_main([*TRAIN_BN, "--out", str(ref), *CKPT]) == 0
+    assert train_main([*TRAIN_BN, "--out", str(run), *CKPT], hooks=[signal_at("step", 4)]) == 128 + signal.SIGTERM
+    ck = torch.load(run / "checkpoint.pt", weights_only=True)
+    assert any(k.endswith("running_mean") for k in ck["trainable"]), "no BatchNorm statistics in the checkpoint"
+    assert train_main([*TRAIN_BN, "--out", str(run), "--resume", *CKPT]) == 0
+    w_ref, w = _weights(ref), _weights(run)
+    assert any(k.endswith("running_var") for k in w)  # the adapter file holds the statistics too
+    assert _weights_equal(w, w_ref)
+    assert _outcome("train", _metrics(run)) == _outcome("train", _metrics(ref))

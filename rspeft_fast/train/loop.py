@@ -436,12 +436,15 @@ class Trainer:
 
     # -- checkpoints -----------------------------------------------------------------------------------
     def _trainable(self) -> dict:
+        """What training changes (:func:`~rspeft_fast.integration.trainable_state_dict`: trainable parameters and
+        the buffers of the modules that own them, e.g. a tuned BatchNorm's running statistics), on the CPU."""
+        from ..integration import trainable_state_dict
+
         out = {}
-        for n, p in self.model.named_parameters():
-            if p.requires_grad:
-                t = p.detach()
-                t = t.full_tensor() if hasattr(t, "full_tensor") else t  # FSDP2: a collective on every rank
-                out[n] = t.to("cpu", copy=True)
+        for n, t in trainable_state_dict(self.model).items():
+            t = t.detach()
+            t = t.full_tensor() if hasattr(t, "full_tensor") else t  # FSDP2: a collective on every rank
+            out[n] = t.to("cpu", copy=True)
         return out
 
     def checkpoint(self) -> dict:
@@ -501,7 +504,9 @@ class Trainer:
         if ck["backbone_checksum"] != backbone_checksum(self.model):
             raise SystemExit(f"--resume {path}: the frozen backbone weights differ from the checkpointed run's "
                              "(another --checkpoint file or library version?)")
-        params = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+        from ..integration import trainable_state_dict
+
+        params = trainable_state_dict(self.model)
         saved = ck["trainable"]
         if set(saved) != set(params) or any(tuple(saved[n].shape) != tuple(params[n].shape) for n in params):
             raise SystemExit(f"--resume {path}: the checkpoint's trainable tensors do not match the model's")
