@@ -297,7 +297,7 @@ def test_fused_equals_reference_inside_model(name, method, opts):
 
 
 CKPT_CASES = [("eva-dinov3", "mufa", {}), ("hf-dinov3", "mufa", {}), ("hf-swin", "lora", {"rank": 4}),
-              ("hf-clip", "mga", MGA), ("siglip", "mga", MGA)]  # the CLIPs with padded text: the mask survives recompute
+              ("hf-clip", "mga", {**MGA, "text_padding_mask": True}), ("siglip", "mga", {**MGA, "text_padding_mask": True})]  # the CLIPs with padded text: the mask survives recompute
 
 
 @pytest.mark.parametrize("name,method,opts", CKPT_CASES, ids=_ids)
@@ -376,7 +376,8 @@ def test_hf_clip_mga_weighted_triplet_training_step():
 
 
 def test_hf_clip_text_mask_reaches_text_adapters_only():
-    model = inject(build("hf-clip"), "mga", MGA)
+    assert rf.integration.config.config_for("mga").text_padding_mask is False  # HarMA's default: no mask
+    model = inject(build("hf-clip"), "mga", {**MGA, "text_padding_mask": True})
     seen = {}
     for name, mod in model.named_modules():
         if isinstance(mod, rf.MGAdapter):

@@ -242,8 +242,8 @@ def test_grad_checkpointing_open_clip_mga_with_text_mask():
     # the text key padding mask is keyed by each block's input tensor (integration/_blocks.TextMaskContext), so
     # open_clip's checkpoint recomputation in backward finds it after the hook cleared the pass's mask
     img, txt = clip_inputs()  # the text has padding
-    plain = build_clip("reference")
-    ckpt = build_clip("reference")
+    plain = build_clip("reference", text_padding_mask=True)  # the mask is an option (HarMA's default: none)
+    ckpt = build_clip("reference", text_padding_mask=True)
     ckpt.set_grad_checkpointing(True)
     got = clip_fwd_bwd(ckpt, img, txt)
     compare(got, clip_fwd_bwd(plain, img, txt), "checkpointed open_clip mga", exact=True)

@@ -198,7 +198,7 @@ def test_mga_clip_identity_grads_and_text_mask():
     txt[0, 7:] = 0  # padding
     with torch.no_grad():
         ri, rt = model.encode_image(img), model.encode_text(txt)
-    rf.inject(model, "mga", hidden=32, heads=4)
+    rf.inject(model, "mga", hidden=32, heads=4, text_padding_mask=True)  # the mask is an option (HarMA: none)
     with torch.no_grad():
         assert torch.equal(model.encode_image(img), ri)
         assert torch.equal(model.encode_text(txt), rt)
