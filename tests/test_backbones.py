@@ -18,11 +18,11 @@ import os
 import pytest
 import torch
 
-timm = pytest.importorskip("timm")
+import timm
 if os.environ.get("CI"):  # pinned in requirements-ci.txt: a missing transformers fails CI instead of skipping
     import transformers
 else:
-    transformers = pytest.importorskip("transformers")
+    import transformers
 
 import rspeft_fast as rf  # noqa: E402
 from rspeft_fast.integration.families import FAMILIES, family_of, set_grad_checkpointing  # noqa: E402
@@ -85,7 +85,7 @@ def _hf_clip():
 
 
 def _siglip():  # open_clip CustomTextCLIP + timm ViT tower, as ViT-B-16-SigLIP (timm's test_vit: d=64, 6 blocks, 160 px)
-    open_clip = pytest.importorskip("open_clip")
+    import open_clip
     return open_clip.CustomTextCLIP(
         embed_dim=64,  # = the tower's width: timm_proj="none" as SigLIP
         vision_cfg=dict(timm_model_name="test_vit", timm_model_pretrained=False, timm_pool="map",

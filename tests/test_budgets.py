@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-timm = pytest.importorskip("timm")
+import timm
 
 import rspeft_fast as rf  # noqa: E402
 from rspeft_fast.integration import OptionError, config_for  # noqa: E402

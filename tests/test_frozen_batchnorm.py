@@ -5,8 +5,8 @@ import copy
 import pytest
 import torch
 
-timm = pytest.importorskip("timm")
-pytest.importorskip("safetensors")
+import timm
+import safetensors  # noqa: F401,E402  (pinned: a missing one fails)
 
 import rspeft_fast as rf  # noqa: E402
 from rspeft_fast.integration import trainable_state_dict  # noqa: E402
@@ -117,9 +117,8 @@ def test_frozen_batchnorm_stays_frozen_through_wrappers_copies_and_state_dicts()
 
 
 def test_frozen_batchnorm_stays_frozen_under_ddp(tmp_path):
-    dist = pytest.importorskip("torch.distributed")
-    if not dist.is_available() or not dist.is_gloo_available():
-        pytest.skip("torch.distributed with gloo is not available")
+    import torch.distributed as dist
+    assert dist.is_available() and dist.is_gloo_available(), "torch.distributed with gloo is part of the pinned torch"
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)

@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-timm = pytest.importorskip("timm")
+import timm
 
 import rspeft_fast as rf  # noqa: E402
 from rspeft_fast.testing import assert_close  # noqa: E402
@@ -135,7 +135,7 @@ def adapter_modules(model):
 
 
 def tiny_clip(seed=0):
-    open_clip = pytest.importorskip("open_clip")
+    import open_clip
     torch.manual_seed(seed)
     return open_clip.CLIP(
         embed_dim=32,
@@ -303,8 +303,7 @@ def test_ddp_two_processes_equal_one_process_full_batch(tmp_path):
     import torch.distributed as dist
     import torch.multiprocessing as mp
 
-    if not dist.is_available() or not dist.is_gloo_available():
-        pytest.skip("torch.distributed with gloo is not available")
+    assert dist.is_available() and dist.is_gloo_available(), "torch.distributed with gloo is part of the pinned torch"
     mp.spawn(_ddp_worker, args=(H.free_port(), str(tmp_path)), nprocs=DDP_WORLD, join=True)
     results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(DDP_WORLD)]
     for case, (spec, method, opts) in enumerate(DDP_CASES):

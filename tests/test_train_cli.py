@@ -218,8 +218,7 @@ def test_fsdp_without_torchrun_says_what_happens(tmp_path, capsys):
     torn down after the run."""
     import torch.distributed as dist
 
-    if not (dist.is_available() and dist.is_gloo_available()):
-        pytest.skip("needs torch.distributed with gloo")
+    assert dist.is_available() and dist.is_gloo_available(), "torch.distributed with gloo is part of the pinned torch"
     out = str(tmp_path / "fsdp")
     assert train_main(SMALL + ["--model-arg", "depth=1", "--method", "mufa", "--impl", "reference", "--epochs", "1",
                                "--embedded-per-class", "2", "--batch-size", "8", "--max-steps", "1", "--fsdp", "--out", out]) == 0
