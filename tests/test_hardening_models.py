@@ -438,3 +438,18 @@ def test_copy_of_model_is_independent_after_load(tmp_path):
     twin = copy.deepcopy(dst)
     rf.load_adapters(dst, path)
     assert not torch.equal(twin.blocks[0].attn.qkv.lora_B, dst.blocks[0].attn.qkv.lora_B)
+
+
+@pytest.mark.parametrize("mask", [False, True], ids=["harma-no-mask", "text-mask"])
+def test_compile_open_clip_mga_same_results(mask):
+    """open_clip CLIP + MGA (fused, BiShare in the text tower) under torch.compile (aot_eager): the outputs and
+    every gradient equal eager's, with and without the text padding mask."""
+    img, txt = clip_inputs()
+    eager = build_clip("triton", text_padding_mask=mask)
+    want = clip_fwd_bwd(eager, img, txt)
+    model = build_clip("triton", text_padding_mask=mask)
+    torch._dynamo.reset()
+    model.encode_image = torch.compile(model.encode_image, backend="aot_eager")  # each tower as a training step calls it
+    model.encode_text = torch.compile(model.encode_text, backend="aot_eager")
+    compare(clip_fwd_bwd(model, img, txt), want, f"compiled open_clip mga (mask={mask})", atol=1e-5, rtol=1e-4)
+    torch._dynamo.reset()

@@ -47,7 +47,8 @@ def create_classifier(
     """Build a classifier ``(B, 3, H, W) -> (B, num_classes)`` by name.
 
     Args:
-        name: a timm model name.
+        name: a timm model name (ViT, Swin, ConvNeXt, ResNet, Eva, ...) or ``"hf:<spec>"`` (see the module
+            docstring).
         num_classes: width of the (freshly initialised) head.
         pretrained: fetch the hub weights (needs network access).
         checkpoint: a local weights file (timm: any state dict timm's pretrained loader reads; the head is

@@ -69,7 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m rspeft_fast train",
         description="Fine-tune a timm model with parameter-efficient adapters (frozen backbone) and save the adapter weights.",
     )
-    p.add_argument("--model", default="vit_base_patch16_224", help="timm model name (ViT, Swin or ConvNeXt; default %(default)s)")
+    p.add_argument("--model", default="vit_base_patch16_224", help="timm model name (ViT, Swin, ConvNeXt, ResNet, Eva, ...) or hf:<spec> (a transformers image classifier: "
+                        "class name, model_type or local folder; rspeft_fast.integration.models) (default %(default)s)")
     p.add_argument("--method", default="mufa", choices=[m for m in METHODS if m != "mga"] + ["mga"], help="PEFT method (default %(default)s)")
     p.add_argument("--option", action="append", type=parse_option, default=[], metavar="KEY=VALUE",
                    help="method option, e.g. --option rates=8,16,32 --option placement=serial --option rank=16 (repeatable)")
