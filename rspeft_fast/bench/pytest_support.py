@@ -1,6 +1,6 @@
 """Glue between the cases of :mod:`rspeft_fast.bench.cases` / :mod:`.e2e` and pytest-benchmark.
 
-Used by ``benchmarks/test_bench_*.py``. Environment variables:
+Used by ``benchmarks/test_bench_ops.py`` and ``benchmarks/test_bench_e2e.py``. Environment variables:
 
 * ``RSPEFT_BENCH_SIZE`` = ``spec | small | tiny``: op shapes (default ``spec`` on GPU, ``tiny`` on CPU);
 The ``torch.compile`` variants on CPU carry the ``slow`` marker (inductor's first compile takes ~30 s per graph
