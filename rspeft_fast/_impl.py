@@ -37,6 +37,8 @@ __all__ = [
     "triton_available",
     "triton_interpret",
     "force_reference",
+    "register_plan_cache",
+    "clear_plans",
 ]
 
 ENV_FORCE = "RSPEFT_FAST_IMPL"
@@ -198,6 +200,24 @@ def kernel_limits(kernels: Callable[[], object], device: torch.device | str, dty
         return why(dtype=dtype, props=_launch.device_props(torch.device(device)), **shapes)
 
     return limits
+
+
+# The ops' plan caches (checks, resolution and launch plans kept per call key: ``ops/mufa.py``, ``ops/qlinear.py``).
+# Their keys hold everything that legitimately changes a plan (shapes, dtypes, devices, autocast, the fp32 matmul
+# precision, TRITON_INTERPRET and RSPEFT_FAST_IMPL); code that replaces the package's own functions (tests with
+# monkeypatch) calls :func:`clear_plans` first.
+_PLAN_CACHES: list[dict] = []
+
+
+def register_plan_cache(cache: dict) -> dict:
+    _PLAN_CACHES.append(cache)
+    return cache
+
+
+def clear_plans() -> None:
+    """Forget every op's cached plans (the next call of each key checks and resolves again)."""
+    for c in _PLAN_CACHES:
+        c.clear()
 
 
 def available(name: str, device: torch.device) -> tuple[bool, str]:
