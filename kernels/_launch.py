@@ -74,7 +74,7 @@ __all__ = [
     "LAUNCH_OPTIONS", "DeviceProps", "ARCH_PROPS", "INTERPRETER_PROPS", "MIN_ARCH", "INTERPRET", "SUPPORTED_DTYPES", "DTYPE_BYTES",
     "device_props", "props_for_arch", "smem_bytes", "prune_configs", "autotune_pruner", "precision",
     "dot", "cast", "pad_pow2", "cdiv", "split_rows", "arch_unsupported", "dtype_bytes", "operand_bytes", "AotLaunch", "aot_dtype",
-    "AOT_DTYPES",
+    "AOT_DTYPES", "plan_cache", "PLAN_CACHES",
 ]
 
 # Triton's interpreter is chosen when ``@triton.jit`` runs (import time of the kernel files): read it then too.
@@ -115,6 +115,28 @@ ARCH_PROPS: dict[int, DeviceProps] = {
 }
 
 INTERPRETER_PROPS = DeviceProps(90, 232448, 2)
+
+# The launchers' caches of launch plans (one entry per shapes / dtypes / strides / flags; cleared together by
+# ``rspeft_fast._impl.clear_plans``).
+PLAN_CACHES: list[dict] = []
+_MAX_PLANS = 1024
+
+
+def plan_cache() -> dict:
+    """A new launch-plan cache, registered in :data:`PLAN_CACHES`."""
+    c: dict = {}
+    PLAN_CACHES.append(c)
+    return c
+
+
+def cached_plan(cache: dict, key, make):
+    """``cache[key]``, made by ``make()`` on a miss (the cache is emptied when it reaches 1024 entries)."""
+    p = cache.get(key)
+    if p is None:
+        if len(cache) >= _MAX_PLANS:
+            cache.clear()
+        p = cache[key] = make()
+    return p
 
 _PROPS_CACHE: dict = {}
 

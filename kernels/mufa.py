@@ -62,7 +62,8 @@ from triton.runtime.jit import JITFunction
 
 from ._common import gelu, gelu_grad
 from ._launch import (
-    INTERPRET, LAUNCH_OPTIONS, SUPPORTED_DTYPES, DeviceProps, arch_unsupported, cast, cdiv, device_props, dot, dtype_bytes,
+    INTERPRET, LAUNCH_OPTIONS, SUPPORTED_DTYPES, DeviceProps, arch_unsupported, cached_plan, cast, cdiv, device_props, dot,
+    dtype_bytes, plan_cache,
     operand_bytes, pad_pow2, precision, prune_configs, smem_bytes, split_rows,
 )
 
@@ -901,6 +902,10 @@ def run_bwd(plan: BwdLaunch, dy, x, pre, wd, bd, wu, cs, ci, dx_shape=None):
     return dx, dwd, dbd, dwu, dbu, dg
 
 
+_FWD_PLANS = plan_cache()
+_BWD_PLANS = plan_cache()
+
+
 def bottleneck_fwd(x, wd, bd, wu, bu, col_scale, scale: float, base=None, save_pre: bool = True, out_dtype=None,
                    col_index=None):
     """``y = scale * ((GELU(x Wdᵀ + bd) * col_scale) Wuᵀ + bu) (+ base)``; returns ``(y, pre)``.
@@ -916,10 +921,13 @@ def bottleneck_fwd(x, wd, bd, wu, bu, col_scale, scale: float, base=None, save_p
     base = _rows(base) if base is not None else None
     wd, wu = _rows(wd), _rows(wu)
     ci = column_index(r, x.device) if col_index is None else col_index
-    plan = plan_fwd_launch(n, d, r, x.dtype, out_dtype=out_dtype, save_pre=save_pre,
-                           base_dtype=None if base is None else base.dtype, bu_dtype=bu.dtype, cs_dtype=col_scale.dtype,
-                           scale=scale, x_stride=x.stride(0), base_stride=None if base is None else base.stride(0),
-                           wd_strides=wd.stride(), wu_strides=wu.stride())
+    bdt, bst = (None, None) if base is None else (base.dtype, base.stride(0))
+    key = (n, d, r, x.dtype, x.device, out_dtype, bool(save_pre), bdt, bst, bu.dtype, col_scale.dtype, float(scale), x.stride(0),
+           wd.stride(), wu.stride(), torch.get_float32_matmul_precision())
+    plan = cached_plan(_FWD_PLANS, key, lambda: plan_fwd_launch(
+        n, d, r, x.dtype, out_dtype=out_dtype, save_pre=save_pre, base_dtype=bdt, bu_dtype=bu.dtype,
+        cs_dtype=col_scale.dtype, scale=scale, x_stride=x.stride(0), base_stride=bst, wd_strides=wd.stride(),
+        wu_strides=wu.stride()))
     return run_fwd(plan, x, wd, bd.contiguous(), wu, bu.contiguous(), col_scale.contiguous(), ci, base)
 
 
@@ -943,10 +951,14 @@ def bottleneck_bwd(dy, x, pre, wd, bd, wu, col_scale, scale: float, col_index=No
     pre = pre.contiguous() if pre is not None else None
     wd, wu = _rows(wd), _rows(wu)
     ci = column_index(r, x.device) if col_index is None else col_index
-    plan = plan_bwd_launch(n, d, r, x.dtype, dy_dtype=dy.dtype, recompute=pre is None, scale=scale,
-                           n_gate=None if col_index is None else col_scale.shape[0], gate_grad=gate_grad,
-                           grad_dtypes=grad_dtypes, cs_dtype=col_scale.dtype, wd_strides=wd.stride(),
-                           wu_strides=wu.stride(), device=x.device)
+    n_gate = None if col_index is None else col_scale.shape[0]
+    grad_dtypes = None if grad_dtypes is None else tuple(grad_dtypes)
+    key = (n, d, r, x.dtype, dy.dtype, pre is None, float(scale), n_gate, bool(gate_grad), grad_dtypes, col_scale.dtype,
+           wd.stride(), wu.stride(), x.device, torch.get_float32_matmul_precision())
+    plan = cached_plan(_BWD_PLANS, key, lambda: plan_bwd_launch(
+        n, d, r, x.dtype, dy_dtype=dy.dtype, recompute=pre is None, scale=scale, n_gate=n_gate, gate_grad=gate_grad,
+        grad_dtypes=grad_dtypes, cs_dtype=col_scale.dtype, wd_strides=wd.stride(), wu_strides=wu.stride(),
+        device=x.device))
     return run_bwd(plan, dy, x, pre, wd, bd.contiguous(), wu, col_scale.contiguous(), ci)
 
 

@@ -215,8 +215,14 @@ def register_plan_cache(cache: dict) -> dict:
 
 
 def clear_plans() -> None:
-    """Forget every op's cached plans (the next call of each key checks and resolves again)."""
+    """Forget every op's cached plans and the launchers' launch plans (the next call of each key checks, resolves
+    and plans again)."""
+    import sys
+
     for c in _PLAN_CACHES:
+        c.clear()
+    launch = sys.modules.get(__package__ + ".kernels._launch")
+    for c in getattr(launch, "PLAN_CACHES", ()):
         c.clear()
 
 

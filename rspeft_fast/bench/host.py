@@ -6,7 +6,9 @@ interpreter (``TRITON_INTERPRET=1``) with the interpreter's launch replaced by a
 left is validation, implementation resolution, launch plans, allocations, the custom-op and autograd
 dispatch and every aten op around the kernels. Per adapter and mode (``fwd`` under ``no_grad``,
 ``fwd+bwd`` = forward with autograd + ``backward`` of a fixed output gradient, input and parameters
-requiring grad, gradients reset to ``None`` outside the timed call):
+requiring grad; outside the timed call the gradients are reset to ``None`` and every parameter is changed in
+place (``add_(0)``: its ``_version`` moves as after an optimizer step, so nothing derived from a parameter is
+reused across training steps; in ``fwd`` (inference) parameters do not change):
 
 * ``module``: the ``nn.Module`` with ``impl="triton"`` (what a model runs);
 * ``op``: the ``torch.library`` custom op alone, called with prepared arguments (the irreducible part of the
@@ -345,10 +347,16 @@ class _Runner:
         self.samples: list[int] = []
 
     def reset(self):
+        """Outside the timed call: gradients to None and, for fwd+bwd, every parameter changed in place (its
+        ``_version`` bumped, as an optimizer step does), so caches of derived tensors are remade as in training."""
         if self.mode == "fwd+bwd":
+            import torch
+
             self.x.grad = None
-            for p in self.params:
-                p.grad = None
+            with torch.no_grad():
+                for p in self.params:
+                    p.grad = None
+                    p.add_(0.0)
 
     def time(self, n: int) -> None:
         pc = time.perf_counter_ns
