@@ -39,6 +39,7 @@ __all__ = [
     "force_reference",
     "register_plan_cache",
     "clear_plans",
+    "autocast_state",
 ]
 
 ENV_FORCE = "RSPEFT_FAST_IMPL"
@@ -207,6 +208,20 @@ def kernel_limits(kernels: Callable[[], object], device: torch.device | str, dty
 # precision, TRITON_INTERPRET and RSPEFT_FAST_IMPL); code that replaces the package's own functions (tests with
 # monkeypatch) calls :func:`clear_plans` first.
 _PLAN_CACHES: list[dict] = []
+
+
+_AUTOCAST_TYPES: dict[str, bool] = {}
+
+
+def autocast_state(device_type: str):
+    """The autocast dtype active for ``device_type`` or None (also for device types without autocast, e.g. meta):
+    part of the ops' plan keys."""
+    ok = _AUTOCAST_TYPES.get(device_type)
+    if ok is None:
+        ok = _AUTOCAST_TYPES[device_type] = bool(torch.amp.is_autocast_available(device_type))
+    if ok and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
 
 
 def register_plan_cache(cache: dict) -> dict:

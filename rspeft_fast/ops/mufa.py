@@ -23,18 +23,20 @@ Two ways to the same kernels (issue #27: the host must cost less than the kernel
   no torch ops besides allocations (and the casts when autocast changes the dtype). Nothing derived from a
   parameter's values is cached (the kernels read the gate through the column index), so an in-place update
   of a parameter needs no invalidation;
-* **under torch.compile**: the custom ops above, so the graph holds one opaque op each way; ``gate`` expanded
-  to ``col_scale`` by differentiable torch ops in the graph.
+* **under torch.compile** (and for FakeTensor inputs): the custom ops above, so the graph holds one opaque op
+  each way; ``gate`` expanded to ``col_scale`` by differentiable torch ops in the graph.
 """
 from __future__ import annotations
 
 from typing import Optional, Sequence
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensor
 
 import os
 
-from .._impl import ENV_FORCE, ImplUnavailableError, kernel_limits, register_plan_cache, resolve_impl, triton_available
+from .._impl import (ENV_FORCE, ImplUnavailableError, autocast_state, kernel_limits, register_plan_cache, resolve_impl,
+                     triton_available)
 from .._validate import (check_float, check_kernel_dtype, check_last_dim, check_matching_dtypes, check_same_device,
                          compute_dtype)
 from ..reference.mufa import mufa_ref
@@ -201,14 +203,13 @@ _MAX_PLANS = 512
 
 def _plan_key(x, wd, bd, wu, bu, gate, sizes, scale, base, save_pre, impl):
     dev = x.device
-    ac = torch.is_autocast_enabled(dev.type)
     env = os.environ.get
     return (impl, x.shape, x.dtype, dev, x.is_contiguous(),
             wd.shape, wd.dtype, wd.device, bd.shape, bd.dtype, bd.device,
             wu.shape, wu.dtype, wu.device, bu.shape, bu.dtype, bu.device,
             gate.shape, gate.dtype, gate.device, sizes, scale,
             None if base is None else (base.shape, base.dtype, base.device), save_pre,
-            torch.get_autocast_dtype(dev.type) if ac else None, torch.get_float32_matmul_precision(),
+            autocast_state(dev.type), torch.get_float32_matmul_precision(),
             env("TRITON_INTERPRET"), env(ENV_FORCE))
 
 
@@ -321,7 +322,7 @@ def mufa(
     before any launch), ``"reference"``, or ``"auto"`` (the kernels on CUDA inside their limits, else the
     reference, with one warning per limit).
     """
-    if not torch.compiler.is_compiling():
+    if not (torch.compiler.is_compiling() or isinstance(x, FakeTensor)):
         plan = _plan_for(x, down_weight, down_bias, up_weight, up_bias, gate,
                          sizes if type(sizes) is tuple else tuple(int(s) for s in sizes), scale, base, save_pre, impl)
         if plan.impl == "reference":

@@ -23,9 +23,10 @@ from torch import Tensor
 
 import os
 
+from torch._subclasses.fake_tensor import FakeTensor
 from torch.utils.weak import WeakIdKeyDictionary
 
-from .._impl import ENV_FORCE, kernel_limits, register_plan_cache, resolve_impl
+from .._impl import ENV_FORCE, autocast_state, kernel_limits, register_plan_cache, resolve_impl
 from .._validate import (check_float, check_kernel_dtype, check_last_dim, check_matching_dtypes, check_same_device,
                          compute_dtype)
 from ..reference.qlinear import check_bits, eqam_ref, qlinear_ref
@@ -318,12 +319,11 @@ def _kernels_mufa():
 
 def _eqam_key(x, down_w, down_b, up_w, up_b, bits, impl):
     dev = x.device
-    ac = torch.is_autocast_enabled(dev.type)
     env = os.environ.get
     return (impl, x.shape, x.dtype, dev, x.is_contiguous(), down_w.shape, down_w.dtype, down_w.device,
             None if down_b is None else (down_b.shape, down_b.dtype, down_b.device), up_w.shape, up_w.dtype, up_w.device,
             None if up_b is None else (up_b.shape, up_b.dtype, up_b.device), bits,
-            torch.get_autocast_dtype(dev.type) if ac else None, torch.get_float32_matmul_precision(),
+            autocast_state(dev.type), torch.get_float32_matmul_precision(),
             env("TRITON_INTERPRET"), env(ENV_FORCE))
 
 
@@ -418,7 +418,7 @@ def eqam(x: Tensor, down_w: Tensor, down_b: Optional[Tensor], up_w: Tensor, up_b
     :func:`qlinear`. Fused: one bottleneck launch (forward) when the padded ``R`` is at most
     ``FUSED_MAX_RANK``, else two fused Q-Linear launches. ``impl`` as :func:`qlinear`.
     """
-    if not torch.compiler.is_compiling():
+    if not (torch.compiler.is_compiling() or isinstance(x, FakeTensor)):
         plan = _eqam_plan(x, down_w, down_b, up_w, up_b, bits, impl)
         if plan.fused:
             return _eqam_fused(x, down_w, down_b, up_w, up_b, bits, plan)
