@@ -492,7 +492,7 @@ def _atb_splitk_kernel(
 # ----------------------------------------------------------------------------------------------
 # backward, 4/5: the weight gradients from the split-K partials, in their final dtypes (no torch ops)
 # ----------------------------------------------------------------------------------------------
-@triton.jit
+@triton.jit(do_not_specialize=["S_A", "S_B"])  # split counts follow the row count: one compile for all
 def _bwd_finalize_kernel(
     pa_ptr, pb_ptr, sb_ptr, wu_ptr, cs_ptr, ci_ptr, dwd_ptr, dwu_ptr, dbu_ptr, dcsp_ptr,
     D, R, S_A, S_B, scale,
@@ -530,7 +530,7 @@ def _bwd_finalize_kernel(
         tl.store(dcsp_ptr + pid * stride_dcsp + rr, tl.sum(wu * g, 0) * scale, mask=rm)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["S_A"])
 def _bwd_gate_kernel(
     sa_ptr, dcsp_ptr, ci_ptr, dbd_ptr, dg_ptr,
     R, S_A, JB, NG, stride_sas, stride_dcsp,

@@ -47,7 +47,8 @@ PARTS += [(f"triton{v}-sm90-{g}", v, ["--profile", "ci", "--arch", "90", "--grou
 PARTS += [("triton3.6.0-sm100-mga", "3.6.0", ["--profile", "ci", "--arch", "100", "--groups", "mga"], {"bf16", "fp32"})]
 
 KERNELS = {  # every kernel the three modules define today (a new one must get jobs from its aot_launches)
-    "mufa._bottleneck_fwd_kernel", "mufa._bottleneck_bwd_rows_kernel", "mufa._atb_splitk_kernel",
+    "mufa._bottleneck_fwd_kernel", "mufa._bottleneck_bwd_rows_kernel", "mufa._atb_splitk_kernel", "mufa._bwd_finalize_kernel",
+    "mufa._bwd_gate_kernel",
     "qlinear._row_scale_kernel", "qlinear._weight_kernel", "qlinear._quantize_rows_kernel", "qlinear._fwd_kernel",
     "qlinear._bwd_dx_kernel", "qlinear._bwd_dw_kernel",
 }
