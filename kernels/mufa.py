@@ -56,14 +56,11 @@ from typing import NamedTuple
 import torch
 import triton
 import triton.language as tl
-from triton.runtime.autotuner import Autotuner
-from triton.runtime.interpreter import InterpretedFunction
-from triton.runtime.jit import JITFunction
 
 from ._common import gelu, gelu_grad
 from ._launch import (
     INTERPRET, LAUNCH_OPTIONS, SUPPORTED_DTYPES, DeviceProps, arch_unsupported, cached_plan, cast, cdiv, device_props, dot,
-    dtype_bytes, plan_cache,
+    dtype_bytes, plan_cache, PlannedLaunch,
     operand_bytes, pad_pow2, precision, prune_configs, smem_bytes, split_rows,
 )
 
@@ -731,35 +728,8 @@ def _row_grid(n: int):
     return lambda meta: (triton.cdiv(n, meta["BLOCK_M"]),)
 
 
-class _Launch:
-    """One planned launch: the kernel's name in this module, its non-tensor arguments and grid. The first call
-    goes through ``kernel[grid](...)`` (the autotuner picks a config on a GPU); once an autotuned kernel has chosen
-    its config for these arguments, later calls go straight to the jitted function with that config's arguments
-    and the grid it gives (what the autotuner would pass: no key, prune or dict building per call). The kernel is
-    looked up by name at the first call, so a replaced module attribute is what runs."""
-
-    __slots__ = ("name", "static", "grid", "direct")
-
-    def __init__(self, name: str, static: dict, grid, **options):
-        self.name = name
-        self.static = {**static, **options, **LAUNCH_OPTIONS}
-        self.grid = grid
-        self.direct = None
-
-    def __call__(self, *tensors) -> None:
-        d = self.direct
-        if d is not None:
-            d[0].run(*tensors, grid=d[1], warmup=False, **d[2])
-            return
-        kern = globals()[self.name]
-        kern[self.grid](*tensors, **self.static)
-        if isinstance(kern, Autotuner):
-            cfg = kern.best_config
-            grid = self.grid(dict(self.static, **cfg.kwargs)) if callable(self.grid) else self.grid
-            self.direct = (kern.fn, grid, {**self.static, **cfg.all_kwargs()})
-        elif isinstance(kern, (JITFunction, InterpretedFunction)):
-            grid = self.grid(self.static) if callable(self.grid) else self.grid
-            self.direct = (kern, grid, self.static)
+def _Launch(name: str, static: dict, grid, **options) -> PlannedLaunch:
+    return PlannedLaunch(globals(), name, static, grid, **options)
 
 
 class FwdLaunch(NamedTuple):

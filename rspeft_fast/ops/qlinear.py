@@ -275,6 +275,7 @@ _eqam_fwd.register_autograd(_eqam_backward, setup_context=_eqam_setup)
 _EQAM_PLANS: dict = register_plan_cache({})
 _QUANT = WeakIdKeyDictionary()
 _CONST: dict = register_plan_cache({})
+_FQ_PLANS: dict = register_plan_cache({})
 
 
 def _const(kind: str, n: int, dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -291,8 +292,13 @@ def _quantized(w: Tensor, bits: int, dtype: torch.dtype) -> Tensor:
     v, ptr = w._version, w.data_ptr()
     if c is not None and c[0] == v and c[1] == ptr and c[2] == bits and c[3] == dtype:
         return c[4]
+    key = (w.shape, w.stride(), w.dtype, bits, dtype, w.device)
+    plan = _FQ_PLANS.get(key)
+    if plan is None:
+        plan = _FQ_PLANS[key] = _kernels().plan_fake_quant(w.shape[0], w.shape[1], bits, w.dtype, dtype, w.device,
+                                                           w.stride())
     with torch.no_grad():
-        q = _kernels().fake_quant(w, bits, dtype)[0]
+        q = _kernels().run_fake_quant(plan, w)
     _QUANT[w] = (v, ptr, bits, dtype, q)
     return q
 
