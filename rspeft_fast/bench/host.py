@@ -394,7 +394,15 @@ MODES = ("fwd", "fwd+bwd")
 def run(cases, reps: int, rounds: int, log=print) -> dict:
     import torch
 
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    try:
+        return _run(cases, reps, rounds, log)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(cases, reps: int, rounds: int, log) -> dict:
     runners = []
     for case in cases:
         for mode in MODES:
