@@ -76,8 +76,9 @@ import triton.language as tl
 __all__ = [
     "LAUNCH_OPTIONS", "DeviceProps", "ARCH_PROPS", "INTERPRETER_PROPS", "MIN_ARCH", "INTERPRET", "SUPPORTED_DTYPES", "DTYPE_BYTES",
     "device_props", "props_for_arch", "smem_bytes", "prune_configs", "autotune_pruner", "precision",
-    "dot", "cast", "round_to", "dot_as", "static_assert_tile", "static_assert_tiles", "pad_pow2", "cdiv", "split_rows", "arch_unsupported", "dtype_bytes", "operand_bytes", "AotLaunch", "aot_dtype",
-    "AOT_DTYPES", "AotProfile", "AOT_PROFILES", "aot_profile",
+    "dot", "cast", "round_to", "dot_as", "static_assert_tile", "static_assert_tiles", "pad_pow2", "cdiv", "split_rows",
+    "arch_unsupported", "dtype_bytes", "operand_bytes", "AotLaunch", "aot_dtype", "AOT_DTYPES", "AotProfile", "AOT_PROFILES",
+    "aot_profile", "plan_cache", "PLAN_CACHES", "cached_plan", "PlannedLaunch",
 ]
 
 # Triton's interpreter is chosen when ``@triton.jit`` runs (import time of the kernel files): read it then too.
@@ -118,6 +119,28 @@ ARCH_PROPS: dict[int, DeviceProps] = {
 }
 
 INTERPRETER_PROPS = DeviceProps(90, 232448, 2)
+
+# The launchers' caches of launch plans (one entry per shapes / dtypes / strides / flags; cleared together by
+# ``rspeft_fast._impl.clear_plans``).
+PLAN_CACHES: list[dict] = []
+_MAX_PLANS = 1024
+
+
+def plan_cache() -> dict:
+    """A new launch-plan cache, registered in :data:`PLAN_CACHES`."""
+    c: dict = {}
+    PLAN_CACHES.append(c)
+    return c
+
+
+def cached_plan(cache: dict, key, make):
+    """``cache[key]``, made by ``make()`` on a miss (the cache is emptied when it reaches 1024 entries)."""
+    p = cache.get(key)
+    if p is None:
+        if len(cache) >= _MAX_PLANS:
+            cache.clear()
+        p = cache[key] = make()
+    return p
 
 _PROPS_CACHE: dict = {}
 
@@ -209,6 +232,43 @@ def autotune_pruner(estimate: Callable[[object, dict], int]):
         return prune_configs(configs, lambda c: estimate(c, {**named_args, **kwargs}), props)
 
     return prune
+
+
+class PlannedLaunch:
+    """One planned launch: the kernel's name in a kernel module (``kernels``: that module's globals), its non-tensor
+    arguments and grid. The first call
+    goes through ``kernel[grid](...)`` (the autotuner picks a config on a GPU); once an autotuned kernel has chosen
+    its config for these arguments, later calls go straight to the jitted function with that config's arguments
+    and the grid it gives (what the autotuner would pass: no key, prune or dict building per call). The kernel is
+    looked up by name at the first call, so a replaced module attribute is what runs."""
+
+    __slots__ = ("kernels", "name", "static", "grid", "direct")
+
+    def __init__(self, kernels: dict, name: str, static: dict, grid, **options):
+        self.kernels = kernels
+        self.name = name
+        self.static = {**static, **options, **LAUNCH_OPTIONS}
+        self.grid = grid
+        self.direct = None
+
+    def __call__(self, *tensors) -> None:
+        d = self.direct
+        if d is not None:
+            d[0].run(*tensors, grid=d[1], warmup=False, **d[2])
+            return
+        kern = self.kernels[self.name]
+        kern[self.grid](*tensors, **self.static)
+        from triton.runtime.autotuner import Autotuner
+        from triton.runtime.interpreter import InterpretedFunction
+        from triton.runtime.jit import JITFunction
+
+        if isinstance(kern, Autotuner):
+            cfg = kern.best_config
+            grid = self.grid(dict(self.static, **cfg.kwargs)) if callable(self.grid) else self.grid
+            self.direct = (kern.fn, grid, {**self.static, **cfg.all_kwargs()})
+        elif isinstance(kern, (JITFunction, InterpretedFunction)):
+            grid = self.grid(self.static) if callable(self.grid) else self.grid
+            self.direct = (kern, grid, self.static)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -59,8 +59,9 @@ import triton.language as tl
 
 from ._common import gelu, gelu_grad
 from ._launch import (
-    INTERPRET, LAUNCH_OPTIONS, SUPPORTED_DTYPES, DeviceProps, arch_unsupported, cast, cdiv, device_props, dot, dtype_bytes,
-    operand_bytes, pad_pow2, precision, prune_configs, smem_bytes, split_rows, static_assert_tile, static_assert_tiles,
+    INTERPRET, LAUNCH_OPTIONS, SUPPORTED_DTYPES, DeviceProps, PlannedLaunch, arch_unsupported, cached_plan, cast, cdiv,
+    device_props, dot, dtype_bytes, operand_bytes, pad_pow2, plan_cache, precision, prune_configs, smem_bytes, split_rows,
+    static_assert_tile, static_assert_tiles,
 )
 
 __all__ = ["bottleneck_fwd", "bottleneck_bwd", "SUPPORTED_DTYPES", "column_groups", "plan_fwd", "plan_bwd_rows",
@@ -262,8 +263,16 @@ def _load_cn(w_ptr, cols, cmask, nn, nmask, stride_c, stride_n):
 
 
 @triton.jit
-def _fwd_columns(acc, cols, cmask, rows, rmask, bd_ptr, cs_ptr, pre_ptr, stride_pm, SAVE_PRE: tl.constexpr, OUT_TY: tl.constexpr,
-                 PREC: tl.constexpr):
+def _col_scale(cs_ptr, ci_ptr, cols, cmask):
+    """``col_scale[cols] = cs[ci[cols]]`` in float32 (0 outside): the gate of each column's branch (``ci`` the
+    branch of each column), or a per-column scale with ``ci = arange(R)``."""
+    idx = tl.load(ci_ptr + cols, mask=cmask, other=0)
+    return tl.load(cs_ptr + idx, mask=cmask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _fwd_columns(acc, cols, cmask, rows, rmask, bd_ptr, cs_ptr, ci_ptr, pre_ptr, stride_pm, SAVE_PRE: tl.constexpr,
+                 OUT_TY: tl.constexpr, PREC: tl.constexpr):
     """One column group of the bottleneck: ``pre = acc + bd`` (saved if asked), returns ``GELU(pre) * cs``
     in OUT_TY. Padded columns give 0 (pre = 0 there, GELU(0) = 0, cs = 0)."""
     bd = tl.load(bd_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
@@ -271,7 +280,7 @@ def _fwd_columns(acc, cols, cmask, rows, rmask, bd_ptr, cs_ptr, pre_ptr, stride_
     if SAVE_PRE:
         tl.store(pre_ptr + rows[:, None] * stride_pm + cols[None, :], cast(pre, pre_ptr.dtype.element_ty, PREC),
                  mask=rmask[:, None] & cmask[None, :])
-    cs = tl.load(cs_ptr + cols, mask=cmask, other=0.0)
+    cs = _col_scale(cs_ptr, ci_ptr, cols, cmask)
     return cast(gelu(pre) * cs[None, :], OUT_TY, PREC)
 
 
@@ -300,7 +309,7 @@ def _row_block(N, R, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.c
                  prune_configs_by={"early_config_prune": _prune_rows("fwd")})
 @triton.jit
 def _bottleneck_fwd_kernel(
-    x_ptr, wd_ptr, bd_ptr, wu_ptr, bu_ptr, cs_ptr, base_ptr, y_ptr, pre_ptr,
+    x_ptr, wd_ptr, bd_ptr, wu_ptr, bu_ptr, cs_ptr, ci_ptr, base_ptr, y_ptr, pre_ptr,
     N, D, R,
     stride_xm, stride_wd_r, stride_wd_k, stride_wu_n, stride_wu_r,
     stride_bm, stride_ym, stride_pm,
@@ -324,9 +333,9 @@ def _bottleneck_fwd_kernel(
         acc_a = dot(xt, _load_kc(wd_ptr, ca, ma, kk, kmask, stride_wd_r, stride_wd_k), acc_a, PREC)
         if R_B > 0:
             acc_b = dot(xt, _load_kc(wd_ptr, cb, mb, kk, kmask, stride_wd_r, stride_wd_k), acc_b, PREC)
-    hs_a = _fwd_columns(acc_a, ca, ma, rows, rmask, bd_ptr, cs_ptr, pre_ptr, stride_pm, SAVE_PRE, wu_ptr.dtype.element_ty, PREC)
+    hs_a = _fwd_columns(acc_a, ca, ma, rows, rmask, bd_ptr, cs_ptr, ci_ptr, pre_ptr, stride_pm, SAVE_PRE, wu_ptr.dtype.element_ty, PREC)
     if R_B > 0:
-        hs_b = _fwd_columns(acc_b, cb, mb, rows, rmask, bd_ptr, cs_ptr, pre_ptr, stride_pm, SAVE_PRE, wu_ptr.dtype.element_ty, PREC)
+        hs_b = _fwd_columns(acc_b, cb, mb, rows, rmask, bd_ptr, cs_ptr, ci_ptr, pre_ptr, stride_pm, SAVE_PRE, wu_ptr.dtype.element_ty, PREC)
 
     # up projection, BLOCK_N output columns at a time, bias/scale/residual in the epilogue (one write of y)
     for n0 in range(0, D, BLOCK_N):
@@ -348,11 +357,12 @@ def _bottleneck_fwd_kernel(
 # backward, 1: row kernel (dx, dpre, g)
 # ----------------------------------------------------------------------------------------------
 @triton.jit
-def _bwd_columns(pre, dhs, cols, cmask, rows, rmask, cs_ptr, g_ptr, dpre_ptr, stride_gm, stride_dpm, PREC: tl.constexpr):
+def _bwd_columns(pre, dhs, cols, cmask, rows, rmask, cs_ptr, ci_ptr, g_ptr, dpre_ptr, stride_gm, stride_dpm,
+                 PREC: tl.constexpr):
     """One column group: stores ``g = GELU(pre)`` and ``dpre = dhs * cs * GELU'(pre)`` (compute dtype),
     returns dpre in the compute dtype (the operand of ``dx = dpre Wd``)."""
     valid = rmask[:, None] & cmask[None, :]
-    cs = tl.load(cs_ptr + cols, mask=cmask, other=0.0)
+    cs = _col_scale(cs_ptr, ci_ptr, cols, cmask)
     g = tl.where(valid, gelu(pre), 0.0)
     dpre = tl.where(valid, dhs * cs[None, :] * gelu_grad(pre), 0.0)
     tl.store(g_ptr + rows[:, None] * stride_gm + cols[None, :], cast(g, g_ptr.dtype.element_ty, PREC), mask=valid)
@@ -365,7 +375,7 @@ def _bwd_columns(pre, dhs, cols, cmask, rows, rmask, cs_ptr, g_ptr, dpre_ptr, st
                  prune_configs_by={"early_config_prune": _prune_rows("bwd")})
 @triton.jit
 def _bottleneck_bwd_rows_kernel(
-    dy_ptr, x_ptr, pre_ptr, wd_ptr, bd_ptr, wu_ptr, cs_ptr, dx_ptr, dpre_ptr, g_ptr,
+    dy_ptr, x_ptr, pre_ptr, wd_ptr, bd_ptr, wu_ptr, cs_ptr, ci_ptr, dx_ptr, dpre_ptr, g_ptr,
     N, D, R,
     stride_dym, stride_xm, stride_pm, stride_wd_r, stride_wd_k, stride_wu_n, stride_wu_r,
     stride_dxm, stride_dpm, stride_gm,
@@ -415,9 +425,11 @@ def _bottleneck_bwd_rows_kernel(
         if R_B > 0:
             dhs_b = dot(dyt, _load_kc(wu_ptr, cb, mb, kk, kmask, stride_wu_r, stride_wu_n), dhs_b, PREC)
 
-    dpre_a = _bwd_columns(pre_a, dhs_a * scale, ca, ma, rows, rmask, cs_ptr, g_ptr, dpre_ptr, stride_gm, stride_dpm, PREC)
+    dpre_a = _bwd_columns(pre_a, dhs_a * scale, ca, ma, rows, rmask, cs_ptr, ci_ptr, g_ptr, dpre_ptr, stride_gm, stride_dpm,
+                          PREC)
     if R_B > 0:
-        dpre_b = _bwd_columns(pre_b, dhs_b * scale, cb, mb, rows, rmask, cs_ptr, g_ptr, dpre_ptr, stride_gm, stride_dpm, PREC)
+        dpre_b = _bwd_columns(pre_b, dhs_b * scale, cb, mb, rows, rmask, cs_ptr, ci_ptr, g_ptr, dpre_ptr, stride_gm, stride_dpm,
+                          PREC)
 
     # dx = dpre @ Wd, BLOCK_N columns at a time
     for n0 in range(0, D, BLOCK_N):
@@ -482,14 +494,110 @@ def _atb_splitk_kernel(
 
 
 # ----------------------------------------------------------------------------------------------
+# backward, 4/5: the weight gradients from the split-K partials, in their final dtypes (no torch ops)
+# ----------------------------------------------------------------------------------------------
+@triton.jit(do_not_specialize=["S_A", "S_B"])  # split counts follow the row count: one compile for all
+def _bwd_finalize_kernel(
+    pa_ptr, pb_ptr, sb_ptr, wu_ptr, cs_ptr, ci_ptr, dwd_ptr, dwu_ptr, dbu_ptr, dcsp_ptr,
+    D, R, S_A, S_B, scale,
+    stride_pas, stride_par, stride_pbs, stride_pbj, stride_sbs, stride_wu_n, stride_wu_r,
+    stride_dwd, stride_dwu, stride_dcsp,
+    GATE: tl.constexpr, PREC: tl.constexpr, R_P: tl.constexpr, BLOCK_J: tl.constexpr,
+):
+    """Program ``j`` owns output features ``[j·BLOCK_J, (j+1)·BLOCK_J)`` and every bottleneck column:
+    ``dWd[:, jj] = Σ_s pa[s, :, jj]``, ``G[jj, :] = Σ_s pb[s, jj, :]``, ``dWu = scale·G·col_scale``,
+    ``dbu[jj] = scale·Σ_s sb[s, jj]`` (stored in the gradients' dtypes) and, with a gate, the partial
+    ``dcsp[j, r] = scale·Σ_{jj} Wu[jj, r]·G[jj, r]`` of ``d col_scale`` (summed by ``_bwd_gate_kernel``).
+    Fixed summation order: deterministic."""
+    pid = tl.program_id(0)
+    jj = pid * BLOCK_J + tl.arange(0, BLOCK_J)
+    jm = jj < D
+    rr = tl.arange(0, R_P)
+    rm = rr < R
+    m_jr = jm[:, None] & rm[None, :]
+    m_rj = rm[:, None] & jm[None, :]
+    g = tl.zeros((BLOCK_J, R_P), dtype=tl.float32)
+    sdy = tl.zeros((BLOCK_J,), dtype=tl.float32)
+    for s in range(0, S_B):
+        g += tl.load(pb_ptr + s * stride_pbs + jj[:, None] * stride_pbj + rr[None, :], mask=m_jr, other=0.0)
+        sdy += tl.load(sb_ptr + s * stride_sbs + jj, mask=jm, other=0.0)
+    a = tl.zeros((R_P, BLOCK_J), dtype=tl.float32)
+    for s in range(0, S_A):
+        a += tl.load(pa_ptr + s * stride_pas + rr[:, None] * stride_par + jj[None, :], mask=m_rj, other=0.0)
+    cs = _col_scale(cs_ptr, ci_ptr, rr, rm)
+    tl.store(dwd_ptr + rr[:, None] * stride_dwd + jj[None, :], cast(a, dwd_ptr.dtype.element_ty, PREC), mask=m_rj)
+    tl.store(dwu_ptr + jj[:, None] * stride_dwu + rr[None, :],
+             cast(g * (scale * cs)[None, :], dwu_ptr.dtype.element_ty, PREC), mask=m_jr)
+    tl.store(dbu_ptr + jj, cast(sdy * scale, dbu_ptr.dtype.element_ty, PREC), mask=jm)
+    if GATE != 0:
+        wu = tl.load(wu_ptr + jj[:, None] * stride_wu_n + rr[None, :] * stride_wu_r, mask=m_jr, other=0.0).to(tl.float32)
+        tl.store(dcsp_ptr + pid * stride_dcsp + rr, tl.sum(wu * g, 0) * scale, mask=rm)
+
+
+@triton.jit(do_not_specialize=["S_A"])
+def _bwd_gate_kernel(
+    sa_ptr, dcsp_ptr, ci_ptr, dbd_ptr, dg_ptr,
+    R, S_A, JB, NG, stride_sas, stride_dcsp,
+    GATE: tl.constexpr, PREC: tl.constexpr, R_P: tl.constexpr, NG_P: tl.constexpr,
+):
+    """One program: ``dbd = Σ_s sa[s]`` and, with a gate, ``d col_scale = Σ_j dcsp[j]`` reduced to the gate:
+    ``GATE == 1`` one entry per column (``col_scale`` itself), ``GATE == 2`` ``dgate[i] = Σ_{ci[r] = i} d col_scale[r]``
+    (a MuFA branch's gate)."""
+    rr = tl.arange(0, R_P)
+    rm = rr < R
+    dbd = tl.zeros((R_P,), dtype=tl.float32)
+    for s in range(0, S_A):
+        dbd += tl.load(sa_ptr + s * stride_sas + rr, mask=rm, other=0.0)
+    tl.store(dbd_ptr + rr, cast(dbd, dbd_ptr.dtype.element_ty, PREC), mask=rm)
+    if GATE != 0:
+        dcs = tl.zeros((R_P,), dtype=tl.float32)
+        for j in range(0, JB):
+            dcs += tl.load(dcsp_ptr + j * stride_dcsp + rr, mask=rm, other=0.0)
+        if GATE == 1:
+            tl.store(dg_ptr + rr, cast(dcs, dg_ptr.dtype.element_ty, PREC), mask=rm)
+        else:
+            gi = tl.load(ci_ptr + rr, mask=rm, other=-1)
+            gg = tl.arange(0, NG_P)
+            dg = tl.sum(tl.where(gi[None, :] == gg[:, None], dcs[None, :], 0.0), 1)
+            tl.store(dg_ptr + gg, cast(dg, dg_ptr.dtype.element_ty, PREC), mask=gg < NG)
+
+
+# ----------------------------------------------------------------------------------------------
 # launchers
+#
+# Each launch is planned once per (shapes, dtypes, flags) — :func:`plan_fwd_launch` / :func:`plan_bwd_launch`:
+# every non-tensor kernel argument, the grids and the buffers' shapes and dtypes — and run by
+# :func:`run_fwd` / :func:`run_bwd` with the tensors only (allocations + launches, nothing else). The public
+# launchers :func:`bottleneck_fwd` / :func:`bottleneck_bwd` check their arguments and do both; the ops'
+# hot path keeps the plans (``rspeft_fast/ops/mufa.py``).
 # ----------------------------------------------------------------------------------------------
 def _rows(t: torch.Tensor) -> torch.Tensor:
     """A 2-D tensor whose last dimension is unit-stride (no copy when it already is)."""
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _check_args(x, wd, bd, wu, bu, col_scale, base):
+_INDEX: dict = {}
+
+
+def column_index(branches, device) -> torch.Tensor:
+    """int32 ``(R,)`` on ``device``: the gate entry of each bottleneck column. ``branches`` an int ``R`` (one entry
+    per column: ``col_scale`` itself) or a tuple of branch widths (column ``r`` of branch ``i`` reads ``gate[i]``).
+    Made once per (branches, device) and cached (never written)."""
+    device = torch.device(device)
+    key = (branches, device)
+    t = _INDEX.get(key)
+    if t is None:
+        if isinstance(branches, int):
+            t = torch.arange(branches, dtype=torch.int32)
+        else:
+            t = torch.repeat_interleave(torch.arange(len(branches), dtype=torch.int32),
+                                        torch.tensor(branches, dtype=torch.int64))
+        t = t.to(device)
+        _INDEX[key] = t
+    return t
+
+
+def _check_args(x, wd, bd, wu, bu, col_scale, base, col_index=None):
     if x.dim() != 2:
         raise ValueError(f"bottleneck: x must be 2-D (N, d), got shape {tuple(x.shape)}")
     n, d = x.shape
@@ -498,8 +606,9 @@ def _check_args(x, wd, bd, wu, bu, col_scale, base):
     if wd.dim() != 2 or wd.shape[1] != d:
         raise ValueError(f"bottleneck: wd must be (R, {d}), got {tuple(wd.shape)}")
     r = wd.shape[0]
-    expected = {"bd": (bd, (r,)), "wu": (wu, (d, r)), "bu": (bu, (d,)), "col_scale": (col_scale, (r,)),
-                "base": (base, (n, d))}
+    expected = {"bd": (bd, (r,)), "wu": (wu, (d, r)), "bu": (bu, (d,)), "base": (base, (n, d))}
+    if col_index is None:
+        expected["col_scale"] = (col_scale, (r,))
     for name, (t, shape) in expected.items():
         if t is not None and tuple(t.shape) != shape:
             raise ValueError(f"bottleneck: {name} must have shape {shape}, got {tuple(t.shape)}")
@@ -509,22 +618,31 @@ def _check_args(x, wd, bd, wu, bu, col_scale, base):
     for name, t in (("bu", bu), ("base", base)):
         if t is not None and not t.is_floating_point():
             raise TypeError(f"bottleneck: {name} must be floating, got {t.dtype}")
-    if col_scale.dtype != torch.float32:
-        raise TypeError(f"bottleneck: col_scale must be float32, got {col_scale.dtype}")
-    devs = {t.device for t in (x, wd, bd, wu, bu, col_scale, base) if t is not None}
+    if col_index is None:
+        if col_scale.dtype != torch.float32:
+            raise TypeError(f"bottleneck: col_scale must be float32, got {col_scale.dtype}")
+    else:
+        if col_scale.dim() != 1 or not col_scale.is_floating_point():
+            raise TypeError(f"bottleneck: with col_index, col_scale is the gate: a 1-D float tensor, got "
+                            f"{tuple(col_scale.shape)} {col_scale.dtype}")
+        if tuple(col_index.shape) != (r,) or col_index.dtype != torch.int32:
+            raise ValueError(f"bottleneck: col_index must be int32 of shape ({r},), got {tuple(col_index.shape)} "
+                             f"{col_index.dtype}")
+    devs = {t.device for t in (x, wd, bd, wu, bu, col_scale, base, col_index) if t is not None}
     if len(devs) != 1:
         raise RuntimeError(f"bottleneck: all tensors must be on one device, got {sorted(map(str, devs))}")
     return n, d, r
 
 
-# Argument lists of the three kernels, built in one place for the launchers and for aot_launches (which
-# passes meta tensors: the same dtypes, strides and constexprs a real launch has).
-def _fwd_args(x, wd, bd, wu, bu, col_scale, base, y, pre, scale, prec):
+# Argument lists of the kernels, built in one place for the plans and for aot_launches (which pass meta
+# tensors: the same dtypes, strides and constexprs a real launch has).
+def _fwd_args(x, wd, bd, wu, bu, col_scale, base, y, pre, scale, prec, col_index=None):
     n, d = x.shape
     r = wd.shape[0]
     ra, rb = column_groups(r)
     return dict(
         x_ptr=x, wd_ptr=wd, bd_ptr=bd, wu_ptr=wu, bu_ptr=bu, cs_ptr=col_scale,
+        ci_ptr=col_index if col_index is not None else col_scale,
         base_ptr=base if base is not None else x, y_ptr=y, pre_ptr=pre if pre is not None else y,
         N=n, D=d, R=r,
         stride_xm=x.stride(0), stride_wd_r=wd.stride(0), stride_wd_k=wd.stride(1), stride_wu_n=wu.stride(0),
@@ -535,13 +653,13 @@ def _fwd_args(x, wd, bd, wu, bu, col_scale, base, y, pre, scale, prec):
     )
 
 
-def _bwd_rows_args(dy, x, pre, wd, bd, wu, col_scale, dx, dpre, g, scale, prec):
+def _bwd_rows_args(dy, x, pre, wd, bd, wu, col_scale, dx, dpre, g, scale, prec, col_index=None):
     n, d = x.shape
     r = wd.shape[0]
     ra, rb = column_groups(r)
     return dict(
         dy_ptr=dy, x_ptr=x, pre_ptr=pre if pre is not None else dpre, wd_ptr=wd, bd_ptr=bd, wu_ptr=wu,
-        cs_ptr=col_scale, dx_ptr=dx, dpre_ptr=dpre, g_ptr=g,
+        cs_ptr=col_scale, ci_ptr=col_index if col_index is not None else col_scale, dx_ptr=dx, dpre_ptr=dpre, g_ptr=g,
         N=n, D=d, R=r,
         stride_dym=dy.stride(0), stride_xm=x.stride(0), stride_pm=pre.stride(0) if pre is not None else 0,
         stride_wd_r=wd.stride(0), stride_wd_k=wd.stride(1), stride_wu_n=wu.stride(0), stride_wu_r=wu.stride(1),
@@ -574,82 +692,251 @@ def _atb_buffers(a, b, out_layout_qp, sum_a, sum_b, plan):
     return part, sa, sb, args
 
 
-def bottleneck_fwd(x, wd, bd, wu, bu, col_scale, scale: float, base=None, save_pre: bool = True, out_dtype=None):
-    """``y = scale * ((GELU(x Wdᵀ + bd) * col_scale) Wuᵀ + bu) (+ base)``; returns ``(y, pre)``.
+def finalize_block(d: int, r: int) -> tuple[int, int]:
+    """``(R_P, BLOCK_J)`` of :func:`_bwd_finalize_kernel`: all ``r`` columns held (padded), ``BLOCK_J`` output
+    features per program, ``BLOCK_J · R_P ≤ 4096`` (two fp32 tiles of 32 registers per thread at 4 warps)."""
+    r_p = pad_pow2(r, 16)
+    return r_p, max(1, min(pad_pow2(d, 1), 4096 // r_p))
 
-    ``x (N, d)``, ``wd (R, d)``, ``bd (R,)``, ``wu (d, R)`` in the compute dtype; ``bu (d,)`` and
-    ``base (N, d)`` in any float dtype; ``col_scale (R,)`` float32. ``y`` is in ``out_dtype``
-    (default ``x.dtype``); ``pre (N, R)`` is ``x Wdᵀ + bd`` in ``x.dtype``, or None if not ``save_pre``.
-    """
-    n, d, r = _check_args(x, wd, bd, wu, bu, col_scale, base)
-    out_dtype = x.dtype if out_dtype is None else out_dtype
-    x = _rows(x)
-    base = _rows(base) if base is not None else None
-    y = torch.empty((n, d), device=x.device, dtype=out_dtype)
-    pre = torch.empty((n, r), device=x.device, dtype=x.dtype) if save_pre else None
-    if n == 0:
-        return y, pre
 
-    def grid(meta):
-        return (triton.cdiv(n, meta["BLOCK_M"]),)
+_GATE_NONE, _GATE_COLUMNS, _GATE_BRANCHES = 0, 1, 2
+_REDUCE_WARPS = 4
 
-    _bottleneck_fwd_kernel[grid](**_fwd_args(x, wd, bd.contiguous(), wu, bu.contiguous(), col_scale.contiguous(),
-                                             base, y, pre, scale, precision(x.dtype)), **LAUNCH_OPTIONS)
+
+def _finalize_args(pa, pb, sb, wu, cs, ci, dwd, dwu, dbu, dcsp, scale, gate_mode, prec):
+    s_a, r, d = pa.shape
+    r_p, bj = finalize_block(d, r)
+    return dict(
+        pa_ptr=pa, pb_ptr=pb, sb_ptr=sb, wu_ptr=wu, cs_ptr=cs, ci_ptr=ci, dwd_ptr=dwd, dwu_ptr=dwu, dbu_ptr=dbu,
+        dcsp_ptr=dcsp, D=d, R=r, S_A=s_a, S_B=pb.shape[0], scale=float(scale),
+        stride_pas=pa.stride(0), stride_par=pa.stride(1), stride_pbs=pb.stride(0), stride_pbj=pb.stride(1),
+        stride_sbs=sb.stride(0), stride_wu_n=wu.stride(0), stride_wu_r=wu.stride(1), stride_dwd=dwd.stride(0),
+        stride_dwu=dwu.stride(0), stride_dcsp=dcsp.stride(0) if gate_mode else 0,
+        GATE=gate_mode, PREC=prec, R_P=r_p, BLOCK_J=bj,
+    )
+
+
+def _gate_args(sa, dcsp, ci, dbd, dg, n_gate, gate_mode, prec):
+    s_a, r = sa.shape
+    return dict(
+        sa_ptr=sa, dcsp_ptr=dcsp, ci_ptr=ci, dbd_ptr=dbd, dg_ptr=dg,
+        R=r, S_A=s_a, JB=dcsp.shape[0] if gate_mode else 0, NG=n_gate, stride_sas=sa.stride(0),
+        stride_dcsp=dcsp.stride(0) if gate_mode else 0,
+        GATE=gate_mode, PREC=prec, R_P=pad_pow2(r, 16), NG_P=pad_pow2(max(n_gate, 1), 2),
+    )
+
+
+def _static(args: dict) -> dict:
+    """A launch's arguments without its tensors (what a plan keeps)."""
+    return {k: v for k, v in args.items() if not isinstance(v, torch.Tensor)}
+
+
+def _row_grid(n: int):
+    return lambda meta: (triton.cdiv(n, meta["BLOCK_M"]),)
+
+
+def _Launch(name: str, static: dict, grid, **options) -> PlannedLaunch:
+    return PlannedLaunch(globals(), name, static, grid, **options)
+
+
+class FwdLaunch(NamedTuple):
+    """The planned forward of one (shapes, dtypes, flags): see :func:`plan_fwd_launch`."""
+
+    n: int
+    d: int
+    r: int
+    out_dtype: torch.dtype
+    cdtype: torch.dtype
+    save_pre: bool
+    launch: _Launch
+
+
+def plan_fwd_launch(n: int, d: int, r: int, cdtype: torch.dtype, *, out_dtype: torch.dtype | None = None,
+                    save_pre: bool = True, base_dtype: torch.dtype | None = None, bu_dtype: torch.dtype | None = None,
+                    cs_dtype: torch.dtype = torch.float32, scale: float = 1.0, x_stride: int | None = None,
+                    base_stride: int | None = None, wd_strides: tuple | None = None,
+                    wu_strides: tuple | None = None) -> FwdLaunch:
+    """Plan :func:`run_fwd` for ``x (n, d)`` (row stride ``x_stride``, default ``d``), bottleneck ``r``, compute dtype
+    ``cdtype`` (``x``, ``wd``, ``bd``, ``wu``), weights of the given strides (default contiguous)."""
+    out_dtype = cdtype if out_dtype is None else out_dtype
+    meta = lambda shape, dt=cdtype, strides=None: (torch.empty_strided(shape, strides, device="meta", dtype=dt)  # noqa: E731
+                                                    if strides else torch.empty(shape, device="meta", dtype=dt))
+    x = meta((n, d), strides=(x_stride, 1) if x_stride is not None else None)
+    base = None if base_dtype is None else meta((n, d), base_dtype, (base_stride, 1) if base_stride is not None else None)
+    args = _fwd_args(x, meta((r, d), strides=wd_strides), meta((r,)), meta((d, r), strides=wu_strides),
+                     meta((d,), bu_dtype or cdtype), meta((r,), cs_dtype), base, meta((n, d), out_dtype),
+                     meta((n, r)) if save_pre else None, scale, precision(cdtype), meta((r,), torch.int32))
+    return FwdLaunch(n, d, r, out_dtype, cdtype, bool(save_pre), _Launch("_bottleneck_fwd_kernel", _static(args), _row_grid(n)))
+
+
+def run_fwd(plan: FwdLaunch, x, wd, bd, wu, bu, cs, ci, base=None, y_shape=None):
+    """Allocate ``y`` (shape ``y_shape``, default ``(n, d)``; and ``pre``) and launch the forward kernel of ``plan``
+    (tensors as planned, unchecked; ``x`` and ``base`` may have any leading shape when their rows are contiguous)."""
+    y = torch.empty(y_shape or (plan.n, plan.d), device=x.device, dtype=plan.out_dtype)
+    pre = torch.empty((plan.n, plan.r), device=x.device, dtype=plan.cdtype) if plan.save_pre else None
+    if plan.n:
+        plan.launch(x, wd, bd, wu, bu, cs, ci, x if base is None else base, y, y if pre is None else pre)
     return y, pre
 
 
-def _atb(a, b, out_layout_qp: bool, sum_a: bool, sum_b: bool):
-    """``aᵀ b`` in fp32, shape (P, Q) or, with ``out_layout_qp``, its transpose (Q, P) contiguous;
-    plus the column sums of a (P,) and b (Q,) when asked. Deterministic split-K (:func:`plan_atb`)."""
-    n, p = a.shape
-    q = b.shape[1]
-    plan = plan_atb(n, p, q, a.dtype, device_props(a.device), b.dtype)
-    part, sa, sb, args = _atb_buffers(a, b, out_layout_qp, sum_a, sum_b, plan)
+class BwdLaunch(NamedTuple):
+    """The planned backward of one (shapes, dtypes, flags): see :func:`plan_bwd_launch`."""
 
-    def grid(meta):
-        return (triton.cdiv(p, meta["BLOCK_P"]), triton.cdiv(q, meta["BLOCK_Q"]), plan.splits)
+    n: int
+    d: int
+    r: int
+    cdtype: torch.dtype
+    grad_dtypes: tuple  # dwd, dbd, dwu, dbu, dgate
+    n_gate: int
+    gate_mode: int
+    rows: _Launch
+    atb_a: _Launch  # dWd = dpreᵀ x and Σ dpre
+    splits_a: int
+    atb_b: _Launch  # G = dyᵀ g (as (d, R)) and Σ dy
+    splits_b: int
+    finalize: _Launch
+    finalize_blocks: int
+    gate: _Launch
 
-    _atb_splitk_kernel[grid](**args, **LAUNCH_OPTIONS)
-    c = part.sum(0)
-    return c, (sa.sum(0) if sum_a else None), (sb.sum(0) if sum_b else None)
+
+def plan_bwd_launch(n: int, d: int, r: int, cdtype: torch.dtype, *, dy_dtype: torch.dtype | None = None,
+                    recompute: bool = False, scale: float = 1.0, n_gate: int | None = None, gate_grad: bool = True,
+                    grad_dtypes: tuple | None = None, cs_dtype: torch.dtype = torch.float32,
+                    wd_strides: tuple | None = None, wu_strides: tuple | None = None,
+                    props: DeviceProps | None = None, device="cpu") -> BwdLaunch:
+    """Plan :func:`run_bwd`: ``dy``, ``x`` contiguous ``(n, d)``; ``n_gate`` None: ``col_scale`` has one entry per
+    column (``R``), else the gate's length (columns mapped by ``col_index``); ``gate_grad=False`` skips its
+    gradient; ``grad_dtypes`` the dtypes of ``(dwd, dbd, dwu, dbu, dgate)`` (default float32)."""
+    dy_dtype = cdtype if dy_dtype is None else dy_dtype
+    props = device_props(device) if props is None else props
+    grad_dtypes = (torch.float32,) * 5 if grad_dtypes is None else tuple(grad_dtypes)
+    gate_mode = _GATE_NONE if not gate_grad else (_GATE_COLUMNS if n_gate is None else _GATE_BRANCHES)
+    n_gate = r if n_gate is None else int(n_gate)
+    f32 = torch.float32
+    meta = lambda shape, dt=cdtype, strides=None: (torch.empty_strided(shape, strides, device="meta", dtype=dt)  # noqa: E731
+                                                    if strides else torch.empty(shape, device="meta", dtype=dt))
+    x, dy = meta((n, d)), meta((n, d), dy_dtype)
+    wd, wu = meta((r, d), strides=wd_strides), meta((d, r), strides=wu_strides)
+    cs, ci = meta((n_gate,), cs_dtype), meta((r,), torch.int32)
+    dpre, g = meta((n, r)), meta((n, r))
+    prec = precision(cdtype)
+    rows = _bwd_rows_args(dy, x, None if recompute else meta((n, r)), wd, meta((r,)), wu, cs, meta((n, d)), dpre, g,
+                          scale, prec, ci)
+    plan_a = plan_atb(n, r, d, cdtype, props, cdtype)
+    pa, sa, _, args_a = _atb_buffers(dpre, x, False, True, False, plan_a)
+    plan_b = plan_atb(n, r, d, cdtype, props, dy_dtype)
+    pb, _, sb, args_b = _atb_buffers(g, dy, True, False, True, plan_b)
+    r_p, bj = finalize_block(d, r)
+    blocks = cdiv(d, bj)
+    dcsp = meta((blocks, r), f32)
+    fin = _finalize_args(pa, pb, sb, wu, cs, ci, meta((r, d), grad_dtypes[0]), meta((d, r), grad_dtypes[2]),
+                         meta((d,), grad_dtypes[3]), dcsp, scale, gate_mode, prec)
+    gate = _gate_args(sa, dcsp, ci, meta((r,), grad_dtypes[1]), meta((n_gate,), grad_dtypes[4]), n_gate, gate_mode, prec)
+
+    def atb_grid(plan):
+        return lambda meta_: (triton.cdiv(r, meta_["BLOCK_P"]), triton.cdiv(d, meta_["BLOCK_Q"]), plan.splits)
+
+    return BwdLaunch(n, d, r, cdtype, grad_dtypes, n_gate, gate_mode,
+                     _Launch("_bottleneck_bwd_rows_kernel", _static(rows), _row_grid(n)),
+                     _Launch("_atb_splitk_kernel", _static(args_a), atb_grid(plan_a)), plan_a.splits,
+                     _Launch("_atb_splitk_kernel", _static(args_b), atb_grid(plan_b)), plan_b.splits,
+                     _Launch("_bwd_finalize_kernel", _static(fin), (blocks,), num_warps=_REDUCE_WARPS), blocks,
+                     _Launch("_bwd_gate_kernel", _static(gate), (1,), num_warps=_REDUCE_WARPS))
 
 
-def bottleneck_bwd(dy, x, pre, wd, bd, wu, col_scale, scale: float):
+def run_bwd(plan: BwdLaunch, dy, x, pre, wd, bd, wu, cs, ci, dx_shape=None):
+    """The backward of ``plan``: ``(dx, dwd, dbd, dwu, dbu, dgate)`` (``dgate`` None without a gate gradient; ``dx``
+    of shape ``dx_shape``, default ``(n, d)``; ``dy`` and ``x`` contiguous, any leading shape);
+    five launches: the row kernel, two split-K ``AᵀB``, the finalize kernel (weight gradients in their dtypes) and
+    the gate kernel (``dbd`` and ``dgate``)."""
+    n, d, r = plan.n, plan.d, plan.r
+    dev = x.device
+    f32 = torch.float32
+    gd = plan.grad_dtypes
+    dx = torch.empty(dx_shape or (n, d), device=dev, dtype=x.dtype)
+    dwd = torch.empty((r, d), device=dev, dtype=gd[0])
+    dbd = torch.empty((r,), device=dev, dtype=gd[1])
+    dwu = torch.empty((d, r), device=dev, dtype=gd[2])
+    dbu = torch.empty((d,), device=dev, dtype=gd[3])
+    dg = torch.empty((plan.n_gate,), device=dev, dtype=gd[4]) if plan.gate_mode else None
+    if n == 0:
+        for t in (dwd, dbd, dwu, dbu, dg):
+            if t is not None:
+                t.zero_()
+        return dx, dwd, dbd, dwu, dbu, dg
+    dpre = torch.empty((n, r), device=dev, dtype=plan.cdtype)
+    g = torch.empty((n, r), device=dev, dtype=plan.cdtype)
+    plan.rows(dy, x, dpre if pre is None else pre, wd, bd, wu, cs, ci, dx, dpre, g)
+    pa = torch.empty((plan.splits_a, r, d), device=dev, dtype=f32)
+    sa = torch.empty((plan.splits_a, r), device=dev, dtype=f32)
+    plan.atb_a(dpre, x, pa, sa, pa)
+    pb = torch.empty((plan.splits_b, d, r), device=dev, dtype=f32)
+    sb = torch.empty((plan.splits_b, d), device=dev, dtype=f32)
+    plan.atb_b(g, dy, pb, pb, sb)
+    dcsp = torch.empty((plan.finalize_blocks, r), device=dev, dtype=f32) if plan.gate_mode else sa
+    plan.finalize(pa, pb, sb, wu, cs, ci, dwd, dwu, dbu, dcsp)
+    plan.gate(sa, dcsp, ci, dbd, dbd if dg is None else dg)
+    return dx, dwd, dbd, dwu, dbu, dg
+
+
+_FWD_PLANS = plan_cache()
+_BWD_PLANS = plan_cache()
+
+
+def bottleneck_fwd(x, wd, bd, wu, bu, col_scale, scale: float, base=None, save_pre: bool = True, out_dtype=None,
+                   col_index=None):
+    """``y = scale * ((GELU(x Wdᵀ + bd) * col_scale) Wuᵀ + bu) (+ base)``; returns ``(y, pre)``.
+
+    ``x (N, d)``, ``wd (R, d)``, ``bd (R,)``, ``wu (d, R)`` in the compute dtype; ``bu (d,)`` and
+    ``base (N, d)`` in any float dtype; ``col_scale (R,)`` float32, or with ``col_index`` (int32 ``(R,)``, see
+    :func:`column_index`) the gate ``(n,)`` in any float dtype, column ``r`` scaled by ``col_scale[col_index[r]]``.
+    ``y`` is in ``out_dtype`` (default ``x.dtype``); ``pre (N, R)`` is ``x Wdᵀ + bd`` in ``x.dtype``, or None if
+    not ``save_pre``.
+    """
+    n, d, r = _check_args(x, wd, bd, wu, bu, col_scale, base, col_index)
+    x = _rows(x)
+    base = _rows(base) if base is not None else None
+    wd, wu = _rows(wd), _rows(wu)
+    ci = column_index(r, x.device) if col_index is None else col_index
+    bdt, bst = (None, None) if base is None else (base.dtype, base.stride(0))
+    key = (n, d, r, x.dtype, x.device, out_dtype, bool(save_pre), bdt, bst, bu.dtype, col_scale.dtype, float(scale), x.stride(0),
+           wd.stride(), wu.stride(), torch.get_float32_matmul_precision())
+    plan = cached_plan(_FWD_PLANS, key, lambda: plan_fwd_launch(
+        n, d, r, x.dtype, out_dtype=out_dtype, save_pre=save_pre, base_dtype=bdt, bu_dtype=bu.dtype,
+        cs_dtype=col_scale.dtype, scale=scale, x_stride=x.stride(0), base_stride=bst, wd_strides=wd.stride(),
+        wu_strides=wu.stride()))
+    return run_fwd(plan, x, wd, bd.contiguous(), wu, bu.contiguous(), col_scale.contiguous(), ci, base)
+
+
+def bottleneck_bwd(dy, x, pre, wd, bd, wu, col_scale, scale: float, col_index=None, grad_dtypes=None,
+                   gate_grad: bool = True):
     """Gradients of :func:`bottleneck_fwd`: ``(dx, dwd, dbd, dwu, dbu, dcol_scale)``.
 
-    ``dy (N, d)`` any float dtype; ``x``, ``wd``, ``bd``, ``wu``, ``col_scale`` as given to the forward;
-    ``pre`` its saved ``pre`` or None (then recomputed from ``x`` in the row kernel).
-    ``dx`` is in ``x.dtype``; ``dwd (R, d)``, ``dbd (R,)``, ``dwu (d, R)``, ``dbu (d,)``,
-    ``dcol_scale (R,)`` are float32. The gradient of ``base`` (if the forward had one) is ``dy`` itself.
+    ``dy (N, d)`` any float dtype; ``x``, ``wd``, ``bd``, ``wu``, ``col_scale`` (and ``col_index``) as given to the
+    forward; ``pre`` its saved ``pre`` or None (then recomputed from ``x`` in the row kernel).
+    ``dx`` is in ``x.dtype``; ``dwd (R, d)``, ``dbd (R,)``, ``dwu (d, R)``, ``dbu (d,)`` and ``dcol_scale`` (the
+    shape of ``col_scale``: per column, or per gate entry with ``col_index``) are float32 unless ``grad_dtypes``
+    gives their five dtypes; ``gate_grad=False``: ``dcol_scale`` is None. The gradient of ``base`` (if the forward
+    had one) is ``dy`` itself.
     """
-    n, d, r = _check_args(x, wd, bd, wu, None, col_scale, None)
+    n, d, r = _check_args(x, wd, bd, wu, None, col_scale, None, col_index)
     if tuple(dy.shape) != (n, d) or not dy.is_floating_point():
         raise ValueError(f"bottleneck_bwd: dy must be a float tensor of shape {(n, d)}, got {tuple(dy.shape)} {dy.dtype}")
     if pre is not None and (tuple(pre.shape) != (n, r) or pre.dtype != x.dtype):
         raise ValueError(f"bottleneck_bwd: pre must be {(n, r)} in {x.dtype}, got {tuple(pre.shape)} {pre.dtype}")
-    f32 = dict(device=x.device, dtype=torch.float32)
-    dx = torch.empty((n, d), device=x.device, dtype=x.dtype)
-    if n == 0:
-        z = lambda *s: torch.zeros(s, **f32)  # noqa: E731
-        return dx, z(r, d), z(r), z(d, r), z(d), z(r)
-    dy = _rows(dy)
-    x = _rows(x)
-    pre = _rows(pre) if pre is not None else None
-    dpre = torch.empty((n, r), device=x.device, dtype=x.dtype)
-    g = torch.empty((n, r), device=x.device, dtype=x.dtype)
-
-    def grid(meta):
-        return (triton.cdiv(n, meta["BLOCK_M"]),)
-
-    _bottleneck_bwd_rows_kernel[grid](**_bwd_rows_args(dy, x, pre, wd, bd.contiguous(), wu, col_scale.contiguous(),
-                                                       dx, dpre, g, scale, precision(x.dtype)), **LAUNCH_OPTIONS)
-    dwd, dbd, _ = _atb(dpre, x, out_layout_qp=False, sum_a=True, sum_b=False)  # (R, d), (R,)
-    gt, _, sdy = _atb(g, dy, out_layout_qp=True, sum_a=False, sum_b=True)  # G = dyᵀ g (d, R), Σ dy (d,)
-    scale = float(scale)
-    dwu = gt * (scale * col_scale)[None, :]
-    dbu = sdy * scale
-    dcs = (gt * wu.float()).sum(0) * scale
-    return dx, dwd, dbd, dwu, dbu, dcs
+    dy, x = dy.contiguous(), x.contiguous()
+    pre = pre.contiguous() if pre is not None else None
+    wd, wu = _rows(wd), _rows(wu)
+    ci = column_index(r, x.device) if col_index is None else col_index
+    n_gate = None if col_index is None else col_scale.shape[0]
+    grad_dtypes = None if grad_dtypes is None else tuple(grad_dtypes)
+    key = (n, d, r, x.dtype, dy.dtype, pre is None, float(scale), n_gate, bool(gate_grad), grad_dtypes, col_scale.dtype,
+           wd.stride(), wu.stride(), x.device, torch.get_float32_matmul_precision())
+    plan = cached_plan(_BWD_PLANS, key, lambda: plan_bwd_launch(
+        n, d, r, x.dtype, dy_dtype=dy.dtype, recompute=pre is None, scale=scale, n_gate=n_gate, gate_grad=gate_grad,
+        grad_dtypes=grad_dtypes, cs_dtype=col_scale.dtype, wd_strides=wd.stride(), wu_strides=wu.stride(),
+        device=x.device))
+    return run_bwd(plan, dy, x, pre, wd, bd.contiguous(), wu, col_scale.contiguous(), ci)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -696,12 +983,16 @@ def aot_launches(props: DeviceProps, dtype: str, profile: str = "quick") -> list
         r = _case_r(d, rr)
         case = f"{dtype} {label}"
         x, wd, bd, wu = meta(n, d), meta(r, d), meta(r), meta(d, r)
-        bu, cs = meta(d, dt=torch.float32), meta(r, dt=torch.float32)  # autocast keeps the fp32 up bias
+        # autocast keeps the fp32 up bias; MuFA's gate (one entry per branch) and EQAM's ones(1) are fp32 and the
+        # columns read them through the int32 column index
+        gated = isinstance(rr, tuple)
+        n_gate = len(rr) if gated else 1
+        bu, cs, ci = meta(d, dt=torch.float32), meta(n_gate, dt=torch.float32), meta(r, dt=torch.int32)
         for save_pre, base in ((True, has_base), (False, False)):
             if quick and not save_pre and dtype != "bf16":
                 continue
             args = _fwd_args(x, wd, bd, wu, bu, cs, meta(n, d) if base else None, meta(n, d),
-                             meta(n, r) if save_pre else None, 0.5, prec)
+                             meta(n, r) if save_pre else None, 0.5, prec, ci)
             cfgs = plan_fwd(n, d, r, tdt, props, save_pre=save_pre, has_base=base)
             tuned = _SPILL_FREE.get((props.arch, dtype, label), lambda c: False)
             out.append(AotLaunch("mufa._bottleneck_fwd_kernel", f"{case} {'train' if save_pre else 'infer'}", args,
@@ -710,7 +1001,7 @@ def aot_launches(props: DeviceProps, dtype: str, profile: str = "quick") -> list
             if quick and recompute and dtype != "bf16":
                 continue
             args = _bwd_rows_args(meta(n, d), x, None if recompute else meta(n, r), wd, bd, wu, cs, meta(n, d),
-                                  meta(n, r), meta(n, r), 0.5, prec)
+                                  meta(n, r), meta(n, r), 0.5, prec, ci)
             out.append(AotLaunch("mufa._bottleneck_bwd_rows_kernel", f"{case} {'recompute' if recompute else 'saved pre'}",
                                  args, plan_bwd_rows(n, d, r, tdt, props, recompute=recompute), True, edge))
         # _atb(dpre, x): dWd (R, d) + Σ dpre;  _atb(g, dy, out_layout_qp): G (d, R) + Σ dy
@@ -721,4 +1012,21 @@ def aot_launches(props: DeviceProps, dtype: str, profile: str = "quick") -> list
             args["PREC"] = prec
             out.append(AotLaunch("mufa._atb_splitk_kernel", f"{case} {what} splits={plan.splits}", args,
                                  plan.configs, True, edge))
+        # the weight gradients in their dtypes: MuFA's follow the autocast-cast weights (the fp32 up bias and gate
+        # stay fp32), EQAM's the fp32 master weights (straight-through), without a gate gradient
+        f32 = torch.float32
+        grad_dtypes = (tdt, tdt, tdt, f32, f32) if gated else (f32,) * 5
+        lp = plan_bwd_launch(n, d, r, tdt, dy_dtype=tdt, scale=0.5, n_gate=n_gate if gated else 1, gate_grad=gated,
+                             grad_dtypes=grad_dtypes, props=props)
+        splits = (lp.splits_a, lp.splits_b)
+        fin = _finalize_args(meta(splits[0], r, d, dt=f32), meta(splits[1], d, r, dt=f32), meta(splits[1], d, dt=f32),
+                             wu, cs, ci, meta(r, d, dt=grad_dtypes[0]), meta(d, r, dt=grad_dtypes[2]),
+                             meta(d, dt=grad_dtypes[3]), meta(lp.finalize_blocks, r, dt=f32), 0.5, lp.gate_mode, prec)
+        reduce_cfg = (triton.Config({}, num_warps=_REDUCE_WARPS, num_stages=1),)
+        out.append(AotLaunch("mufa._bwd_finalize_kernel", f"{case} {'gate' if gated else 'no gate'}", fin, reduce_cfg,
+                             False, edge))
+        gate = _gate_args(meta(splits[0], r, dt=f32), meta(lp.finalize_blocks, r, dt=f32), ci,
+                          meta(r, dt=grad_dtypes[1]), meta(n_gate, dt=grad_dtypes[4]), n_gate, lp.gate_mode, prec)
+        out.append(AotLaunch("mufa._bwd_gate_kernel", f"{case} {'gate' if gated else 'no gate'}", gate, reduce_cfg,
+                             False, edge))
     return out

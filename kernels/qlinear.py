@@ -39,8 +39,8 @@ import triton.language as tl
 
 from ._common import gelu, gelu_grad
 from ._launch import (
-    LAUNCH_OPTIONS, SUPPORTED_DTYPES, DeviceProps, arch_unsupported, cast, cdiv, device_props, dot, dtype_bytes, pad_pow2, precision,
-    smem_bytes, split_rows, static_assert_tile, static_assert_tiles,
+    LAUNCH_OPTIONS, SUPPORTED_DTYPES, DeviceProps, PlannedLaunch, arch_unsupported, cast, cdiv, device_props, dot,
+    dtype_bytes, pad_pow2, precision, smem_bytes, split_rows, static_assert_tile, static_assert_tiles,
 )
 
 # weight tile modes (the W_MODE constexpr)
@@ -483,6 +483,36 @@ def weight_values(weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype,
     plan = plan_rows(n, k, device_props(weight.device), rows_hi=64, k_hi=128, rows_lo=16)
     _weight_kernel[(triton.cdiv(n, plan.BLOCK_N), triton.cdiv(k, plan.BLOCK_K))](
         **_weight_args(weight, scale, out, n, k, mode, qmax, plan, precision(dtype)), **LAUNCH_OPTIONS)
+    return out
+
+
+class FakeQuantPlan(NamedTuple):
+    """:func:`run_fake_quant` of one (weight shape, strides, dtypes, bits, device): see :func:`plan_fake_quant`."""
+
+    n: int
+    k: int
+    dtype: torch.dtype
+    launch: PlannedLaunch
+
+
+def plan_fake_quant(n: int, k: int, bits: int, w_dtype: torch.dtype, dtype: torch.dtype, device,
+                    w_strides: tuple | None = None) -> FakeQuantPlan:
+    """Plan :func:`fake_quant` of an ``(n, k)`` weight of ``w_dtype`` (strides ``w_strides``, default contiguous)."""
+    plan = plan_rows(n, k, device_props(device))
+    w = (torch.empty_strided((n, k), w_strides, device="meta", dtype=w_dtype) if w_strides
+         else torch.empty((n, k), device="meta", dtype=w_dtype))
+    args = _quantize_args(w, torch.empty((n, k), device="meta", dtype=dtype), torch.empty((n,), device="meta"),
+                          qmax_of(bits), plan, precision(dtype))
+    static = {a: v for a, v in args.items() if not isinstance(v, torch.Tensor)}
+    return FakeQuantPlan(n, k, dtype, PlannedLaunch(globals(), "_quantize_rows_kernel", static,
+                                                    (triton.cdiv(n, plan.BLOCK_N),)))
+
+
+def run_fake_quant(plan: FakeQuantPlan, weight: torch.Tensor) -> torch.Tensor:
+    """``Wq (n, k)`` in the plan's dtype (the row scales are written to a scratch tensor), one launch."""
+    out = torch.empty((plan.n, plan.k), device=weight.device, dtype=plan.dtype)
+    if plan.n:
+        plan.launch(weight, out, torch.empty((plan.n,), device=weight.device, dtype=torch.float32))
     return out
 
 

@@ -37,6 +37,9 @@ __all__ = [
     "triton_available",
     "triton_interpret",
     "force_reference",
+    "register_plan_cache",
+    "clear_plans",
+    "autocast_state",
 ]
 
 ENV_FORCE = "RSPEFT_FAST_IMPL"
@@ -198,6 +201,44 @@ def kernel_limits(kernels: Callable[[], object], device: torch.device | str, dty
         return why(dtype=dtype, props=_launch.device_props(torch.device(device)), **shapes)
 
     return limits
+
+
+# The ops' plan caches (checks, resolution and launch plans kept per call key: ``ops/mufa.py``, ``ops/qlinear.py``).
+# Their keys hold everything that legitimately changes a plan (shapes, dtypes, devices, autocast, the fp32 matmul
+# precision, TRITON_INTERPRET and RSPEFT_FAST_IMPL); code that replaces the package's own functions (tests with
+# monkeypatch) calls :func:`clear_plans` first.
+_PLAN_CACHES: list[dict] = []
+
+
+_AUTOCAST_TYPES: dict[str, bool] = {}
+
+
+def autocast_state(device_type: str):
+    """The autocast dtype active for ``device_type`` or None (also for device types without autocast, e.g. meta):
+    part of the ops' plan keys."""
+    ok = _AUTOCAST_TYPES.get(device_type)
+    if ok is None:
+        ok = _AUTOCAST_TYPES[device_type] = bool(torch.amp.is_autocast_available(device_type))
+    if ok and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
+
+
+def register_plan_cache(cache: dict) -> dict:
+    _PLAN_CACHES.append(cache)
+    return cache
+
+
+def clear_plans() -> None:
+    """Forget every op's cached plans and the launchers' launch plans (the next call of each key checks, resolves
+    and plans again)."""
+    import sys
+
+    for c in _PLAN_CACHES:
+        c.clear()
+    launch = sys.modules.get(__package__ + ".kernels._launch")
+    for c in getattr(launch, "PLAN_CACHES", ()):
+        c.clear()
 
 
 def available(name: str, device: torch.device) -> tuple[bool, str]:

@@ -8,3 +8,13 @@ import torch
 def device():
     """Where fused kernels run in this test session: cuda if present, else cpu (interpreter)."""
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture(autouse=True)
+def _fresh_plans():
+    """Every test starts without the ops' cached plans (``rspeft_fast._impl.clear_plans``): tests that replace the
+    package's functions with monkeypatch must see their replacement consulted."""
+    from rspeft_fast._impl import clear_plans
+
+    clear_plans()
+    yield

@@ -55,7 +55,8 @@ PARTS += [_part(f"triton{v}-sm90-{g}", v, 90, gs, slow=True) for v in SIDE_RELEA
 PARTS += [_part("triton3.6.0-sm100-mga", "3.6.0", 100, "mga", slow=True)]
 
 KERNELS = {  # every kernel the kernel files define today (a new one must get jobs from an aot_launches)
-    "mufa._bottleneck_fwd_kernel", "mufa._bottleneck_bwd_rows_kernel", "mufa._atb_splitk_kernel",
+    "mufa._bottleneck_fwd_kernel", "mufa._bottleneck_bwd_rows_kernel", "mufa._atb_splitk_kernel", "mufa._bwd_finalize_kernel",
+    "mufa._bwd_gate_kernel",
     "qlinear._row_scale_kernel", "qlinear._weight_kernel", "qlinear._quantize_rows_kernel", "qlinear._fwd_kernel",
     "qlinear._bwd_dx_kernel", "qlinear._bwd_dw_kernel",
     "mga._mga_fwd_kernel", "mga._bwd_msa2_kernel", "mga._bwd_share_kernel", "mga._bwd_msa1_kernel",

@@ -155,3 +155,24 @@ def test_plot_from_synthetic_results(tmp_path):
 def test_bad_arguments():
     assert main(["--what", "nonsense"]) == 2
     assert main(["--ops", "nope", "--what", "ops"]) == 2
+
+
+def test_host_overhead_run(tmp_path):
+    """``bench --host``: one short run writes its JSON and table, with the calibration, the launch and device-op
+    counts of every variant and the targets; the fused MuFA call runs no device torch op and never syncs."""
+    rc = main(["--host", "--cases", "mufa,mga_seq", "--reps", "4", "--rounds", "1", "--out", str(tmp_path), "--tag", "t"])
+    assert rc == 0
+    data = json.loads((tmp_path / "host-t.json").read_text())
+    assert (tmp_path / "host-t.md").read_text().startswith("# Host overhead")
+    assert {"sum_range_1000", "torch_add_4x4"} <= set(data["calibration"]["before"])
+    for name, rec in data["cases"].items():
+        for mode in ("fwd", "fwd+bwd"):
+            res = rec["results"][mode]
+            assert {"floor", "module", "eager"} <= set(res), (name, mode)
+            for v, r in res.items():
+                assert r["n"] == 4 and r["median_us"] > 0 and r["syncs"] == 0, (name, mode, v, r)
+            assert res["module"]["triton_launches"] >= 1
+        assert set(rec["targets"]) == {"fwd", "fwd+bwd"}
+    mufa = data["cases"]["mufa"]["results"]
+    assert mufa["fwd"]["module"]["device_ops"] == 0 and mufa["fwd+bwd"]["module"]["device_ops"] == 0
+    assert mufa["fwd"]["module"]["triton_launches"] == 1 and mufa["fwd+bwd"]["module"]["triton_launches"] == 6

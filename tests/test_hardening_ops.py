@@ -481,7 +481,7 @@ def test_autotune_keys_are_feature_sizes():
 
 # The row count and the split-K kernel's rows per split (derived from it) are runtime arguments of the
 # kernels (not constexprs): not launch constants.
-ROW_ARGS = {"N", "M", "rows_per_split", "ROWS_PER_SPLIT"}
+ROW_ARGS = {"N", "M", "rows_per_split", "ROWS_PER_SPLIT", "S_A", "S_B"}  # S_*: split counts (do_not_specialize)
 
 
 class _Recorder:

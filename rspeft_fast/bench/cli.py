@@ -44,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--e2e-cases", default=None, help="comma list of e2e case names (default: all for the device)")
     p.add_argument("--parity-steps", type=int, default=None, help="fine-tuning steps of the parity check (default 200 GPU, 6 CPU, 2 quick CPU)")
     p.add_argument("--rep-ms", type=float, default=None, help="timing budget per measurement in ms (default 100 GPU, 50 quick)")
+    p.add_argument("--host", action="store_true",
+                   help="host overhead per call with the Triton kernels stubbed (CPU; see `bench --host --help`)")
     p.add_argument("--merge", nargs="+", metavar="DIR", default=None,
                    help="run nothing: merge the results.json of these folders (ops, e2e, parity of separate runs) into --out, "
                         "with one table and one chart")
@@ -110,6 +112,11 @@ def _errors(data: dict) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--host" in argv:  # host overhead with the kernels stubbed: its own options (bench/host.py)
+        from .host import main as host_main
+
+        return host_main(argv)
     from . import interpret_without_cuda
 
     interp_problem = interpret_without_cuda()  # before anything imports triton

@@ -9,16 +9,34 @@ The op pattern of every fused op in this package (as ``ops/qlinear.py``, ``ops/m
   way (no graph break).
 * :func:`mufa`: the functional. It validates the inputs (one contract for every implementation), resolves
   ``impl`` (:func:`rspeft_fast._impl.resolve_impl`, the kernels' limits included) and runs either the eager
-  reference or the op: casting to the compute dtype (autocast) and expanding ``gate`` to ``col_scale`` are
-  ordinary differentiable torch ops around it, so autograd reduces ``d col_scale`` to ``d gate`` per branch.
+  reference or the fused kernels.
+
+Two ways to the same kernels (issue #27: the host must cost less than the kernels):
+
+* **eager** (the hot path): everything that depends only on (shapes, contiguity, dtypes, devices, sizes, scale,
+  ``impl``, autocast, the fp32 matmul precision, the implementation switches in the environment) is checked
+  and planned ONCE and kept in ``_PLANS`` (:class:`_Plan`: the resolved implementation, the kernels' launch
+  plans with every non-tensor argument, the gate's column index). A call builds that key and runs
+  :class:`_MuFAFunction` (a plain ``autograd.Function``: no ``torch.library`` dispatch layers) whose forward
+  allocates and launches one kernel and whose backward allocates and launches five, the weight gradients
+  written by the kernels in their final dtypes and the gate's gradient reduced per branch in the last launch:
+  no torch ops besides allocations (and the casts when autocast changes the dtype). Nothing derived from a
+  parameter's values is cached (the kernels read the gate through the column index), so an in-place update
+  of a parameter needs no invalidation;
+* **under torch.compile** (and for FakeTensor inputs): the custom ops above, so the graph holds one opaque op
+  each way; ``gate`` expanded to ``col_scale`` by differentiable torch ops in the graph.
 """
 from __future__ import annotations
 
 from typing import Optional, Sequence
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensor
 
-from .._impl import ImplUnavailableError, kernel_limits, resolve_impl, triton_available
+import os
+
+from .._impl import (ENV_FORCE, ImplUnavailableError, autocast_state, kernel_limits, register_plan_cache, resolve_impl,
+                     triton_available)
 from .._validate import (check_float, check_kernel_dtype, check_last_dim, check_matching_dtypes, check_same_device,
                          compute_dtype)
 from ..reference.mufa import mufa_ref
@@ -160,6 +178,121 @@ def _check_inputs(x, down_weight, down_bias, up_weight, up_bias, gate, sizes, ba
     return sizes
 
 
+# ----------------------------------------------------------------------------------------------
+# the eager hot path: checked, resolved and planned once per key
+# ----------------------------------------------------------------------------------------------
+class _Plan:
+    """What a call of one key needs: the implementation, the compute/output dtypes, the launch plans."""
+
+    __slots__ = ("impl", "sizes", "cdtype", "out_dtype", "cast", "fwd", "fwd_nograd", "ci", "bwd", "scale", "n", "d",
+                 "r", "grad_dtypes", "gate_len", "base_dtype")
+
+    def bwd_plan(self, dy_dtype: torch.dtype, gate_grad: bool, recompute: bool):
+        key = (dy_dtype, gate_grad, recompute)
+        p = self.bwd.get(key)
+        if p is None:
+            p = self.bwd[key] = _kernels().plan_bwd_launch(
+                self.n, self.d, self.r, self.cdtype, dy_dtype=dy_dtype, recompute=recompute, scale=self.scale,
+                n_gate=self.gate_len, gate_grad=gate_grad, grad_dtypes=self.grad_dtypes, device=self.ci.device)
+        return p
+
+
+_PLANS: dict = register_plan_cache({})
+_MAX_PLANS = 512
+
+
+def _plan_key(x, wd, bd, wu, bu, gate, sizes, scale, base, save_pre, impl):
+    dev = x.device
+    env = os.environ.get
+    return (impl, x.shape, x.dtype, dev, x.is_contiguous(),
+            wd.shape, wd.dtype, wd.device, bd.shape, bd.dtype, bd.device,
+            wu.shape, wu.dtype, wu.device, bu.shape, bu.dtype, bu.device,
+            gate.shape, gate.dtype, gate.device, sizes, scale,
+            None if base is None else (base.shape, base.dtype, base.device), save_pre,
+            autocast_state(dev.type), torch.get_float32_matmul_precision(),
+            env("TRITON_INTERPRET"), env(ENV_FORCE))
+
+
+def _make_plan(x, wd, bd, wu, bu, gate, sizes, scale, base, save_pre, impl) -> _Plan:
+    """The full checks and resolution of :func:`mufa` (raising as they always did), then the launch plans."""
+    sizes = _check_inputs(x, wd, bd, wu, bu, gate, sizes, base)
+    cdtype = compute_dtype(x)
+    check_kernel_dtype("mufa", impl, cdtype)
+    limits = kernel_limits(_kernels, x.device, cdtype, n=x.numel() // x.shape[-1], d=x.shape[-1], r=wd.shape[0])
+    p = _Plan()
+    p.impl = resolve_impl("mufa", impl, x.device, limits=limits)
+    p.sizes = sizes
+    if p.impl == "reference":
+        return p
+    _require_triton(x.device)  # what the op checks at run time, once per plan
+    k = _kernels()
+    p.cdtype = cdtype
+    p.cast = any(t.dtype != cdtype for t in (x, wd, bd, wu))
+    p.out_dtype = torch.promote_types(cdtype, bu.dtype)
+    p.scale = float(scale)
+    p.n, p.d, p.r = x.numel() // x.shape[-1], x.shape[-1], wd.shape[0]
+    p.gate_len = len(sizes)
+    p.base_dtype = None if base is None else base.dtype
+    p.grad_dtypes = (cdtype, cdtype, cdtype, bu.dtype, gate.dtype)
+    p.ci = k.column_index(sizes, x.device)
+    common = dict(out_dtype=p.out_dtype, base_dtype=p.base_dtype, bu_dtype=bu.dtype, cs_dtype=gate.dtype, scale=p.scale)
+    p.fwd = k.plan_fwd_launch(p.n, p.d, p.r, cdtype, save_pre=bool(save_pre), **common)
+    p.fwd_nograd = k.plan_fwd_launch(p.n, p.d, p.r, cdtype, save_pre=False, **common)
+    p.bwd = {}
+    return p
+
+
+def _plan_for(x, wd, bd, wu, bu, gate, sizes, scale, base, save_pre, impl) -> _Plan:
+    key = _plan_key(x, wd, bd, wu, bu, gate, sizes, scale, base, save_pre, impl)
+    p = _PLANS.get(key)
+    if p is None:
+        p = _make_plan(x, wd, bd, wu, bu, gate, sizes, scale, base, save_pre, impl)
+        if len(_PLANS) >= _MAX_PLANS:
+            _PLANS.clear()
+        _PLANS[key] = p
+    return p
+
+
+class _MuFAFunction(torch.autograd.Function):
+    """The fused MuFA with autograd, for eager calls (the kernels of the custom ops, planned once)."""
+
+    @staticmethod
+    def forward(ctx, x, wd, bd, wu, bu, gate, base, plan):
+        y, pre = _kernels().run_fwd(plan.fwd, x, wd, bd, wu, bu, gate, plan.ci, base, x.shape)
+        ctx.save_for_backward(x, pre, wd, bd, wu, gate)
+        ctx.plan = plan
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, pre, wd, bd, wu, gate = ctx.saved_tensors
+        plan = ctx.plan
+        need = ctx.needs_input_grad
+        dy = dy.contiguous()
+        bplan = plan.bwd_plan(dy.dtype, need[5], pre is None)
+        dx, dwd, dbd, dwu, dbu, dg = _kernels().run_bwd(bplan, dy, x, pre, wd, bd, wu, gate, plan.ci, x.shape)
+        # d base is dy itself (as eager's AddBackward), never a fresh view of it (see _fwd_backward)
+        dbase = dy.to(plan.base_dtype) if need[6] else None
+        return (dx if need[0] else None, dwd if need[1] else None, dbd if need[2] else None,
+                dwu if need[3] else None, dbu if need[4] else None, dg, dbase, None)
+
+
+def _mufa_fused(x, wd, bd, wu, bu, gate, base, plan: _Plan) -> torch.Tensor:
+    if plan.cast:
+        x, wd, bd, wu = cast_for_compute(plan.cdtype, x, wd, bd, wu)
+    if not x.is_contiguous():
+        x = x.contiguous()
+    if base is not None and not base.is_contiguous():
+        base = base.contiguous()
+    if not (wd.is_contiguous() and wu.is_contiguous()):
+        wd, wu, bd = wd.contiguous(), wu.contiguous(), bd.contiguous()
+    if torch.is_grad_enabled() and (x.requires_grad or wd.requires_grad or bd.requires_grad or wu.requires_grad
+                                    or bu.requires_grad or gate.requires_grad
+                                    or (base is not None and base.requires_grad)):
+        return _MuFAFunction.apply(x, wd, bd, wu, bu, gate, base, plan)
+    return _kernels().run_fwd(plan.fwd_nograd, x, wd, bd, wu, bu, gate, plan.ci, base, x.shape)[0]
+
+
 def mufa(
     x: torch.Tensor,
     down_weight: torch.Tensor,
@@ -189,14 +322,16 @@ def mufa(
     before any launch), ``"reference"``, or ``"auto"`` (the kernels on CUDA inside their limits, else the
     reference, with one warning per limit).
     """
+    if not (torch.compiler.is_compiling() or isinstance(x, FakeTensor)):
+        plan = _plan_for(x, down_weight, down_bias, up_weight, up_bias, gate,
+                         sizes if type(sizes) is tuple else tuple(int(s) for s in sizes), scale, base, save_pre, impl)
+        if plan.impl == "reference":
+            return mufa_ref(x, down_weight, down_bias, up_weight, up_bias, gate, plan.sizes, scale, base)
+        return _mufa_fused(x, down_weight, down_bias, up_weight, up_bias, gate, base, plan)
     sizes = _check_inputs(x, down_weight, down_bias, up_weight, up_bias, gate, sizes, base)
     cdtype = compute_dtype(x)
     check_kernel_dtype("mufa", impl, cdtype)
-    limits = None
-    if not torch.compiler.is_compiling():  # under compile the op itself checks at run time
-        limits = kernel_limits(_kernels, x.device, cdtype, n=x.numel() // x.shape[-1], d=x.shape[-1],
-                               r=down_weight.shape[0])
-    impl = resolve_impl("mufa", impl, x.device, limits=limits)
+    impl = resolve_impl("mufa", impl, x.device, limits=None)  # under compile the op itself checks at run time
     if impl == "reference":
         return mufa_ref(x, down_weight, down_bias, up_weight, up_bias, gate, sizes, scale, base)
     x_c, wd, bd, wu = cast_for_compute(cdtype, x, down_weight, down_bias, up_weight)

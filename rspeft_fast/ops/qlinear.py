@@ -21,7 +21,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .._impl import kernel_limits, resolve_impl
+import os
+
+from torch._subclasses.fake_tensor import FakeTensor
+from torch.utils.weak import WeakIdKeyDictionary
+
+from .._impl import ENV_FORCE, autocast_state, kernel_limits, register_plan_cache, resolve_impl
 from .._validate import (check_float, check_kernel_dtype, check_last_dim, check_matching_dtypes, check_same_device,
                          compute_dtype)
 from ..reference.qlinear import check_bits, eqam_ref, qlinear_ref
@@ -258,6 +263,159 @@ def _eqam_backward(ctx, dy, _dpre):
 _eqam_fwd.register_autograd(_eqam_backward, setup_context=_eqam_setup)
 
 
+# ----------------------------------------------------------------------------- EQAM: the eager hot path
+#
+# As MuFA's (ops/mufa.py): checks, resolution and the bottleneck launch plans once per key (_EQAM_PLANS), a plain
+# autograd.Function straight to the kernels (the custom ops above stay what torch.compile sees). Derived tensors:
+# the fake-quantised weights, kept per parameter (_QUANT, weakly keyed) and remade when the parameter's
+# ``_version`` or storage changes (an optimizer step, ``load_state_dict``, ``.to()``): so inference quantises once,
+# and a training step once in the forward, the backward reusing them. Writes that bypass the version counter
+# (``p.data.copy_(...)``) are not seen: use ``torch.no_grad(): p.copy_(...)``. Constant tensors (zero biases,
+# the unit column scale and its index) are made once per (shape, dtype, device).
+_EQAM_PLANS: dict = register_plan_cache({})
+_QUANT = WeakIdKeyDictionary()
+_CONST: dict = register_plan_cache({})
+_FQ_PLANS: dict = register_plan_cache({})
+
+
+def _const(kind: str, n: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    key = (kind, n, dtype, device)
+    t = _CONST.get(key)
+    if t is None:
+        t = _CONST[key] = (torch.zeros if kind == "zeros" else torch.ones)(n, dtype=dtype, device=device)
+    return t
+
+
+def _quantized(w: Tensor, bits: int, dtype: torch.dtype) -> Tensor:
+    """``fake_quant(w, bits, dtype)``, remade only when ``w`` changed (its ``_version`` or storage)."""
+    c = _QUANT.get(w)
+    v, ptr = w._version, w.data_ptr()
+    if c is not None and c[0] == v and c[1] == ptr and c[2] == bits and c[3] == dtype:
+        return c[4]
+    key = (w.shape, w.stride(), w.dtype, bits, dtype, w.device)
+    plan = _FQ_PLANS.get(key)
+    if plan is None:
+        plan = _FQ_PLANS[key] = _kernels().plan_fake_quant(w.shape[0], w.shape[1], bits, w.dtype, dtype, w.device,
+                                                           w.stride())
+    with torch.no_grad():
+        q = _kernels().run_fake_quant(plan, w)
+    _QUANT[w] = (v, ptr, bits, dtype, q)
+    return q
+
+
+class _EqamPlan:
+    __slots__ = ("impl", "fused", "cdtype", "r", "d", "n", "fwd", "fwd_nograd", "ci", "cs", "bd0", "bu0", "grad_dtypes",
+                 "bwd", "cast")
+
+    def bwd_plan(self, dy_dtype: torch.dtype, recompute: bool):
+        key = (dy_dtype, recompute)
+        p = self.bwd.get(key)
+        if p is None:
+            p = self.bwd[key] = _kernels_mufa().plan_bwd_launch(
+                self.n, self.d, self.r, self.cdtype, dy_dtype=dy_dtype, recompute=recompute, n_gate=1, gate_grad=False,
+                grad_dtypes=self.grad_dtypes, device=self.ci.device)
+        return p
+
+
+def _kernels_mufa():
+    from ..kernels import mufa as k
+
+    return k
+
+
+def _eqam_key(x, down_w, down_b, up_w, up_b, bits, impl):
+    dev = x.device
+    env = os.environ.get
+    return (impl, x.shape, x.dtype, dev, x.is_contiguous(), down_w.shape, down_w.dtype, down_w.device,
+            None if down_b is None else (down_b.shape, down_b.dtype, down_b.device), up_w.shape, up_w.dtype, up_w.device,
+            None if up_b is None else (up_b.shape, up_b.dtype, up_b.device), bits,
+            autocast_state(dev.type), torch.get_float32_matmul_precision(),
+            env("TRITON_INTERPRET"), env(ENV_FORCE))
+
+
+def _eqam_check(x, down_w, down_b, up_w, up_b, bits) -> None:
+    check_bits(bits)
+    _check_linear(x, down_w, down_b, "down_w")
+    check_float(up_w, "up_w")
+    if up_w.dim() != 2 or up_w.shape != (down_w.shape[1], down_w.shape[0]):
+        raise ValueError(f"up_w must have shape {(down_w.shape[1], down_w.shape[0])}, got {tuple(up_w.shape)}")
+    if up_b is not None:
+        check_float(up_b, "up_b")
+        if up_b.shape != (up_w.shape[0],):
+            raise ValueError(f"up_b must have shape ({up_w.shape[0]},), got {tuple(up_b.shape)}")
+    check_same_device(("x", x), ("down_w", down_w), ("up_w", up_w), ("down_b", down_b), ("up_b", up_b))
+    check_matching_dtypes("eqam", x, ("down_w", down_w), ("down_b", down_b), ("up_w", up_w), ("up_b", up_b))
+
+
+def _eqam_plan(x, down_w, down_b, up_w, up_b, bits, impl) -> _EqamPlan:
+    key = _eqam_key(x, down_w, down_b, up_w, up_b, bits, impl)
+    p = _EQAM_PLANS.get(key)
+    if p is not None:
+        return p
+    _eqam_check(x, down_w, down_b, up_w, up_b, bits)
+    p = _EqamPlan()
+    p.impl = _resolve("eqam", impl, x, _limits(x, down_w.shape[0], down_w.shape[1], bits))
+    p.fused = p.impl != "reference" and max(16, _next_pow2(down_w.shape[0])) <= FUSED_MAX_RANK
+    if p.fused:
+        k = _kernels_mufa()
+        cdt = p.cdtype = compute_dtype(x)
+        dev = x.device
+        p.r, p.d = down_w.shape
+        p.n = x.numel() // max(p.d, 1)
+        p.cast = x.dtype != cdt or (down_b is not None and down_b.dtype != cdt)
+        p.ci = k.column_index((p.r,), dev)
+        p.cs = _const("ones", 1, torch.float32, dev)
+        p.bd0 = _const("zeros", p.r, cdt, dev) if down_b is None else None
+        p.bu0 = _const("zeros", p.d, torch.float32, dev) if up_b is None else None
+        bu_dtype = torch.float32 if up_b is None else up_b.dtype
+        p.grad_dtypes = (down_w.dtype, cdt if down_b is None else down_b.dtype, up_w.dtype, bu_dtype, torch.float32)
+        common = dict(out_dtype=cdt, bu_dtype=bu_dtype)  # as eager F.linear under autocast, whatever the bias dtype
+        p.fwd = k.plan_fwd_launch(p.n, p.d, p.r, cdt, save_pre=True, **common)
+        p.fwd_nograd = k.plan_fwd_launch(p.n, p.d, p.r, cdt, save_pre=False, **common)
+        p.bwd = {}
+    if len(_EQAM_PLANS) >= 512:
+        _EQAM_PLANS.clear()
+    _EQAM_PLANS[key] = p
+    return p
+
+
+class _EQAMFunction(torch.autograd.Function):
+    """The fused EQAM with the straight-through estimator, for eager calls (the kernels of ``eqam_fwd``)."""
+
+    @staticmethod
+    def forward(ctx, x, down_w, bd, up_w, bu, plan, bits):
+        wdq, wuq = _quantized(down_w, bits, plan.cdtype), _quantized(up_w, bits, plan.cdtype)
+        y, pre = _kernels_mufa().run_fwd(plan.fwd, x, wdq, bd, wuq, bu, plan.cs, plan.ci, None, x.shape)
+        ctx.save_for_backward(x, pre, wdq, bd, wuq)
+        ctx.plan = plan
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, pre, wdq, bd, wuq = ctx.saved_tensors
+        plan = ctx.plan
+        need = ctx.needs_input_grad
+        dy = dy.contiguous()
+        dx, dwd, dbd, dwu, dbu, _ = _kernels_mufa().run_bwd(plan.bwd_plan(dy.dtype, pre is None), dy, x, pre, wdq, bd,
+                                                            wuq, plan.cs, plan.ci, x.shape)
+        return (dx if need[0] else None, dwd if need[1] else None, dbd if need[2] else None,
+                dwu if need[3] else None, dbu if need[4] else None, None, None)
+
+
+def _eqam_fused(x, down_w, down_b, up_w, up_b, bits, plan: _EqamPlan) -> Tensor:
+    if plan.cast:
+        x, down_b = cast_for_compute(plan.cdtype, x, down_b)
+    if not x.is_contiguous():
+        x = x.contiguous()
+    bd = plan.bd0 if down_b is None else down_b
+    bu = plan.bu0 if up_b is None else up_b
+    if torch.is_grad_enabled() and (x.requires_grad or down_w.requires_grad or up_w.requires_grad or bd.requires_grad
+                                    or bu.requires_grad):
+        return _EQAMFunction.apply(x, down_w, bd, up_w, bu, plan, bits)
+    wdq, wuq = _quantized(down_w, bits, plan.cdtype), _quantized(up_w, bits, plan.cdtype)
+    return _kernels_mufa().run_fwd(plan.fwd_nograd, x, wdq, bd, wuq, bu, plan.cs, plan.ci, None, x.shape)[0]
+
+
 def eqam(x: Tensor, down_w: Tensor, down_b: Optional[Tensor], up_w: Tensor, up_b: Optional[Tensor], bits: int, *,
          impl: str = "triton") -> Tensor:
     """EQAM delta ``QLinear_up(GELU(QLinear_down(x)))``: ``x (..., d)`` → ``(..., d)``, STE gradients to all.
@@ -266,6 +424,15 @@ def eqam(x: Tensor, down_w: Tensor, down_b: Optional[Tensor], up_w: Tensor, up_b
     :func:`qlinear`. Fused: one bottleneck launch (forward) when the padded ``R`` is at most
     ``FUSED_MAX_RANK``, else two fused Q-Linear launches. ``impl`` as :func:`qlinear`.
     """
+    if not (torch.compiler.is_compiling() or isinstance(x, FakeTensor)):
+        plan = _eqam_plan(x, down_w, down_b, up_w, up_b, bits, impl)
+        if plan.fused:
+            return _eqam_fused(x, down_w, down_b, up_w, up_b, bits, plan)
+        if plan.impl == "reference":
+            return eqam_ref(x, down_w, down_b, up_w, up_b, bits)
+        x2, lead = _rows(x)
+        h = qlinear_rows(x2, down_w, down_b, bits, True)
+        return qlinear_rows(h, up_w, up_b, bits, False).reshape(*lead, up_w.shape[0])
     check_bits(bits)
     _check_linear(x, down_w, down_b, "down_w")
     check_float(up_w, "up_w")
