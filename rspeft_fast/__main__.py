@@ -7,7 +7,7 @@ import sys
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    usage = ("usage: python -m rspeft_fast {train,retrieval,bench} [options]   "
+    usage = ("usage: python -m rspeft_fast {train,retrieval,segment,change,bench} [options]   "
              "(see `python -m rspeft_fast train --help`, `... retrieval --help`)")
     if not argv or argv[0] in ("-h", "--help"):
         print(usage)
@@ -21,6 +21,10 @@ def main(argv: list[str] | None = None) -> int:
         from .retrieval.job import main as retrieval_main
 
         return int(retrieval_main(rest) or 0)
+    if cmd in ("segment", "change"):
+        from .dense import job
+
+        return int((job.main_segment if cmd == "segment" else job.main_change)(rest) or 0)
     if cmd == "bench":
         from .bench.cli import main as bench_main
 
