@@ -94,6 +94,7 @@ def build_parser(task: str) -> argparse.ArgumentParser:
     p.add_argument("--eval-batch-size", type=int, default=8, help="sliding windows per forward")
     p.add_argument("--embedded-size", type=int, nargs=3, default=None, metavar=("TRAIN", "VAL", "TEST"),
                    help="embedded set: samples per split (default 48 12 12)")
+    p.add_argument("--embedded-tile", type=int, default=None, help="embedded set: tile size (default 96; change 64)")
     add_engine_args(p, epochs=8, batch_size=8, lr=2e-3, weight_decay=0.01)
     p.add_argument("--out", default=None, help=f"output folder (default runs/{task}-<model>-<method>)")
     return p
@@ -160,8 +161,9 @@ class DenseTask:
 
             self._tmp = tempfile.mkdtemp(prefix=f"rspeft_fast_{self.name}_")
             n = tuple(a.embedded_size or (48, 12, 12))
-            root = (write_change_set(self._tmp, n=n, size=64, seed=a.seed) if self.change
-                    else write_segmentation_set(self._tmp, n=n, size=96, seed=a.seed))
+            tile = a.embedded_tile or (64 if self.change else 96)
+            root = (write_change_set(self._tmp, n=n, size=tile, seed=a.seed) if self.change
+                    else write_segmentation_set(self._tmp, n=n, size=tile, seed=a.seed))
         try:
             kw = {} if self.change else {"classes": a.classes, "ignore_classes": tuple(a.ignore_class)}
             data, errors = read_dense(root, self.name, a.format, **kw)

@@ -110,7 +110,7 @@ class MultiScaleEncoder(nn.Module):
 class _UperHead(nn.Module):
     """smp's ``UPerNetDecoder`` (PPM + FPN at ``channels``) and a 1×1 ``SegmentationHead``, upsampled to ``size``."""
 
-    def __init__(self, in_channels: Sequence[int], num_classes: int, channels: int = 256):
+    def __init__(self, in_channels: Sequence[int], num_classes: int, channels: int = 256, feature_norms: bool = True):
         super().__init__()
         from segmentation_models_pytorch.base.heads import SegmentationHead
         from segmentation_models_pytorch.decoders.upernet.decoder import UPerNetDecoder
@@ -118,6 +118,8 @@ class _UperHead(nn.Module):
         # smp's decoder takes [1, 1/2, 1/4, 1/8, 1/16, 1/32] and skips the first two
         self.decoder = UPerNetDecoder((0, 0) + tuple(in_channels), encoder_depth=5, decoder_channels=int(channels))
         self.head = SegmentationHead(int(channels), int(num_classes), kernel_size=1)
+        if not feature_norms:  # smp normalises each level per pixel over channels: that would erase |fA - fB|'s size
+            self.decoder.feature_norms = nn.ModuleList([nn.Identity() for _ in in_channels])
 
     def forward(self, feats: list, size) -> torch.Tensor:
         y = self.head(self.decoder([None, None] + list(feats)))
@@ -149,7 +151,8 @@ class ChangeDetector(nn.Module):
             raise ValueError(f"fusion must be one of {FUSIONS}, got {fusion!r}")
         self.encoder, self.fusion, self.num_classes = encoder, fusion, int(num_classes)
         self.fuse = (nn.ModuleList([nn.Conv2d(2 * c, c, 1) for c in encoder.channels]) if fusion == "concat" else None)
-        self.decode_head = _UperHead(encoder.channels, num_classes, decoder_channels)
+        # no per-pixel LayerNorm of the fused levels: how large the difference is, is the change signal
+        self.decode_head = _UperHead(encoder.channels, num_classes, decoder_channels, feature_norms=False)
 
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         if a.shape != b.shape:
