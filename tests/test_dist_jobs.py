@@ -43,7 +43,6 @@ def _retrieval_setup():
     from rspeft_fast.retrieval.job import build_parser, build_retrieval_model
 
     args = build_parser().parse_args(["--device", "cpu", "--no-progress"])
-    args._device = torch.device("cpu")
     torch.manual_seed(0)
     model, tok, _, _ = build_retrieval_model(args)
     _perturb(model, 1)
@@ -84,19 +83,17 @@ def _global_mean(loss):
 
 
 def _worker(rank, port, out_dir):
-    import argparse
-
     from rspeft_fast.integration.families import block_modules
     from rspeft_fast.train.loop import DistInfo, wrap_model
     from rspeft_fast.retrieval.job import _clip_blocks
 
-    info = DistInfo(rank, WORLD, rank)
+    info, cpu = DistInfo(rank, WORLD, rank), torch.device("cpu")
     sl = slice(rank * B // WORLD, (rank + 1) * B // WORLD)
     res = {}
     with H.gloo_group(rank, port, WORLD):
         # DDP retrieval
         args, model, images, tokens = _retrieval_setup()
-        net = wrap_model(model, args, info)
+        net = wrap_model(model, info, cpu)
         assert isinstance(net, torch.nn.parallel.DistributedDataParallel)
         loss = _retrieval_loss(net, args, images[sl], tokens[sl], IDS[sl], WORLD)
         loss.backward()
@@ -107,8 +104,7 @@ def _worker(rank, port, out_dir):
         plain = copy.deepcopy(model)
         ref_loss = torch.nn.functional.cross_entropy(plain(x), y)
         ref_loss.backward()
-        fsdp_args = argparse.Namespace(fsdp=True, _device=torch.device("cpu"))
-        sharded = wrap_model(model, fsdp_args, info, block_modules)
+        sharded = wrap_model(model, info, cpu, fsdp=True, shard_modules=block_modules)
         assert any(hasattr(p, "device_mesh") for p in sharded.parameters())
         loss = torch.nn.functional.cross_entropy(sharded(x[sl]), y[sl])
         loss.backward()
@@ -119,8 +115,7 @@ def _worker(rank, port, out_dir):
         plain = copy.deepcopy(model)
         ref_loss = _retrieval_loss(plain, args, images, tokens, IDS, 1)
         ref_loss.backward()
-        args.fsdp = True
-        sharded = wrap_model(model, args, info, _clip_blocks)
+        sharded = wrap_model(model, info, cpu, fsdp=True, shard_modules=_clip_blocks)
         loss = _retrieval_loss(sharded, args, images[sl], tokens[sl], IDS[sl], WORLD)
         loss.backward()
         res["fsdp_clip"] = (ref_loss.detach(), _grads(plain), _global_mean(loss), _grads(sharded))

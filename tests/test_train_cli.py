@@ -211,3 +211,19 @@ def test_train_hf_model_with_grad_checkpointing(tmp_path, monkeypatch):
     assert seen["ckpt"], "HF gradient checkpointing was not switched on"
     assert os.path.exists(os.path.join(out, "adapters.safetensors"))
     assert _metrics(out)["state"]["step"] >= 1
+
+
+def test_fsdp_without_torchrun_says_what_happens(tmp_path, capsys):
+    """--fsdp in one process runs FSDP2 over a one-rank group, and says so (it used to be silent); the group is
+    torn down after the run."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_gloo_available()):
+        pytest.skip("needs torch.distributed with gloo")
+    out = str(tmp_path / "fsdp")
+    assert train_main(SMALL + ["--model-arg", "depth=1", "--method", "mufa", "--impl", "reference", "--epochs", "1",
+                               "--embedded-per-class", "2", "--batch-size", "8", "--max-steps", "1", "--fsdp", "--out", out]) == 0
+    text = capsys.readouterr().out
+    assert "--fsdp in a single process" in text and "torchrun --nproc_per_node" in text
+    assert not dist.is_initialized()
+    assert os.path.exists(os.path.join(out, "adapters.safetensors"))

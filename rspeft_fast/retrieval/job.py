@@ -10,11 +10,13 @@ The protocol (SPEC §5):
 3. training with HarMA's objective ``contrastive_loss(ids, learnable τ) + w · weighted_triplet_loss(margin 0.2,
    γ 2, ids)`` (``--triplet-weight`` w = 1; ids = image ids, so other captions of the same image are never
    negatives; ``--triplet-diagonal-only`` for HarMA's own diagonal-only mask), AdamW (wd 0.04, betas 0.9/0.98),
-   on the engine of :mod:`rspeft_fast.train.loop` (warm-up + cosine, autocast, checkpoints, ``--resume``, DDP with
-   gather-with-grad under ``torchrun``, ``--fsdp``, ``--grad-checkpointing``);
+   on the engine (:mod:`rspeft_fast.train.engine`: warm-up + cosine, autocast, checkpoints, ``--resume``, DDP
+   with gather-with-grad under ``torchrun``, ``--fsdp``, ``--grad-checkpointing``);
 4. after each epoch, evaluation on the validation split; the epoch with the best validation mR is selected
-   (never the test split) and its adapters kept (``OUT/adapters.safetensors``, via ``save_adapters``);
+   (never the test split; the engine's selection) and its adapters kept (``OUT/adapters.safetensors``);
 5. the selected epoch's test metrics, once, at the end.
+
+This module is the job's description (:class:`Retrieval`): model, data, objective, metrics and selection score.
 
 ``OUT/metrics.json`` = ``{"model", "zero_shot", "val", "test", "selected_epoch", ...}``, each split with the recall
 keys of :func:`rspeft_fast.retrieval.recall_at_k` plus ``n_images`` and ``n_captions``; ``--eval-only`` evaluates
@@ -32,22 +34,17 @@ world size before DDP averages it: N processes with batch B train exactly as one
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import random
-import signal
 import sys
 from typing import Optional
 
 import torch
 
-from ..train.cli import add_engine_args, method_options, parse_option, progress_fn, resume_path
-from ..train.loop import (StopRequest, Trainer, amp_dtype, autocast, build_optim, peak_memory, resolve_device,
-                          save_adapters_from, setup_distributed, wrap_model)
+from ..train.engine import Job, Settings, add_engine_args, control, method_options, parse_option, run
 from .model import TINY_CLIP, RetrievalModel, create_clip
 from .readers import FORMATS, CaptionSplit, DataError, read_split
 
-__all__ = ["main", "build_parser", "retrieval_loss", "objective", "evaluate_split", "build_retrieval_model"]
+__all__ = ["main", "build_parser", "retrieval_loss", "objective", "evaluate_split", "build_retrieval_model", "Retrieval"]
 
 # MGA options per model when --option does not say (the tiny CLIP is 128 wide: a 128-d adapter would dwarf it)
 _MGA_DEFAULTS = {TINY_CLIP: {"hidden": 64, "heads": 4}}
@@ -77,18 +74,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-violation", action="store_true", help="hard-negative mining in the triplet term")
     p.add_argument("--triplet-diagonal-only", action="store_true",
                    help="HarMA's mask: only the pair itself is a positive in the triplet term (other captions of the same image count as negatives)")
-    add_engine_args(p, epochs=10, batch_size=32, lr=2e-3, weight_decay=0.04)
-    p.add_argument("--eval-batch-size", type=int, default=256)
-    p.add_argument("--eval-only", action="store_true", help="evaluate the injected model (with --adapters) on the test split only")
+    add_engine_args(p, epochs=10, batch_size=32, lr=2e-3, weight_decay=0.04, out_help="output folder (default runs/retrieval-<model>)")
+    control(p, p.add_argument("--eval-batch-size", type=int, default=256))
+    control(p, p.add_argument("--eval-only", action="store_true", help="evaluate the injected model (with --adapters) on the test split only"))
     p.add_argument("--adapters", default=None, help="adapter file to start from (save_adapters format)")
-    p.add_argument("--out", default=None, help="output folder (default runs/retrieval-<model>)")
     return p
-
-
-RUN_KEYS = ("model", "checkpoint", "pretrained", "option", "share_image_tower", "data", "images", "format", "max_words",
-            "embedded_scale", "triplet_weight", "margin", "gamma", "max_violation", "triplet_diagonal_only", "batch_size", "lr",
-            "weight_decay", "warmup_steps", "clip_grad", "seed", "max_steps", "amp", "grad_checkpointing", "fsdp",
-            "skip_bad_images", "adapters", "impl")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -232,28 +222,28 @@ def objective(args) -> dict:
 
 
 @torch.no_grad()
-def embed(model: RetrievalModel, images: _Images, tokens: torch.Tensor, args, progress=None):
-    """L2-normalised embeddings of every image and caption, in batches: ``(img (N_img, E), txt (N_txt, E))`` fp32."""
+def embed(model: RetrievalModel, images: _Images, tokens: torch.Tensor, ctx):
+    """L2-normalised embeddings of every image and caption, in batches of ``--eval-batch-size``:
+    ``(img (N_img, E), txt (N_txt, E))`` fp32. ``ctx``: the engine's :class:`~rspeft_fast.train.engine.Context`."""
     model.eval()
-    dev = args._device
-    loader = torch.utils.data.DataLoader(images, batch_size=args.eval_batch_size, shuffle=False, num_workers=args.workers)
-    it = progress(loader, desc="embedding images", leave=False) if progress is not None else loader
+    dev, bs = ctx.device, ctx.args.eval_batch_size
+    loader = torch.utils.data.DataLoader(images, batch_size=bs, shuffle=False, num_workers=ctx.args.workers)
     img = []
-    for x in it:  # through forward(), so a DDP / FSDP2 wrapper runs its hooks (FSDP2 all-gathers the weights there)
-        with autocast(args):
+    for x in ctx.progress(loader, desc="embedding images", leave=False):
+        with ctx.autocast():  # through forward(), so a DDP / FSDP2 wrapper runs its hooks (FSDP2 all-gathers there)
             img.append(model(x.to(dev, non_blocking=True), None)[0].float())
     txt = []
-    for a in range(0, tokens.shape[0], args.eval_batch_size):
-        with autocast(args):
-            txt.append(model(None, tokens[a:a + args.eval_batch_size].to(dev))[1].float())
+    for a in range(0, tokens.shape[0], bs):
+        with ctx.autocast():
+            txt.append(model(None, tokens[a:a + bs].to(dev))[1].float())
     return torch.cat(img), torch.cat(txt)
 
 
-def evaluate_split(model, images: _Images, tokens: torch.Tensor, txt_to_img, args, progress=None) -> dict:
+def evaluate_split(model, images: _Images, tokens: torch.Tensor, txt_to_img, ctx) -> dict:
     """Recall@1/5/10 and mR (:func:`recall_at_k`) of a split, with ``n_images`` and ``n_captions``."""
     from .metrics import recall_at_k
 
-    img, txt = embed(model, images, tokens, args, progress)
+    img, txt = embed(model, images, tokens, ctx)
     m = recall_at_k(img @ txt.t(), torch.as_tensor(txt_to_img, device=img.device))
     m["n_images"], m["n_captions"] = int(img.shape[0]), int(txt.shape[0])
     return m
@@ -264,149 +254,104 @@ def _fmt(m: dict) -> str:
             f"t2i R@1/5/10 {m['img_r1']:.1f}/{m['img_r5']:.1f}/{m['img_r10']:.1f}")
 
 
-def _load_best(model: RetrievalModel, path: str) -> None:
-    from safetensors.torch import load_file
-
-    saved = load_file(path)
-    params = dict(model.clip.named_parameters())
-    with torch.no_grad():
-        for n, t in saved.items():
-            p = params[n]
-            if hasattr(p, "device_mesh"):  # FSDP2 DTensor
-                from torch.distributed.tensor import distribute_tensor
-
-                p.copy_(distribute_tensor(t.to(p.device_mesh.device_type), p.device_mesh, p.placements))
-            else:
-                p.copy_(t)
-
-
 # --------------------------------------------------------------------------------------------------
 # the job
 
 
-def main(argv: Optional[list] = None) -> int:
-    from ..integration import trainable_parameters
+class Retrieval(Job):
+    """HarMA's retrieval fine-tuning: contrastive + weighted triplet loss on caption pairs, validation mR per
+    epoch, the best validation epoch selected, its test metrics at the end (zero-shot test metrics first)."""
 
+    name = "retrieval"
+    betas = (0.9, 0.98)
+    selects = True
+
+    @property
+    def trains(self) -> bool:
+        return not self.args.eval_only
+
+    def model(self, ctx):
+        self._model, self.tok, self.t_train, self.t_eval = build_retrieval_model(self.args)
+        return self._model
+
+    def data(self, ctx, model):
+        a = self.args
+        vis = model.clip.visual.image_size
+        self.size = int(vis[0] if isinstance(vis, (tuple, list)) else vis)
+        self.splits = load_splits(a, self.size, ctx.progress, ("train", "val", "test") if self.trains else ("test",))
+        self.tokens = {k: self.tok(v.captions) for k, v in self.splits.items()}
+        self.images = {k: _Images(v.images, self.t_eval) for k, v in self.splits.items()}
+        if not self.trains:
+            return None
+        train = self.splits["train"]
+        return ctx.train_loader(_Pairs(_Images(train.images, self.t_train), self.tokens["train"], train.txt_to_img))
+
+    def objective(self, ctx, net):
+        obj, world = objective(self.args), ctx.dist.world
+
+        def loss_fn(batch):
+            x, t, ids = batch
+            x, t, ids = x.to(ctx.device, non_blocking=True), t.to(ctx.device, non_blocking=True), ids.to(ctx.device)
+            net.train()
+            with ctx.autocast():
+                img, txt, temp = net(x, t)
+            return retrieval_loss(img, txt, temp, ids, **obj, world=world), x.shape[0]
+
+        return loss_fn
+
+    def _eval(self, ctx, net, split: str) -> dict:
+        return evaluate_split(net, self.images[split], self.tokens[split], self.splits[split].txt_to_img, ctx)
+
+    def evaluate(self, ctx, net):
+        return {"val": self._eval(ctx, net, "val"), "temperature": float(self._model.temperature().detach())}
+
+    def score(self, m):
+        return m["val"]["r_mean"]
+
+    def adapters(self, model):
+        return model.clip
+
+    def shard_modules(self, model):
+        return _clip_blocks(model)
+
+    def describe(self, ctx, model):
+        from ..integration import trainable_parameters
+
+        a, d = self.args, ctx.dist
+        return (f"model {a.model} + mga | {trainable_parameters(model.clip)} | device {ctx.device} | img {self.size} | "
+                f"data {a.data or 'embedded scene set'}: "
+                + ", ".join(f"{k} {v.n_images} images / {v.n_captions} captions" for k, v in self.splits.items())
+                + (f" | {d.world} processes" if d.world > 1 else ""))
+
+    def epoch_line(self, m, epochs):
+        return (f"epoch {m['epoch']}/{epochs}  loss {m['train_loss']:.4f}  val {_fmt(m['val'])}  τ {m['temperature']:.4f}  "
+                f"{m['images_per_s']:.1f} pairs/s  peak mem {m['peak_memory']}")
+
+    def start(self, ctx, net, state):
+        if "zero_shot" not in state.extra:  # a resumed run has it from the checkpoint
+            state.extra["zero_shot"] = self._eval(ctx, net, "test")
+            ctx.log(f"zero-shot test: {_fmt(state.extra['zero_shot'])}")
+
+    def report(self, ctx, net, state):
+        a = self.args
+        test = self._eval(ctx, net, "test")
+        if state is None:  # --eval-only
+            ctx.log(f"test: {_fmt(test)}")
+            return {"model": a.model, "adapters": a.adapters, "checkpoint": a.checkpoint, "zero_shot": test, "test": test}
+        sel = state.extra["selected_epoch"]
+        val = state.history[sel - 1]["val"] if sel else self._eval(ctx, net, "val")
+        zs = state.extra["zero_shot"]
+        ctx.log(f"selected epoch {sel} (best validation mR {val['r_mean']:.2f}); test: {_fmt(test)} "
+                f"(zero-shot mR {zs['r_mean']:.2f})")
+        ctx.log(f"saved the selected epoch's adapter weights to {os.path.join(ctx.settings.out, 'adapters.safetensors')}")
+        return {"model": a.model, "zero_shot": zs, "val": val, "test": test, "selected_epoch": sel, "history": state.history}
+
+
+def main(argv: Optional[list] = None, *, hooks=()) -> int:
+    """``python -m rspeft_fast retrieval ...``; ``hooks``: phase hooks (:class:`~rspeft_fast.train.engine.Settings`)."""
     args = build_parser().parse_args(argv)
-    dist = setup_distributed(args.fsdp)
-    torch.manual_seed(args.seed)  # the same on every rank: the model is built identically everywhere
-    random.seed(args.seed)
-    args._device = dev = resolve_device(args.device, dist)
     out = args.out or os.path.join("runs", f"retrieval-{args.model}")
-    ckpt_path = os.path.join(out, "checkpoint.pt")
-    log = print if dist.is_main else (lambda *a, **k: None)
-    resume_from = None if args.eval_only else resume_path(args, ckpt_path, log=lambda s: log(s, flush=True))
-    progress = progress_fn(args, dist)
-
-    model, tok, t_train, t_eval = build_retrieval_model(args)
-    if dist.world > 1:  # then per-rank random streams (dropout, drop-path, mixup)
-        torch.manual_seed(args.seed + dist.rank)
-        random.seed(args.seed + dist.rank)
-    size = int(model.clip.visual.image_size[0] if isinstance(model.clip.visual.image_size, (tuple, list)) else model.clip.visual.image_size)
-    splits = load_splits(args, size, progress, ("test",) if args.eval_only else ("train", "val", "test"))
-    tokens = {k: tok(v.captions) for k, v in splits.items()}
-    images = {k: _Images(v.images, t_eval) for k, v in splits.items()}
-    model.to(dev)
-    if dev.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(dev)
-    net = wrap_model(model, args, dist, _clip_blocks)
-    src = args.data or "embedded scene set"
-    log(f"model {args.model} + mga | {trainable_parameters(model.clip)} | device {dev} | img {size} | data {src}: "
-        + ", ".join(f"{k} {v.n_images} images / {v.n_captions} captions" for k, v in splits.items())
-        + (f" | {dist.world} processes" if dist.world > 1 else ""), flush=True)
-
-    def ev(split):
-        return evaluate_split(net, images[split], tokens[split], splits[split].txt_to_img, args, progress)
-
-    if args.eval_only:
-        m = ev("test")
-        log(f"test: {_fmt(m)}", flush=True)
-        if dist.is_main:
-            os.makedirs(out, exist_ok=True)
-            with open(os.path.join(out, "metrics.json"), "w") as f:
-                json.dump({"model": args.model, "adapters": args.adapters, "checkpoint": args.checkpoint,
-                           "zero_shot": m, "test": m}, f, indent=1)
-        return 0
-
-    train = splits["train"]
-    pairs = _Pairs(_Images(train.images, t_train), tokens["train"], train.txt_to_img)
-    from ..train.data import ResumableSampler, SeededSamples
-
-    sampler = ResumableSampler(len(pairs), args.seed, args.batch_size, dist.rank, dist.world)
-    loader = torch.utils.data.DataLoader(SeededSamples(pairs, args.seed), batch_size=args.batch_size, sampler=sampler,
-                                         drop_last=dist.world > 1 or len(pairs) > args.batch_size, num_workers=args.workers,
-                                         generator=torch.Generator().manual_seed(args.seed), pin_memory=dev.type == "cuda")
-
-    obj = objective(args)
-
-    def loss_fn(batch):
-        x, t, ids = batch
-        x, t, ids = x.to(dev, non_blocking=True), t.to(dev, non_blocking=True), ids.to(dev)
-        net.train()
-        with autocast(args):
-            img, txt, temp = net(x, t)
-        return retrieval_loss(img, txt, temp, ids, **obj, world=dist.world), x.shape[0]
-
-    n_batches = len(loader)
-    steps_per_epoch = n_batches if args.max_steps is None else min(n_batches, args.max_steps)
-    opt, sched = build_optim(model, args, total_steps=max(1, steps_per_epoch * args.epochs), betas=(0.9, 0.98))
-    scaler = torch.amp.GradScaler(dev.type) if amp_dtype(args) == torch.float16 else None
-    stop = StopRequest()
-    trainer = Trainer(model, loader, opt, sched, scaler, args, steps_per_epoch, progress, stop, ckpt_path, loss_fn, RUN_KEYS, dist)
-    if resume_from is not None:
-        trainer.load_checkpoint(resume_from)
-    state = trainer.state
-    best_path = os.path.join(out, "adapters.safetensors")
-    if "zero_shot" not in state.extra:
-        state.extra["zero_shot"] = ev("test")
-        log(f"zero-shot test: {_fmt(state.extra['zero_shot'])}", flush=True)
-    if resume_from is not None:
-        log(trainer.resumed_text(resume_from), flush=True)
-
-    with stop.installed():
-        while state.epoch < args.epochs:
-            if not trainer.train_epoch():
-                break
-            m = trainer.epoch_metrics()
-            m["val"] = ev("val")
-            m["epoch"] = state.epoch + 1
-            m["temperature"] = float(model.temperature().detach())
-            m["peak_memory"] = peak_memory(dev)
-            best = state.extra.get("best_val")
-            if best is None or m["val"]["r_mean"] > best["r_mean"]:
-                state.extra["best_val"], state.extra["selected_epoch"] = m["val"], m["epoch"]
-                save_adapters_from(model, model.clip, best_path, dist)
-            trainer.end_epoch(m)
-            log(f"epoch {m['epoch']}/{args.epochs}  loss {m['train_loss']:.4f}  val {_fmt(m['val'])}  τ {m['temperature']:.4f}  "
-                f"{m['images_per_s']:.1f} pairs/s  peak mem {m['peak_memory']}", flush=True)
-            if trainer._stop_now():
-                trainer.save_checkpoint()
-                break
-        if stop.signum is not None:
-            log(f"stopped by {signal.Signals(stop.signum).name} at epoch {state.epoch + 1}, step {state.epoch_step}; "
-                f"checkpoint written to {ckpt_path} (continue with --resume)", flush=True)
-            return 128 + int(stop.signum)
-        if args.ckpt_every:
-            trainer.save_checkpoint()
-
-    if "selected_epoch" in state.extra:
-        _load_best(model, best_path)
-    else:  # no epoch ran (e.g. --epochs 0): the starting model
-        state.extra["best_val"], state.extra["selected_epoch"] = ev("val"), 0
-        save_adapters_from(model, model.clip, best_path, dist)
-    test = ev("test")
-    log(f"selected epoch {state.extra['selected_epoch']} (best validation mR {state.extra['best_val']['r_mean']:.2f}); "
-        f"test: {_fmt(test)} (zero-shot mR {state.extra['zero_shot']['r_mean']:.2f})", flush=True)
-    if dist.is_main:
-        with open(os.path.join(out, "metrics.json"), "w") as f:
-            json.dump({"model": args.model, "zero_shot": state.extra["zero_shot"], "val": state.extra["best_val"], "test": test,
-                       "selected_epoch": state.extra["selected_epoch"], "history": state.history,
-                       "args": {k: v for k, v in vars(args).items() if not k.startswith("_")}, "resumed_from": resume_from},
-                      f, indent=1, default=str)
-    log(f"saved the selected epoch's adapter weights to {best_path}", flush=True)
-    return 0
-
-
+    return run(Retrieval(args), Settings.from_args(args, out=out, hooks=hooks))
 
 
 if __name__ == "__main__":  # pragma: no cover

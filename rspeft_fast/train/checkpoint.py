@@ -1,14 +1,17 @@
 """Training checkpoints: what a run must hold to resume bit-for-bit, written atomically.
 
-A checkpoint (``format`` ``rspeft_fast.train/1``) is a ``torch.save``d dict of plain tensors and Python values
+A checkpoint (``format`` ``rspeft_fast.train/2``) is a ``torch.save``d dict of plain tensors and Python values
 (loadable with ``weights_only=True``):
 
-* ``run``: the run's fingerprint — the arguments that shape the training trajectory, as JSON strings; a
-  resume with any other value is refused (the job lists the keys; ``epochs`` is kept apart: it may grow);
+* ``run``: the run's fingerprint — every option of the job that shapes the training trajectory, as JSON
+  strings (:func:`run_fingerprint`; the engine derives it from the parsed options, leaving out only those
+  marked as run control: ``--epochs``, which may grow, ``--out``, ``--workers``, ...); a resume with any
+  other value is refused;
 * ``backbone_checksum``: a hash of the frozen tensors (another backbone file is refused);
 * ``trainable``: every trainable tensor by name; ``optimizer``, ``scheduler``, ``scaler`` state dicts;
 * ``state``: :class:`TrainState` (epoch, step, history, position within the epoch, running sums);
-* ``sampler``: the sampler's generator state at the start of the epoch in flight;
+* ``sampler``: the sampler's generator state at the start of epoch ``state.epoch`` (the epoch in flight, or
+  the next one when the checkpoint falls between epochs: after an evaluation, at the end of the run);
 * ``rng``: the torch CPU / CUDA, numpy and python RNG states — one entry per rank under ``torch.distributed``.
 
 Writes go through :func:`rspeft_fast._fileio.atomic_torch_save` (temporary file, fsync, ``os.replace``).
@@ -28,7 +31,7 @@ from .._fileio import atomic_torch_save
 __all__ = ["TrainState", "fresh_acc", "run_fingerprint", "backbone_checksum", "rng_state", "set_rng_state",
            "atomic_torch_save", "FORMAT"]
 
-FORMAT = "rspeft_fast.train/1"
+FORMAT = "rspeft_fast.train/2"
 
 
 @dataclass
@@ -47,9 +50,9 @@ def fresh_acc() -> dict:
     return {"total_loss": 0.0, "n_seen": 0, "first_loss": None, "train_s": 0.0}
 
 
-def run_fingerprint(args, keys) -> dict:
-    """The arguments ``keys`` of ``args`` that shape the training trajectory, as JSON strings."""
-    return {k: json.dumps(getattr(args, k, None), sort_keys=True, default=str) for k in keys}
+def run_fingerprint(options: dict) -> dict:
+    """``{name: value}`` of the options that shape the training trajectory → ``{name: JSON string}``."""
+    return {k: json.dumps(v, sort_keys=True, default=str) for k, v in sorted(options.items())}
 
 
 @torch.no_grad()

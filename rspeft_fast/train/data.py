@@ -22,7 +22,7 @@ from typing import Optional, Sequence
 
 import torch
 
-__all__ = ["ResumableSampler", "SeededSamples", "check_images", "build_classification_data", "class_names",
+__all__ = ["ResumableSampler", "SeededSamples", "check_images", "classification_datasets", "class_names",
            "EmbeddedTextures", "IMG_EXT"]
 
 IMG_EXT = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
@@ -240,49 +240,38 @@ def timm_transforms(model, args, img_size: Optional[int]):
     return t_train, t_eval, cfg
 
 
-def build_classification_data(args, model, img_size, dist=None, progress=None):
-    """``(train_loader, val_loader, class names, data config)``; the train loader's sampler is a
-    :class:`ResumableSampler`. Every image of ``--data`` is checked first (:func:`check_images`)."""
+def classification_datasets(args, model, img_size, progress=None):
+    """``(train set, val set, class names, data config, workers)`` of ``--data`` (or the embedded textures) through
+    timm's transforms; every image of ``--data`` is checked first (:func:`check_images`)."""
     t_train, t_eval, cfg = timm_transforms(model, args, img_size)
     size = int(cfg["input_size"][-1])
-    rank, world = (dist.rank, dist.world) if dist is not None else (0, 1)
     if args.data is None:
         tr = EmbeddedTextures("train", args.embedded_per_class, size, args.seed, t_train)
         va = EmbeddedTextures("val", max(args.embedded_per_class // 4, 2), size, args.seed, t_eval)
-        classes, workers = list(tr.classes), 0
+        return tr, va, list(tr.classes), cfg, 0
+    root = args.data
+    classes = class_names(root)
+    if os.path.isdir(os.path.join(root, "train")) and os.path.isdir(os.path.join(root, "val")):
+        tr = _image_folder(os.path.join(root, "train"), t_train)
+        va = _image_folder(os.path.join(root, "val"), t_eval, classes)
+        tr_s, va_s = tr.samples, va.samples
     else:
-        root = args.data
-        classes = class_names(root)
-        if os.path.isdir(os.path.join(root, "train")) and os.path.isdir(os.path.join(root, "val")):
-            tr = _image_folder(os.path.join(root, "train"), t_train)
-            va = _image_folder(os.path.join(root, "val"), t_eval, classes)
-            tr_s, va_s = tr.samples, va.samples
-        else:
-            tr = _image_folder(root, t_train)
-            rng = random.Random(args.seed)
-            tr_s, va_s = [], []
-            for k in range(len(classes)):
-                cls_items = [it for it in tr.samples if it[1] == k]
-                rng.shuffle(cls_items)
-                n_val = max(1, int(round(len(cls_items) * args.val_fraction))) if len(cls_items) > 1 else 0
-                va_s += cls_items[:n_val]
-                tr_s += cls_items[n_val:]
-            va = tr
-        every = tr_s + va_s
-        ok = set(check_images([p for p, _ in every], workers=args.workers, skip_bad=args.skip_bad_images,
-                              what=f"images under {root}", progress=progress))
-        n_tr = len(tr_s)
-        tr_s = [s for i, s in enumerate(tr_s) if i in ok]
-        va_s = [s for j, s in enumerate(va_s) if n_tr + j in ok]
-        if not tr_s:
-            raise SystemExit(f"--data {root}: no readable training images")
-        tr, va = _with_samples(tr, tr_s, t_train), _with_samples(va, va_s, t_eval)
-        workers = args.workers
-    pin = args._device.type == "cuda"
-    g = torch.Generator().manual_seed(args.seed)  # seeds the workers only (never the global RNG)
-    sampler = ResumableSampler(len(tr), args.seed, args.batch_size, rank, world)
-    train_loader = torch.utils.data.DataLoader(SeededSamples(tr, args.seed), batch_size=args.batch_size, sampler=sampler,
-                                               drop_last=world > 1 or len(tr) > args.batch_size, num_workers=workers,
-                                               generator=g, pin_memory=pin)
-    val_loader = torch.utils.data.DataLoader(va, batch_size=args.batch_size * 2, shuffle=False, num_workers=workers, pin_memory=pin)
-    return train_loader, val_loader, classes, cfg
+        tr = _image_folder(root, t_train)
+        rng = random.Random(args.seed)
+        tr_s, va_s = [], []
+        for k in range(len(classes)):
+            cls_items = [it for it in tr.samples if it[1] == k]
+            rng.shuffle(cls_items)
+            n_val = max(1, int(round(len(cls_items) * args.val_fraction))) if len(cls_items) > 1 else 0
+            va_s += cls_items[:n_val]
+            tr_s += cls_items[n_val:]
+        va = tr
+    every = tr_s + va_s
+    ok = set(check_images([p for p, _ in every], workers=args.workers, skip_bad=args.skip_bad_images,
+                          what=f"images under {root}", progress=progress))
+    n_tr = len(tr_s)
+    tr_s = [s for i, s in enumerate(tr_s) if i in ok]
+    va_s = [s for j, s in enumerate(va_s) if n_tr + j in ok]
+    if not tr_s:
+        raise SystemExit(f"--data {root}: no readable training images")
+    return _with_samples(tr, tr_s, t_train), _with_samples(va, va_s, t_eval), classes, cfg, args.workers
