@@ -22,8 +22,11 @@ Without ``--data``: the embedded synthetic set of the task (:mod:`rspeft_fast.da
 temporary folder in the users' layout and read by the same readers, and — unless ``--model`` is given — a
 CPU-sized ConvNeXt (``convnext_atto``, 64-channel decoder, 64-pixel crops).
 
-The job is a description (:class:`DenseTask`: model, data, objective, evaluation, selection score) run by
-:func:`run`, which holds the engine wiring only.
+The job is a description for the engine (:class:`DenseJob`, a :class:`rspeft_fast.train.engine.Job`: model, data,
+objective, evaluation, selection score); :func:`rspeft_fast.train.engine.run` does the rest. Two things the engine
+does not know about are kept here: the decoder file is written beside the engine's adapter file whenever the engine
+selects an epoch (:meth:`DenseJob.score` applies the engine's rule), and the decoder's BatchNorm statistics (buffers,
+not trainable tensors) ride in the checkpoint's ``state.extra`` through a ``"checkpoint"`` phase hook.
 """
 from __future__ import annotations
 
@@ -31,9 +34,7 @@ import argparse
 import json
 import math
 import os
-import random
 import shutil
-import signal
 import sys
 import tempfile
 from typing import Optional
@@ -41,14 +42,16 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..train.cli import add_engine_args, method_options, parse_model_arg, parse_option, progress_fn, resume_path
-from ..train.loop import (StopRequest, Trainer, amp_dtype, autocast, build_optim, peak_memory, resolve_device,
-                          setup_distributed, wrap_model)
+from ..train.cli import parse_model_arg
+from ..train.engine import Job, Settings, add_engine_args, control, method_options, parse_option, run
 
-__all__ = ["build_parser", "DenseTask", "run", "main_segment", "main_change", "EMBEDDED_MODEL"]
+__all__ = ["build_parser", "DenseJob", "main_segment", "main_change", "save_dense", "load_dense", "decoder_state",
+           "EMBEDDED_MODEL", "PAPER_MODEL"]
 
 EMBEDDED_MODEL = "convnext_atto"  # the CPU-sized backbone of the embedded runs
 PAPER_MODEL = "convnext_base"  # UPetu's backbone: the default with --data
+DECODER = "decoder.safetensors"
+_BUFFERS = "decoder_buffers"  # state.extra key of the BatchNorm statistics
 
 
 # --------------------------------------------------------------------------------------------------
@@ -91,21 +94,13 @@ def build_parser(task: str) -> argparse.ArgumentParser:
                         "stage CAPMs / is a ConvNeXt, whose method decides)")
     p.add_argument("--dice", type=float, default=0.0, help="weight of a Dice term added to the cross-entropy (default 0)")
     p.add_argument("--class-weights", default=None, help="cross-entropy class weights, comma-separated (e.g. 1,10 for change)")
-    p.add_argument("--eval-batch-size", type=int, default=8, help="sliding windows per forward")
+    control(p, p.add_argument("--eval-batch-size", type=int, default=8, help="sliding windows per forward"))
     p.add_argument("--embedded-size", type=int, nargs=3, default=None, metavar=("TRAIN", "VAL", "TEST"),
                    help="embedded set: samples per split (default 48 12 12)")
     p.add_argument("--embedded-tile", type=int, default=None, help="embedded set: tile size (default 96; change 64)")
-    add_engine_args(p, epochs=8, batch_size=8, lr=2e-3, weight_decay=0.01)
-    p.add_argument("--out", default=None, help=f"output folder (default runs/{task}-<model>-<method>)")
+    add_engine_args(p, epochs=8, batch_size=8, lr=2e-3, weight_decay=0.01,
+                    out_help=f"output folder (default runs/{task}-<model>-<method>)")
     return p
-
-
-_CONTROL = {"epochs", "device", "workers", "no_progress", "ckpt_every", "resume", "stop_after_steps", "out", "eval_batch_size"}
-
-
-def run_keys(args) -> tuple:
-    """The options that shape the training trajectory (compared on ``--resume``): all but run control."""
-    return tuple(k for k in sorted(vars(args)) if not k.startswith("_") and k not in _CONTROL)
 
 
 def _fill_defaults(args) -> None:
@@ -136,22 +131,62 @@ def _nan_to_none(x):
 
 
 # --------------------------------------------------------------------------------------------------
-# the task description
+# saving: adapters (the engine: save_adapters of the backbone) and the decoder (everything trained after it)
 
 
-class DenseTask:
-    """What a dense job is: its model, data, objective, evaluation and selection score. :func:`run` does the rest."""
+def decoder_state(model: nn.Module) -> dict:
+    """The state (parameters and buffers) of every module outside ``encoder.backbone``."""
+    return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if not k.startswith("encoder.backbone.")}
 
-    def __init__(self, name: str, args):
-        self.name, self.args = name, args
-        self.change = name == "change"
+
+def save_dense(model: nn.Module, out: str, meta: dict, *, adapters: bool = True) -> None:
+    """``OUT/adapters.safetensors`` (:func:`rspeft_fast.save_adapters` of the backbone; ``adapters=False``: the engine
+    writes it) and ``OUT/decoder.safetensors`` (:func:`decoder_state`, ``meta`` in its header), written atomically."""
+    from safetensors.torch import save
+
+    from .._fileio import atomic_write
+    from ..integration import save_adapters
+
+    if adapters:
+        save_adapters(model.encoder.backbone, os.path.join(out, "adapters.safetensors"))
+    blob = save(decoder_state(model), metadata={"rspeft_fast_dense": json.dumps(meta)})
+    atomic_write(os.path.join(out, DECODER), lambda f: f.write(blob))
+
+
+def load_dense(model: nn.Module, out: str, *, adapters: bool = True) -> None:
+    """Load ``OUT/adapters.safetensors`` (:func:`rspeft_fast.load_adapters`; ``adapters=False``: skip it) and
+    ``OUT/decoder.safetensors`` into a model built as the job built it."""
+    from safetensors.torch import load_file
+
+    if adapters:
+        from ..integration import load_adapters
+
+        load_adapters(model.encoder.backbone, os.path.join(out, "adapters.safetensors"))
+    missing, unexpected = model.load_state_dict(load_file(os.path.join(out, DECODER)), strict=False)
+    if unexpected or any(not k.startswith("encoder.backbone.") for k in missing):
+        raise RuntimeError(f"{out}/{DECODER} does not fit the model (missing {missing[:5]}, unexpected {unexpected[:5]})")
+
+
+# --------------------------------------------------------------------------------------------------
+# the job description
+
+
+class DenseJob(Job):
+    """Segmentation (``task="segment"``) or change detection (``"change"``) for the engine."""
+
+    selects = True
+
+    def __init__(self, args, task: str):
+        super().__init__(args)
+        _fill_defaults(args)
+        self.name, self.change = task, task == "change"
         self.select_key = "f1" if self.change else "miou"
-        self.notes: list = []
         self._tmp: Optional[str] = None
+        self._best = None
 
-    # -- data ------------------------------------------------------------------------------------------
-    def data(self, progress=None, log=print):
-        """Reads and checks the dataset (``--data`` or the embedded set, written to a temporary folder)."""
+    # -- model and data --------------------------------------------------------------------------------
+    def _read(self, ctx):
+        """The dataset (``--data`` or the embedded set, written to a temporary folder), checked up front."""
         from .readers import DataError, check_data, read_dense
 
         a = self.args
@@ -167,32 +202,18 @@ class DenseTask:
         try:
             kw = {} if self.change else {"classes": a.classes, "ignore_classes": tuple(a.ignore_class)}
             data, errors = read_dense(root, self.name, a.format, **kw)
-            data = check_data(data, errors, skip_bad=a.skip_bad_images, workers=a.workers, progress=progress,
-                              warn=lambda s: log(s, flush=True))
+            return check_data(data, errors, skip_bad=a.skip_bad_images, workers=a.workers, progress=ctx.progress,
+                              warn=ctx.log)
         except DataError as e:
             raise SystemExit(f"--data {a.data}: {e}" if a.data else f"embedded set: {e}") from None
-        self.data_info, self.notes = data, list(data.notes)
-        return data
 
-    def cleanup(self):
-        if self._tmp is not None:
-            shutil.rmtree(self._tmp, ignore_errors=True)
-
-    def datasets(self, data, mean, std):
-        from .transforms import Augment, DenseDataset
-
-        a = self.args
-        aug = Augment(crop=a.crop, scale=tuple(a.scale), jitter=a.jitter)
-        return {"train": DenseDataset(data.splits["train"], data.decode, mean, std, aug),
-                "val": DenseDataset(data.splits["val"], data.decode, mean, std),
-                "test": DenseDataset(data.splits["test"], data.decode, mean, std)}
-
-    # -- model -----------------------------------------------------------------------------------------
-    def build_model(self, num_classes: int) -> nn.Module:
+    def model(self, ctx):
         from ..integration.models import ModelBuildError
         from .model import ChangeDetector, Segmentor, create_encoder
 
         a = self.args
+        self.dataset = self._read(ctx)  # first: the number of classes sizes the head
+        self.num_classes = len(self.dataset.classes)
         opts = method_options(a.method, a.option)
         opts.setdefault("impl", a.impl)
         try:
@@ -205,49 +226,110 @@ class DenseTask:
         if a.grad_checkpointing:
             from ..integration.families import set_grad_checkpointing
 
-            set_grad_checkpointing(enc.backbone, True)
-        if self.change:
-            return ChangeDetector(enc, a.decoder_channels, fusion=a.fusion)
-        return Segmentor(enc, num_classes, a.decoder_channels)
+            try:
+                set_grad_checkpointing(enc.backbone, True)
+            except ValueError as e:
+                raise SystemExit(f"--grad-checkpointing: {e}") from None
+        self._model = (ChangeDetector(enc, a.decoder_channels, fusion=a.fusion) if self.change
+                       else Segmentor(enc, self.num_classes, a.decoder_channels))
+        cfg = getattr(enc.backbone, "pretrained_cfg", None) or {}
+        self.mean, self.std = tuple(cfg.get("mean", (0.485, 0.456, 0.406))), tuple(cfg.get("std", (0.229, 0.224, 0.225)))
+        return self._model
 
-    def loss(self, num_classes: int) -> nn.Module:
+    def data(self, ctx, model):
+        from .transforms import Augment, DenseDataset
+
+        a, d = self.args, self.dataset
+        aug = Augment(crop=a.crop, scale=tuple(a.scale), jitter=a.jitter)
+        self.sets = {"val": DenseDataset(d.splits["val"], d.decode, self.mean, self.std),
+                     "test": DenseDataset(d.splits["test"], d.decode, self.mean, self.std)}
+        return ctx.train_loader(DenseDataset(d.splits["train"], d.decode, self.mean, self.std, aug))
+
+    def objective(self, ctx, net):
         from .losses import DenseLoss
 
         a = self.args
         w = [float(v) for v in a.class_weights.split(",")] if a.class_weights else None
         try:
-            return DenseLoss(num_classes, class_weights=w, dice=a.dice)
+            crit = DenseLoss(self.num_classes, class_weights=w, dice=a.dice)
         except ValueError as e:
             raise SystemExit(f"--class-weights: {e}") from None
 
-    # -- evaluation ------------------------------------------------------------------------------------
+        def loss_fn(batch):
+            *images, target = (t.to(ctx.device, non_blocking=True) for t in batch)
+            net.train()
+            with ctx.autocast():
+                logits = net(*images)
+            return crit(logits, target), target.shape[0]
+
+        return loss_fn
+
+    def adapters(self, model):
+        return model.encoder.backbone
+
+    # -- evaluation and selection ----------------------------------------------------------------------
     @torch.no_grad()
-    def evaluate(self, net, dataset, num_classes: int, device, dist, amp_ctx, progress=None) -> dict:
-        """Every image of ``dataset`` scored whole (:func:`sliding_window`), one confusion matrix (each rank its
-        share of the images, summed over the ranks), the task's scores plus ``n_images``."""
+    def _eval(self, ctx, net, split: str) -> dict:
+        """Every image of ``split`` scored whole (:func:`sliding_window`) into one confusion matrix (each rank its
+        share of the images, summed over the ranks); the task's scores plus ``n_images``."""
         from .infer import sliding_window
         from .metrics import all_reduce_confusion, change_scores, confusion_matrix, segmentation_scores
 
-        a = self.args
+        a, k, dev, ds = self.args, self.num_classes, ctx.device, self.sets[split]
         net.eval()
-        cm = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
-        idx = range(dist.rank, len(dataset), dist.world)
-        it = progress(idx, desc="evaluating", leave=False) if progress is not None else idx
-        for i in it:
-            *images, target = dataset[i]
-            images = [x[None].to(device) for x in images]
-            with amp_ctx():
-                logits = sliding_window(net, *images, crop=a.crop, stride=a.stride, num_classes=num_classes,
-                                        batch_size=a.eval_batch_size)
-            cm += confusion_matrix(logits.argmax(1)[0], target.to(device), num_classes, all_reduce=False)
+        cm = torch.zeros(k, k, dtype=torch.int64, device=dev)
+        for i in ctx.progress(range(ctx.dist.rank, len(ds), ctx.dist.world), desc=f"scoring {split}", leave=False):
+            *images, target = ds[i]
+            with ctx.autocast():
+                logits = sliding_window(net, *(x[None].to(dev) for x in images), crop=a.crop, stride=a.stride,
+                                        num_classes=k, batch_size=a.eval_batch_size)
+            cm += confusion_matrix(logits.argmax(1)[0], target.to(dev), k, all_reduce=False)
         all_reduce_confusion(cm)
         s = change_scores(cm) if self.change else segmentation_scores(cm)
-        s["n_images"] = len(dataset)
+        s["n_images"] = len(ds)
         return s
 
-    def score(self, m: dict) -> float:
-        v = m[self.select_key]
-        return -math.inf if math.isnan(v) else v
+    def evaluate(self, ctx, net):
+        return {"val": self._eval(ctx, net, "val")}
+
+    def score(self, m):
+        """The selection score (val mIoU; change: F1 of class 1; NaN → -inf). The engine saves the adapters of an
+        epoch that beats the best so far; the same rule writes the decoder file beside them."""
+        v = m["val"][self.select_key]
+        v = -math.inf if math.isnan(v) else v
+        if self._best is None or v > self._best:
+            self._best = v
+            self._save_decoder()
+        return v
+
+    def _meta(self) -> dict:
+        a, enc = self.args, self._model.encoder
+        return {"task": self.name, "model": a.model, "method": a.method, "classes": list(self.dataset.classes),
+                "decoder_channels": a.decoder_channels, "prompts": 0 if enc.prompts is None else enc.prompts[0].num_prompts,
+                "fusion": getattr(a, "fusion", None), "crop": a.crop, "mean": list(self.mean), "std": list(self.std)}
+
+    def _save_decoder(self):
+        if self._ctx.dist.is_main:
+            save_dense(self._model, self._ctx.settings.out, self._meta(), adapters=False)
+
+    # -- the run's beginning and end -------------------------------------------------------------------
+    def hook(self, phase, state):
+        """Phase hook: the decoder's BatchNorm statistics into the checkpoint (``state.extra``)."""
+        if phase == "checkpoint":
+            state.extra[_BUFFERS] = {n: b.detach().cpu().clone() for n, b in self._model.named_buffers()
+                                     if not n.startswith("encoder.backbone.")}
+
+    def describe(self, ctx, model):
+        from .model import parameter_report
+
+        a, d = self.args, self.dataset
+        self.params = parameter_report(model)
+        p = self.params
+        return (f"{self.name}: {a.model} + {a.method} | adapters {p['adapters']:,} ({p['adapters_pct_of_backbone']:.2f} % "
+                f"of the backbone's {p['backbone']:,}) | decoder {p['decoder']:,} | device {ctx.device} | crop {a.crop}, "
+                f"stride {a.stride} | data {a.data or 'embedded ' + ('change' if self.change else 'land-cover') + ' set'} "
+                f"({d.format}, {self.num_classes} classes): " + ", ".join(f"{k} {len(v)}" for k, v in d.splits.items())
+                + (f" | {ctx.dist.world} processes" if ctx.dist.world > 1 else ""))
 
     def fmt(self, m: dict) -> str:
         if self.change:
@@ -255,200 +337,65 @@ class DenseTask:
                     f"OA {m['oa']:.2f}")
         return f"mIoU {m['miou']:.2f} | mF1 {m['mf1']:.2f} | OA {m['oa']:.2f}"
 
+    def epoch_line(self, m, epochs):
+        return (f"epoch {m['epoch']}/{epochs}  loss {m['train_loss']:.4f}  val {self.fmt(m['val'])}  "
+                f"{m['images_per_s']:.1f} img/s  peak mem {m['peak_memory']}")
 
-# --------------------------------------------------------------------------------------------------
-# saving: adapters (save_adapters of the backbone) and the decoder (everything trained after it)
+    def start(self, ctx, net, state):
+        self._ctx = ctx
+        for n in self.dataset.notes:
+            ctx.log(f"note: {n}")
+        saved = state.extra.get(_BUFFERS)
+        if saved:  # a resumed run: the BatchNorm statistics of the checkpoint
+            bufs = dict(self._model.named_buffers())
+            with torch.no_grad():
+                for n, t in saved.items():
+                    bufs[n].copy_(t)
+        self._best = state.extra.get("best_score")
+        if "untrained" not in state.extra:  # a resumed run has it from the checkpoint
+            state.extra["untrained"] = self._eval(ctx, net, "test")
+            ctx.log(f"untrained test: {self.fmt(state.extra['untrained'])}")
 
-
-def decoder_state(model: nn.Module) -> dict:
-    """The state (parameters and buffers) of every module outside ``encoder.backbone``."""
-    return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if not k.startswith("encoder.backbone.")}
-
-
-def save_dense(model: nn.Module, out: str, meta: dict) -> None:
-    """``OUT/adapters.safetensors`` (:func:`rspeft_fast.save_adapters` of the backbone) and ``OUT/decoder.safetensors``
-    (:func:`decoder_state`, ``meta`` in the header), both written atomically."""
-    from safetensors.torch import save
-
-    from .._fileio import atomic_write
-    from ..integration import save_adapters
-
-    save_adapters(model.encoder.backbone, os.path.join(out, "adapters.safetensors"))
-    blob = save(decoder_state(model), metadata={"rspeft_fast_dense": json.dumps(meta)})
-    atomic_write(os.path.join(out, "decoder.safetensors"), lambda f: f.write(blob))
-
-
-def load_dense(model: nn.Module, out: str) -> None:
-    """Load ``OUT/adapters.safetensors`` and ``OUT/decoder.safetensors`` into a model built as the job built it."""
-    from safetensors.torch import load_file
-
-    saved = load_file(os.path.join(out, "adapters.safetensors"))
-    params = dict(model.encoder.backbone.named_parameters())
-    with torch.no_grad():
-        for n, t in saved.items():
-            if n in params:
-                params[n].copy_(t)
-    missing, unexpected = model.load_state_dict(load_file(os.path.join(out, "decoder.safetensors")), strict=False)
-    if unexpected or any(not k.startswith("encoder.backbone.") for k in missing):
-        raise RuntimeError(f"{out}/decoder.safetensors does not fit the model (missing {missing[:5]}, unexpected {unexpected[:5]})")
-
-
-class _DenseTrainer(Trainer):
-    """The engine's Trainer, with the decoder's BatchNorm statistics (buffers, not parameters) in the checkpoint."""
-
-    def checkpoint(self) -> dict:
-        ck = super().checkpoint()
-        ck["buffers"] = {n: b.detach().cpu().clone() for n, b in self.model.named_buffers() if not n.startswith("encoder.backbone.")}
-        return ck
-
-    def load_checkpoint(self, path: str) -> None:
-        super().load_checkpoint(path)
-        ck = torch.load(path, map_location="cpu", weights_only=True)
-        bufs = dict(self.model.named_buffers())
-        with torch.no_grad():
-            for n, t in ck.get("buffers", {}).items():
-                bufs[n].copy_(t)
-
-
-# --------------------------------------------------------------------------------------------------
-# the runner (engine wiring only)
-
-
-def run(task: DenseTask) -> int:
-    from ..train.data import ResumableSampler, SeededSamples
-    from .model import parameter_report
-
-    args = task.args
-    _fill_defaults(args)
-    dist = setup_distributed(False)
-    torch.manual_seed(args.seed)
-    random.seed(args.seed)
-    args._device = dev = resolve_device(args.device, dist)
-    out = args.out or os.path.join("runs", f"{task.name}-{args.model}-{args.method}")
-    ckpt_path = os.path.join(out, "checkpoint.pt")
-    log = print if dist.is_main else (lambda *a, **k: None)
-    resume_from = resume_path(args, ckpt_path, log=lambda s: log(s, flush=True))
-    progress = progress_fn(args, dist)
-    try:
-        data = task.data(progress, log)
-        k = len(data.classes)
-        model = task.build_model(k)
-        cfg = model.encoder.backbone.pretrained_cfg if hasattr(model.encoder.backbone, "pretrained_cfg") else {}
-        mean, std = cfg.get("mean", (0.485, 0.456, 0.406)), cfg.get("std", (0.229, 0.224, 0.225))
-        sets = task.datasets(data, mean, std)
-        crit = task.loss(k)
-        if dist.world > 1:
-            torch.manual_seed(args.seed + dist.rank)
-            random.seed(args.seed + dist.rank)
-        model.to(dev)
-        if dev.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(dev)
-        net = wrap_model(model, args, dist)
-        train = sets["train"]
-        sampler = ResumableSampler(len(train), args.seed, args.batch_size, dist.rank, dist.world)
-        loader = torch.utils.data.DataLoader(SeededSamples(train, args.seed), batch_size=args.batch_size, sampler=sampler,
-                                             drop_last=dist.world > 1 or len(train) > args.batch_size, num_workers=args.workers,
-                                             generator=torch.Generator().manual_seed(args.seed), pin_memory=dev.type == "cuda")
-
-        def loss_fn(batch):
-            *images, target = (t.to(dev, non_blocking=True) for t in batch)
-            net.train()
-            with autocast(args):
-                logits = net(*images)
-            return crit(logits, target), target.shape[0]
-
-        steps_per_epoch = len(loader) if args.max_steps is None else min(len(loader), args.max_steps)
-        opt, sched = build_optim(model, args, total_steps=max(1, steps_per_epoch * args.epochs))
-        scaler = torch.amp.GradScaler(dev.type) if amp_dtype(args) == torch.float16 else None
-        stop = StopRequest()
-        trainer = _DenseTrainer(model, loader, opt, sched, scaler, args, steps_per_epoch, progress, stop, ckpt_path,
-                                loss_fn, run_keys(args), dist)
-        if resume_from is not None:
-            trainer.load_checkpoint(resume_from)
-        state = trainer.state
-        params = parameter_report(model)
-        meta = {"task": task.name, "model": args.model, "method": args.method, "classes": list(data.classes),
-                "decoder_channels": args.decoder_channels, "prompts": model.encoder.prompts is not None and len(model.encoder.prompts),
-                "fusion": getattr(args, "fusion", None), "crop": args.crop, "mean": list(mean), "std": list(std)}
-
-        def ev(split):
-            return task.evaluate(net, sets[split], k, dev, dist, lambda: autocast(args), progress)
-
-        src = args.data or f"embedded {'change' if task.change else 'land-cover'} set"
-        log(f"{task.name}: {args.model} + {args.method} | adapters {params['adapters']:,} "
-            f"({params['adapters_pct_of_backbone']:.2f} % of the backbone's {params['backbone']:,}) | decoder "
-            f"{params['decoder']:,} | device {dev} | crop {args.crop}, stride {args.stride} | data {src} ({data.format}, "
-            f"{k} classes): " + ", ".join(f"{s} {len(v)}" for s, v in sets.items())
-            + (f" | {dist.world} processes" if dist.world > 1 else ""), flush=True)
-        for n in task.notes:
-            log(f"note: {n}", flush=True)
-        if "untrained" not in state.extra:
-            state.extra["untrained"] = ev("test")
-            log(f"untrained test: {task.fmt(state.extra['untrained'])}", flush=True)
-        if resume_from is not None:
-            log(trainer.resumed_text(resume_from), flush=True)
-        os.makedirs(out, exist_ok=True)
-
-        with stop.installed():
-            while state.epoch < args.epochs:
-                if not trainer.train_epoch():
-                    break
-                m = trainer.epoch_metrics()
-                m["val"] = ev("val")
-                m["epoch"] = state.epoch + 1
-                m["peak_memory"] = peak_memory(dev)
-                best = state.extra.get("best_val")
-                if best is None or task.score(m["val"]) > task.score(best):
-                    state.extra["best_val"], state.extra["selected_epoch"] = m["val"], m["epoch"]
-                    if dist.is_main:
-                        save_dense(model, out, meta)
-                trainer.end_epoch(m)
-                log(f"epoch {m['epoch']}/{args.epochs}  loss {m['train_loss']:.4f}  val {task.fmt(m['val'])}  "
-                    f"{m['images_per_s']:.1f} img/s  peak mem {m['peak_memory']}", flush=True)
-                if trainer._stop_now():
-                    trainer.save_checkpoint()
-                    break
-            if stop.signum is not None:
-                log(f"stopped by {signal.Signals(stop.signum).name} at epoch {state.epoch + 1}, step {state.epoch_step}; "
-                    f"checkpoint written to {ckpt_path} (continue with --resume)", flush=True)
-                return 128 + int(stop.signum)
-            if args.ckpt_every:
-                trainer.save_checkpoint()
-
-        if dist.world > 1:
-            torch.distributed.barrier()
-        if "selected_epoch" in state.extra:
-            load_dense(model, out)
+    def report(self, ctx, net, state):
+        a, out = self.args, ctx.settings.out
+        sel = state.extra["selected_epoch"]
+        if sel:
+            load_dense(self._model, out, adapters=False)  # the engine loaded the selected adapters back
         else:  # no epoch ran (--epochs 0): the starting model
-            state.extra["best_val"], state.extra["selected_epoch"] = ev("val"), 0
-            if dist.is_main:
-                save_dense(model, out, meta)
-        test = ev("test")
-        log(f"selected epoch {state.extra['selected_epoch']} (best val {task.select_key} "
-            f"{state.extra['best_val'][task.select_key]:.2f}); test: {task.fmt(test)} "
-            f"(untrained: {task.fmt(state.extra['untrained'])})", flush=True)
-        if dist.is_main:
-            from .._fileio import atomic_write
+            self._save_decoder()
+        val = state.history[sel - 1]["val"] if sel else self._eval(ctx, net, "val")
+        test = self._eval(ctx, net, "test")
+        ctx.log(f"selected epoch {sel} (best val {self.select_key} {val[self.select_key]:.2f}); test: {self.fmt(test)} "
+                f"(untrained: {self.fmt(state.extra['untrained'])})")
+        ctx.log(f"saved the selected epoch's adapters and decoder to {out}/adapters.safetensors, {out}/{DECODER}")
+        history = [{k: v for k, v in h.items()} for h in state.history]
+        return _nan_to_none({"task": self.name, "model": a.model, "method": a.method, "classes": list(self.dataset.classes),
+                             "format": self.dataset.format, "untrained": state.extra["untrained"], "val": val, "test": test,
+                             "selected_epoch": sel, "params": self.params, "history": history, "notes": self.dataset.notes})
 
-            report = {"task": task.name, "model": args.model, "method": args.method, "classes": list(data.classes),
-                      "format": data.format, "untrained": state.extra["untrained"], "val": state.extra["best_val"],
-                      "test": test, "selected_epoch": state.extra["selected_epoch"], "params": params,
-                      "history": state.history, "notes": task.notes, "resumed_from": resume_from,
-                      "args": {k2: v for k2, v in vars(args).items() if not k2.startswith("_")}}
-            text = json.dumps(_nan_to_none(report), indent=1, default=str).encode()
-            atomic_write(os.path.join(out, "metrics.json"), lambda f: f.write(text))
-        log(f"saved the selected epoch's adapters and decoder to {out}/adapters.safetensors, {out}/decoder.safetensors", flush=True)
-        return 0
+    def cleanup(self):
+        if self._tmp is not None:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+
+
+def _main(task: str, argv, hooks) -> int:
+    args = build_parser(task).parse_args(argv)
+    job = DenseJob(args, task)
+    out = args.out or os.path.join("runs", f"{task}-{args.model}-{args.method}")
+    try:
+        return run(job, Settings.from_args(args, out=out, hooks=(job.hook, *hooks)))
     finally:
-        task.cleanup()
+        job.cleanup()
 
 
-def main_segment(argv: Optional[list] = None) -> int:
-    return run(DenseTask("segment", build_parser("segment").parse_args(argv)))
+def main_segment(argv: Optional[list] = None, *, hooks=()) -> int:
+    """``python -m rspeft_fast segment ...``; ``hooks``: phase hooks (:class:`~rspeft_fast.train.engine.Settings`)."""
+    return _main("segment", argv, hooks)
 
 
-def main_change(argv: Optional[list] = None) -> int:
-    return run(DenseTask("change", build_parser("change").parse_args(argv)))
+def main_change(argv: Optional[list] = None, *, hooks=()) -> int:
+    """``python -m rspeft_fast change ...``; ``hooks``: phase hooks (:class:`~rspeft_fast.train.engine.Settings`)."""
+    return _main("change", argv, hooks)
 
 
 if __name__ == "__main__":  # pragma: no cover
