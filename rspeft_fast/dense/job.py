@@ -93,13 +93,17 @@ def build_parser(task: str) -> argparse.ArgumentParser:
                    help="CAPM prompts per level added before the decoder (default: 8, or none when the backbone carries "
                         "stage CAPMs / is a ConvNeXt, whose method decides)")
     p.add_argument("--dice", type=float, default=0.0, help="weight of a Dice term added to the cross-entropy (default 0)")
-    p.add_argument("--class-weights", default=None, help="cross-entropy class weights, comma-separated (e.g. 1,10 for change)")
+    p.add_argument("--class-weights", default=None,
+                   help="cross-entropy class weights, comma-separated (e.g. 1,10 for change; default none, "
+                        + ("1,5 on the embedded set)" if task == "change" else "equal)"))
     control(p, p.add_argument("--eval-batch-size", type=int, default=8, help="sliding windows per forward"))
     p.add_argument("--embedded-size", type=int, nargs=3, default=None, metavar=("TRAIN", "VAL", "TEST"),
                    help="embedded set: samples per split (default 48 12 12)")
     p.add_argument("--embedded-tile", type=int, default=None, help="embedded set: tile size (default 96; change 64)")
     add_engine_args(p, epochs=8, batch_size=8, lr=2e-3, weight_decay=0.01,
                     out_help=f"output folder (default runs/{task}-<model>-<method>)")
+    p.set_defaults(lr=None)
+    p.description += (" Default --lr: 2e-3" + (" (1e-2 on the embedded change set)." if task == "change" else "."))
     return p
 
 
@@ -108,6 +112,11 @@ def _fill_defaults(args) -> None:
     if args.model is None:
         args.model = EMBEDDED_MODEL if embedded else PAPER_MODEL
     small = embedded and args.model == EMBEDDED_MODEL
+    change = hasattr(args, "fusion")
+    if args.lr is None:  # the short CPU run on the embedded change set needs a livelier start than real data
+        args.lr = 1e-2 if embedded and change else 2e-3
+    if args.class_weights is None and embedded and change:
+        args.class_weights = "1,5"  # the change class is 5-7 % of the pixels
     if args.crop is None:
         args.crop = 64 if small else 512
     if args.stride is None:
