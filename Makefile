@@ -1,7 +1,7 @@
 # The two commands of the README. Each sets everything up on a fresh machine first.
 PY ?= python3
 
-.PHONY: setup train retrieval test test-slow bench
+.PHONY: setup train retrieval segment change test test-slow bench
 setup:
 	bash scripts/setup.sh
 
@@ -15,6 +15,14 @@ train: setup
 # on a GPU with real data: python -m rspeft_fast retrieval --model ViT-B-32-quickgelu --checkpoint RS5M_ViT-B-32.pt --data rsitmd --images DIR
 retrieval: setup
 	$(PY) -m rspeft_fast retrieval --out runs/retrieval-embedded
+
+# dense jobs (UPetu, SPEC §6): EQAM + CAPM on a CPU-sized ConvNeXt + UperNet, embedded land-cover / building-change sets;
+# on a GPU with real data: python -m rspeft_fast segment --model convnext_base --checkpoint FILE --data data/loveda --crop 512
+segment: setup
+	$(PY) -m rspeft_fast segment --out runs/segment-embedded
+
+change: setup
+	$(PY) -m rspeft_fast change --out runs/change-embedded
 
 # the test suite (CPU: Triton kernels through TRITON_INTERPRET=1, C++ extension, references, integration, the AOT
 # compile of every kernel for sm_86 and sm_90); CI runs this. Tests marked slow are deselected here.

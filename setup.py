@@ -153,6 +153,7 @@ setup(
         "clip": ["open-clip-torch>=2.24"],  # alias of [open_clip]
         "transformers": ["transformers>=5.0"],  # HF backbones: CLIPModel, ViT, Dinov2, DINOv3ViT, Swin, ConvNext
         "hf": ["transformers>=5.0"],  # alias of [transformers]
+        "dense": ["segmentation-models-pytorch>=0.6"],  # segment / change: smp's UPerNet decoder, head and losses
         "test": ["pytest", "pytest-benchmark", "hypothesis", "open-clip-torch>=2.24"],
         "bench": ["pytest-benchmark", "matplotlib"],
     },

@@ -14,7 +14,7 @@ def _cli_warning(message, category, filename, lineno, line=None) -> str:
 def main(argv: list[str] | None = None) -> int:
     warnings.formatwarning = _cli_warning
     argv = list(sys.argv[1:] if argv is None else argv)
-    usage = ("usage: python -m rspeft_fast {train,retrieval,bench} [options]   "
+    usage = ("usage: python -m rspeft_fast {train,retrieval,segment,change,bench} [options]   "
              "(see `python -m rspeft_fast train --help`, `... retrieval --help`)")
     if not argv or argv[0] in ("-h", "--help"):
         print(usage)
@@ -28,6 +28,10 @@ def main(argv: list[str] | None = None) -> int:
         from .retrieval.job import main as retrieval_main
 
         return int(retrieval_main(rest) or 0)
+    if cmd in ("segment", "change"):
+        from .dense import job
+
+        return int((job.main_segment if cmd == "segment" else job.main_change)(rest) or 0)
     if cmd == "bench":
         from .bench.cli import main as bench_main
 
