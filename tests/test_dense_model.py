@@ -134,3 +134,20 @@ def test_dense_loss_ignores_255_weights_classes_and_is_zero_when_all_ignored():
     assert z.item() == 0.0 and not math.isnan(z.item())
     z.backward()
     assert DenseLoss(3, dice=0.5)(logits, t).item() > nn.functional.cross_entropy(logits, t, ignore_index=255).item()
+
+
+def test_a_missing_decoder_library_is_one_line_naming_the_extra(monkeypatch):
+    import builtins
+
+    from rspeft_fast.dense.model import require_smp
+
+    real = builtins.__import__
+
+    def no_smp(name, *a, **k):
+        if name.startswith("segmentation_models_pytorch"):
+            raise ImportError("No module named 'segmentation_models_pytorch'")
+        return real(name, *a, **k)
+
+    monkeypatch.setattr(builtins, "__import__", no_smp)
+    with pytest.raises(ImportError, match=r"pip install 'rspeft_fast\[dense\]'"):
+        require_smp()

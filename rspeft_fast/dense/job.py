@@ -239,8 +239,11 @@ class DenseJob(Job):
                 set_grad_checkpointing(enc.backbone, True)
             except ValueError as e:
                 raise SystemExit(f"--grad-checkpointing: {e}") from None
-        self._model = (ChangeDetector(enc, a.decoder_channels, fusion=a.fusion) if self.change
-                       else Segmentor(enc, self.num_classes, a.decoder_channels))
+        try:
+            self._model = (ChangeDetector(enc, a.decoder_channels, fusion=a.fusion) if self.change
+                           else Segmentor(enc, self.num_classes, a.decoder_channels))
+        except ImportError as e:  # the decoder library is the extra [dense]: one line saying so
+            raise SystemExit(str(e)) from None
         cfg = getattr(enc.backbone, "pretrained_cfg", None) or {}
         self.mean, self.std = tuple(cfg.get("mean", (0.485, 0.456, 0.406))), tuple(cfg.get("std", (0.229, 0.224, 0.225)))
         return self._model

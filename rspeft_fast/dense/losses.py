@@ -28,6 +28,9 @@ class DenseLoss(nn.Module):
             self.weight = None
         self.dice = None
         if self.dice_weight:
+            from .model import require_smp
+
+            require_smp()
             from segmentation_models_pytorch.losses import DiceLoss
 
             self.dice = DiceLoss("multiclass", ignore_index=self.ignore_index, from_logits=True)

@@ -107,11 +107,22 @@ class MultiScaleEncoder(nn.Module):
         return feats
 
 
+def require_smp():
+    """segmentation_models_pytorch (the decoders' library, the extra ``[dense]``), or one line saying how to get it."""
+    try:
+        import segmentation_models_pytorch as smp
+    except ImportError as e:
+        raise ImportError("the dense jobs' decoder needs segmentation-models-pytorch, an optional dependency: "
+                          "pip install 'rspeft_fast[dense]'") from e
+    return smp
+
+
 class _UperHead(nn.Module):
     """smp's ``UPerNetDecoder`` (PPM + FPN at ``channels``) and a 1×1 ``SegmentationHead``, upsampled to ``size``."""
 
     def __init__(self, in_channels: Sequence[int], num_classes: int, channels: int = 256, feature_norms: bool = True):
         super().__init__()
+        require_smp()
         from segmentation_models_pytorch.base.heads import SegmentationHead
         from segmentation_models_pytorch.decoders.upernet.decoder import UPerNetDecoder
 
