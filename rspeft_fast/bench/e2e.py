@@ -90,7 +90,8 @@ def _create(case: E2ECase) -> nn.Module:
     try:
         import open_clip
     except ImportError as e:
-        raise ImportError(f"open_clip is not installed here, so the CLIP dual encoder cannot be built ({e})") from e
+        raise ImportError("the CLIP end-to-end case needs open_clip, an optional dependency: "
+                          "pip install 'rspeft_fast[open_clip]'") from e
     if case.model == "tiny":
         from open_clip.model import CLIPTextCfg, CLIPVisionCfg
 

@@ -138,7 +138,7 @@ def _create_hf(spec, *, num_classes, pretrained, checkpoint, img_size, global_po
     try:
         import transformers as T
     except ImportError:
-        raise ModelBuildError(f"--model hf:{spec}: needs transformers (pip install 'rspeft_fast[hf]')") from None
+        raise ModelBuildError(f"--model hf:{spec}: needs transformers, an optional dependency: pip install 'rspeft_fast[transformers]'") from None
     if pretrained and not checkpoint:
         raise ModelBuildError(
             f"--model hf:{spec}: HF models are built from their config here (no hub download); "
