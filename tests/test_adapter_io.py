@@ -179,9 +179,9 @@ def test_wrong_shape_is_refused_before_anything_changes(tmp_path):
         rf.load_adapters(dst, bad)
     assert _same(before, _snapshot(dst))
 
-    # a model of an incompatible family
+    # a model of another family: the file says which family it was saved from
     convnext = timm.create_model("convnext_atto", pretrained=False, depths=(1, 1, 1, 1))
-    with pytest.raises(ValueError, match="cannot be injected"):
+    with pytest.raises(ValueError, match="adapters for family vit, the model is convnext"):
         rf.load_adapters(convnext, path, replace_head=True)
 
 
@@ -261,3 +261,76 @@ def test_merged_model_save_says_why_and_what_to_do(tmp_path):
     rf.merge_adapters(model)
     with pytest.raises(RuntimeError, match="merge_adapters folded.*Save the adapters before merging"):
         rf.save_adapters(model, tmp_path / "m.safetensors")
+
+
+def _saved_vit(tmp_path, method="mufa", **kw):
+    torch.manual_seed(0)
+    model = rf.inject(_vit(), method, num_classes=3, **kw)
+    _randomise_trainable(model)
+    path = tmp_path / "a.safetensors"
+    rf.save_adapters(model, path)
+    return path
+
+
+def _rewrite(path, out, tensors=None, meta=None):
+    """Copy the adapter file ``path`` to ``out`` with some tensors and / or metadata entries replaced."""
+    with safe_open(str(path), framework="pt") as f:
+        old_meta = f.metadata()
+        old = {k: f.get_tensor(k) for k in f.keys()}
+    save_file({**old, **(tensors or {})}, str(out), metadata={**old_meta, **(meta or {})})
+    return out
+
+
+def test_adapters_of_another_family_name_both_families(tmp_path):
+    path = _saved_vit(tmp_path)
+    swin = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, img_size=32, window_size=2,
+                             embed_dim=24, depths=(1, 1), num_heads=(1, 1), num_classes=3)
+    before = _snapshot(swin)
+    with pytest.raises(ValueError, match="adapters for family vit, the model is swin") as ei:
+        rf.load_adapters(swin, path)
+    assert "replace_head" not in str(ei.value)
+    assert _same(before, _snapshot(swin)) and getattr(swin, "rspeft_config", None) is None
+
+
+def test_corrupt_tensor_bytes_are_refused_with_the_file_name(tmp_path):
+    path = _saved_vit(tmp_path)
+    raw = bytearray(path.read_bytes())
+    header = 8 + int.from_bytes(raw[:8], "little")
+    g = torch.Generator().manual_seed(3)
+    at = header + torch.randint(0, len(raw) - header - 64, (1,), generator=g).item()
+    raw[at:at + 64] = torch.randint(0, 256, (64,), generator=g, dtype=torch.uint8).numpy().tobytes()
+    bad = tmp_path / "flipped.safetensors"
+    bad.write_bytes(bytes(raw))
+    for model in (_vit(num_classes=3), rf.inject(_vit(num_classes=3), "mufa", num_classes=3)):
+        before = _snapshot(model)
+        with pytest.raises(ValueError, match="flipped.safetensors is corrupt"):
+            rf.load_adapters(model, bad)
+        assert _same(before, _snapshot(model))
+
+
+def test_non_finite_values_are_refused_with_the_file_name(tmp_path):
+    """A file without a checksum (written by another tool) is still refused when a weight is NaN or inf."""
+    path = _saved_vit(tmp_path)
+    with safe_open(str(path), framework="pt") as f:
+        meta = {k: v for k, v in f.metadata().items() if k != "rspeft_fast.sha256"}
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    tensors["blocks.1.adapter.down.weight"][0, 0] = float("nan")
+    bad = tmp_path / "nan.safetensors"
+    save_file(tensors, str(bad), metadata=meta)
+    model = _vit(num_classes=3)
+    before = _snapshot(model)
+    with pytest.raises(ValueError, match=r"nan.safetensors holds non-finite values.*blocks\.1\.adapter\.down"):
+        rf.load_adapters(model, bad)
+    assert _same(before, _snapshot(model)) and getattr(model, "rspeft_config", None) is None
+
+
+@pytest.mark.parametrize("config", ['{"method": "mufa", "rates": [8', '{"method": "mufa", "rates": "x"}',
+                                    '{"method": "mufa", "colour": 1}', '{"method": "nope"}', '[1, 2]'])
+def test_broken_config_in_the_file_names_the_file(tmp_path, config):
+    bad = _rewrite(_saved_vit(tmp_path), tmp_path / "broken.safetensors", meta={"rspeft_fast.config": config})
+    model = _vit(num_classes=3)
+    before = _snapshot(model)
+    for call in (lambda: rf.load_adapters(model, bad), lambda: rf.integration.read_adapter_config(bad)):
+        with pytest.raises(ValueError, match="broken.safetensors: the adapter file's metadata is broken"):
+            call()
+    assert _same(before, _snapshot(model))

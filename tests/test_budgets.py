@@ -5,7 +5,7 @@ import torch
 timm = pytest.importorskip("timm")
 
 import rspeft_fast as rf  # noqa: E402
-from rspeft_fast.integration import config_for  # noqa: E402
+from rspeft_fast.integration import OptionError, config_for  # noqa: E402
 
 
 def test_eqam_capm_default_is_upetu_budget_on_convnext_base():
@@ -22,12 +22,13 @@ def test_eqam_capm_default_is_upetu_budget_on_convnext_base():
 
 
 def test_eqam_reduction_option_keeps_the_wide_variant():
-    """``reduction=4`` (d/4 channels, the previous default) stays available: eight times the budget."""
+    """``reduction=4`` (d/4 channels) is available: eight times the budget; EQAM's own rule (hidden or reduction,
+    not both) reaches ``inject`` as an OptionError naming the options."""
     cfg = config_for("eqam+capm", reduction=4)
     assert cfg.hidden is None and cfg.reduction == 4
     m = timm.create_model("convnext_atto", pretrained=False, num_classes=10)
     rf.inject(m, cfg)
     dims = {(mod.dim, mod.hidden) for mod in m.modules() if isinstance(mod, rf.EQAM)}
     assert dims and all(h == d // 4 for d, h in dims), dims
-    with pytest.raises(ValueError, match="not both"):
-        config_for("eqam", hidden=16, reduction=4)
+    with pytest.raises(OptionError, match="hidden=16, reduction=4.*not both"):
+        rf.inject(timm.create_model("convnext_atto", pretrained=False), "eqam", hidden=16, reduction=4)

@@ -38,6 +38,9 @@ def test_values_coerced(method, opts, want):
     ("vpt", {"deep": "maybe"}, "deep"),
     ("eqam", {"bits": 9}, "bits"),
     ("mufa", {"no_such_option": 1}, "no_such_option"),
+    ("mufa", {"target": 123}, "target"),
+    ("lora", {"target": 1.5}, "target"),
+    ("mga", {"heads": 0}, "heads"),
 ])
 def test_nonsense_raises_one_line_naming_the_option(method, opts, named):
     with pytest.raises(OptionError) as ei:
@@ -59,3 +62,42 @@ def test_inject_coerces_the_same_way():
     assert m(torch.randn(1, 3, 32, 32)).shape == (1, 3)
     with pytest.raises(OptionError, match="rates"):
         rf.inject(timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=1, img_size=32), "mufa", rates="x")
+
+
+def test_inject_refuses_a_target_that_is_no_pattern_with_option_error():
+    timm = pytest.importorskip("timm")
+    import rspeft_fast as rf
+
+    m = timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=1, img_size=32)
+    with pytest.raises(OptionError, match="target=123"):  # was re's own TypeError
+        rf.inject(m, "mufa", target=123)
+
+
+def _mga_share(name, **kw):
+    import timm
+
+    import rspeft_fast as rf
+
+    with torch.device("meta"):
+        m = timm.create_model(name, pretrained=False, num_classes=0, **kw)
+    rf.inject(m, "mga", train_head=False, **{k: v for k, v in kw.items() if k in ("hidden", "heads")})
+    return m.rspeft_config, rf.trainable_parameters(m).percent
+
+
+@pytest.mark.parametrize("name,width,hidden,heads", [("vit_tiny_patch16_224", 192, 32, 2), ("vit_small_patch16_224", 384, 64, 4),
+                                                     ("vit_base_patch16_224", 768, 128, 8), ("vit_large_patch16_224", 1024, 128, 8)])
+def test_mga_sizes_follow_the_model_width(name, width, hidden, heads):
+    """MGAConfig's rule: hidden = width / 6 in multiples of 16 (16..128), heads = hidden / 16; HarMA's 128 / 8 on
+    ViT-B; every ViT tunes a few percent (the fixed 128 / 8 tuned 25 % of ViT-Ti)."""
+    pytest.importorskip("timm")
+    cfg, percent = _mga_share(name)
+    assert (cfg.hidden, cfg.heads) == (hidden, heads)  # the sizes chosen are stored (and so saved)
+    assert 2.0 < percent < 4.5, percent
+
+
+def test_mga_given_sizes_are_kept():
+    pytest.importorskip("timm")
+    from rspeft_fast.integration.methods.mga import default_sizes
+
+    assert default_sizes(192, hidden=64) == (64, 4) and default_sizes(192, hidden=40) == (40, 1)
+    assert default_sizes(192, heads=4) == (32, 4) and default_sizes(64) == (16, 1)

@@ -12,7 +12,6 @@ at initialisation returns exactly what the backbone returns.
 """
 from __future__ import annotations
 
-import functools
 import weakref
 
 import torch
@@ -174,10 +173,6 @@ def adapted_mlp_class(cls: type) -> type:
     return _ADAPTED_MLP_CLASSES[cls]
 
 
-def unadapted_class(cls: type) -> type:
-    return getattr(cls, "_rspeft_base_cls", cls)
-
-
 class AdaptedViTBlock(ViTBlock):
     """timm ``vision_transformer.Block`` with an adapter on its MLP branch."""
 
@@ -331,8 +326,36 @@ def vpt_remove(model, module, args):
     return (torch.cat([x[:, :k], x[:, k + n :]], dim=1),) + tuple(args[1:])
 
 
-def partial(fn, *a):
-    return functools.partial(fn, *a)
+# -- frozen BatchNorm stays in eval mode (its running statistics belong to the frozen backbone) --
+
+def _norm_train(self, mode: bool = True):
+    own = list(self.parameters(recurse=False))
+    tuned = any(p.requires_grad for p in own) if own else self.__dict__.get("rspeft_stats_train", False)
+    return self._rspeft_base_cls.train(self, bool(mode) and tuned)
+
+
+_FROZEN_NORM_CLASSES: dict = {}
+
+
+def keep_frozen_batchnorm_in_eval(model: nn.Module, stats_train_without_params: bool) -> None:
+    """Swap the class of every BatchNorm in ``model`` for a subclass whose ``train(mode)`` sets the mode only
+    while one of its parameters requires grad (a BatchNorm without parameters: ``stats_train_without_params``,
+    True under ``full``); a frozen BatchNorm stays in eval mode, so its running statistics are not updated and
+    the forward uses them. ``Module.train`` reaches it from any parent (DDP, torch.compile's wrapper included);
+    state-dict keys do not change. Applied at once to the model's current mode."""
+    for m in model.modules():
+        if not isinstance(m, nn.modules.batchnorm._BatchNorm):
+            continue
+        cls = type(m)
+        if "_rspeft_base_cls" not in cls.__dict__:
+            if cls not in _FROZEN_NORM_CLASSES:
+                _FROZEN_NORM_CLASSES[cls] = type(
+                    cls.__name__, (cls,),
+                    {"train": _norm_train, "_rspeft_base_cls": cls, "__module__": __name__,
+                     "__doc__": f"{cls.__name__} that stays in eval mode while its parameters are frozen (rspeft_fast)."})
+            m.__class__ = _FROZEN_NORM_CLASSES[cls]
+        m.rspeft_stats_train = bool(stats_train_without_params)
+        m.train(m.training)
 
 
 # block class -> its class-swap subclass (the families with ``swap_block=True``)

@@ -1,7 +1,9 @@
-"""One config dataclass per method, in the shape of HF peft's configs, serialisable to JSON.
+"""The options every method shares, their one validation, and the lookup of a method's config class.
 
-``inject(model, config)`` takes one of these (or ``inject(model, "mufa", **options)`` builds it).
-Every config carries the options common to all methods:
+Each method's config is a dataclass subclass of :class:`AdapterConfig` in the shape of HF peft's configs,
+serialisable to JSON, declared beside its injector in :mod:`rspeft_fast.integration.methods` (``MuFAConfig`` in
+``methods/bottleneck.py``, ...). ``inject(model, config)`` takes one (or ``inject(model, "mufa", **options)`` builds
+it with :func:`config_for`). Every config carries the options common to all methods:
 
 * ``target``: where the method applies (one meaning for every method, HF peft's rule): a string is a regular
   expression ``re.fullmatch``ed against module names, a list names modules exactly or by dotted suffix; a
@@ -28,25 +30,7 @@ import json
 from dataclasses import dataclass
 from typing import Any, ClassVar, Optional, Union
 
-__all__ = [
-    "AdapterConfig",
-    "MuFAConfig",
-    "AdaptFormerConfig",
-    "AdapterHoulsbyConfig",
-    "LoRAConfig",
-    "BitFitConfig",
-    "LayerNormConfig",
-    "LinearProbeConfig",
-    "VPTConfig",
-    "FullConfig",
-    "EQAMConfig",
-    "CAPMConfig",
-    "MGAConfig",
-    "config_for",
-    "coerce_options",
-    "OptionError",
-    "METHODS",
-]
+__all__ = ["AdapterConfig", "config_for", "config_class", "coerce_options", "OptionError", "METHODS"]
 
 ImplSpec = Union[str, dict]
 
@@ -179,6 +163,9 @@ class AdapterConfig:
         elif self.target is not None:
             import re
 
+            if not isinstance(self.target, str):
+                raise OptionError(f"{self.method}: option target={self.target!r} is not valid (expected a regular "
+                                  "expression string, a list of module names, or None)")
             try:
                 re.compile(self.target)
             except re.error as e:
@@ -242,230 +229,38 @@ class AdapterConfig:
         return dataclasses.replace(self, **changes)
 
 
-def _check_rates(rates) -> tuple:
-    rates = _as_int_tuple(rates)
-    if not rates or any(r <= 0 for r in rates):
-        raise OptionError(f"rates must be a non-empty sequence of positive integers, got {rates}")
-    return rates
-
-
-@dataclass
-class MuFAConfig(AdapterConfig):
-    """MuFA: multi-scale fusion adapter beside (``"parallel"``) or after (``"serial"``) each block's MLP."""
-
-    method: ClassVar[str] = "mufa"
-    rates: tuple = (8, 16, 32)
-    scale: float = 1.0
-    placement: str = "parallel"
-
-    def validate(self) -> None:
-        super().validate()
-        self.rates = _check_rates(self.rates)
-        if self.placement not in ("parallel", "serial"):
-            raise OptionError(f"placement must be 'parallel' or 'serial', got {self.placement!r}")
-
-
-@dataclass
-class AdaptFormerConfig(MuFAConfig):
-    """AdaptFormer: one bottleneck branch (width ``dim // rate``) parallel to the MLP, scaled by ``scale``."""
-
-    method: ClassVar[str] = "adaptformer"
-    rates: tuple = (8,)
-    scale: float = 0.1
-    placement: str = "parallel"
-
-
-@dataclass
-class AdapterHoulsbyConfig(MuFAConfig):
-    """Houlsby-style serial bottleneck adapter on the MLP output: ``y + adapter(y)``."""
-
-    method: ClassVar[str] = "adapter"
-    rates: tuple = (8,)
-    scale: float = 1.0
-    placement: str = "serial"
-
-
-@dataclass
-class LoRAConfig(AdapterConfig):
-    """LoRA on the attention ``qkv`` projections: ``W x + (alpha / rank) * B A x`` (``B`` zero-init).
-
-    ``modules``: regex over the attention's child Linear names to adapt (default: ``qkv`` only).
-    """
-
-    method: ClassVar[str] = "lora"
-    rank: int = 8
-    alpha: float = 8.0
-    modules: str = r"^qkv$"
-
-    def validate(self) -> None:
-        super().validate()
-        if int(self.rank) <= 0:
-            raise OptionError(f"rank must be positive, got {self.rank}")
-
-
-@dataclass
-class BitFitConfig(AdapterConfig):
-    """BitFit: every bias of the backbone is trainable (plus the head)."""
-
-    method: ClassVar[str] = "bitfit"
-
-
-@dataclass
-class LayerNormConfig(AdapterConfig):
-    """LayerNorm tuning: the affine parameters of every normalisation layer are trainable (plus the head)."""
-
-    method: ClassVar[str] = "layernorm"
-
-
-@dataclass
-class LinearProbeConfig(AdapterConfig):
-    """Linear probe: only the classifier head is trainable."""
-
-    method: ClassVar[str] = "linear"
-
-
-@dataclass
-class FullConfig(AdapterConfig):
-    """Full fine-tuning: every parameter is trainable (the saved "adapter" file holds the whole model)."""
-
-    method: ClassVar[str] = "full"
-
-
-@dataclass
-class VPTConfig(AdapterConfig):
-    """Visual prompt tuning on a timm ViT: ``num_tokens`` prompt tokens after the class/register tokens,
-    re-set before every block when ``deep`` (one set per block), removed before the final norm."""
-
-    method: ClassVar[str] = "vpt"
-    num_tokens: int = 10
-    deep: bool = False
-    init_std: float = 0.02
-
-    def validate(self) -> None:
-        super().validate()
-        if int(self.num_tokens) <= 0:
-            raise OptionError(f"num_tokens must be positive, got {self.num_tokens}")
-
-
-@dataclass
-class EQAMConfig(AdapterConfig):
-    """UPetu's EQAM parallel to each ConvNeXt block's MLP (channels-last), optionally with CAPM
-    after each stage (``with_capm=True`` is method ``"eqam+capm"``).
-
-    Bottleneck width: ``hidden`` channels in every block (default 16: UPetu's budget, 0.73 % of ConvNeXt-B
-    with CAPM and a 55-class head, SPEC §1), or ``reduction=r`` for ``dim // r`` (``reduction=4`` is eight
-    times the paper's budget); not both. Files saved before ``hidden`` existed hold ``reduction`` and load
-    as they were saved."""
-
-    method: ClassVar[str] = "eqam"
-    DEFAULT_HIDDEN: ClassVar[int] = 16
-    hidden: Optional[int] = None
-    reduction: Optional[int] = None
-    bits: int = 8
-    with_capm: bool = False
-    num_prompts: int = 8
-
-    def validate(self) -> None:
-        super().validate()
-        if not 2 <= int(self.bits) <= 8:
-            raise OptionError(f"bits must be in [2, 8], got {self.bits}")
-        if self.hidden is not None and self.reduction is not None:
-            raise OptionError(f"eqam: give hidden={self.hidden} or reduction={self.reduction}, not both")
-        if self.reduction is not None and int(self.reduction) <= 0:
-            raise OptionError(f"reduction must be positive, got {self.reduction}")
-        if self.reduction is None and self.hidden is None:
-            self.hidden = self.DEFAULT_HIDDEN
-        if self.hidden is not None and int(self.hidden) <= 0:
-            raise OptionError(f"hidden must be positive, got {self.hidden}")
-
-    def to_dict(self) -> dict:
-        d = super().to_dict()
-        if self.with_capm:
-            d["method"] = "eqam+capm"
-        return d
-
-
-@dataclass
-class CAPMConfig(AdapterConfig):
-    """UPetu's CAPM after each ConvNeXt stage: ``num_prompts`` prompt vectors per stage."""
-
-    method: ClassVar[str] = "capm"
-    num_prompts: int = 8
-
-    def validate(self) -> None:
-        super().validate()
-        if int(self.num_prompts) <= 0:
-            raise OptionError(f"num_prompts must be positive, got {self.num_prompts}")
-
-
-@dataclass
-class MGAConfig(AdapterConfig):
-    """HarMA's MGA in every layer of a CLIP-style model (open_clip) or of a timm ViT.
-
-    Placement: ``y = mlp(ln_2(x)); y = b*MGA(y) + (1-b)*y``, ``b = sigmoid(block_gate)`` (a Parameter
-    per layer, init ``block_gate_init``). ``towers``: ``"both" | "image" | "text"`` (open_clip only).
-    ``bishare``: the text-tower adapters hold a per-layer BiShareAdapter (SPEC); ``share_across_towers``
-    additionally lets the image adapter of layer i use the text tower's BiShare of layer i (HarMA's
-    cross-modal sharing; needs equal depths). ``text_padding_mask``: pass the text key padding mask
-    (token == pad id, default 0) to the text-tower adapters' attention.
-    """
-
-    method: ClassVar[str] = "mga"
-    hidden: int = 128
-    heads: int = 8
-    block_gate_init: float = 0.6
-    towers: str = "both"
-    bishare: bool = True
-    share_across_towers: bool = False
-    text_padding_mask: bool = True
-    pad_id: int = 0
-
-    def validate(self) -> None:
-        super().validate()
-        if self.towers not in ("both", "image", "text"):
-            raise OptionError(f"towers must be 'both', 'image' or 'text', got {self.towers!r}")
-        if int(self.hidden) % int(self.heads):
-            raise OptionError(f"hidden={self.hidden} must be divisible by heads={self.heads}")
-
-
-_CLASSES = [
-    MuFAConfig,
-    AdaptFormerConfig,
-    AdapterHoulsbyConfig,
-    LoRAConfig,
-    BitFitConfig,
-    LayerNormConfig,
-    LinearProbeConfig,
-    VPTConfig,
-    FullConfig,
-    EQAMConfig,
-    CAPMConfig,
-    MGAConfig,
-]
-_BY_METHOD = {c.method: c for c in _CLASSES}
-METHODS = tuple(sorted(list(_BY_METHOD) + ["eqam+capm"]))
-
-
 def config_class(method: Any) -> type:
-    if method == "eqam+capm":
-        return EQAMConfig
-    cls = _BY_METHOD.get(method)
-    if cls is None:
-        raise OptionError(f"unknown method {method!r}; supported methods: {', '.join(METHODS)}")
-    return cls
+    """The config class of the registered method ``method``; :class:`OptionError` listing the methods otherwise."""
+    from .registry import REGISTRY
+
+    spec = REGISTRY.get(method) if isinstance(method, str) else None
+    if spec is None:
+        raise OptionError(f"unknown method {method!r}; supported methods: {', '.join(sorted(REGISTRY))}")
+    return spec.config
 
 
 def config_for(method: Union[str, AdapterConfig], **options) -> AdapterConfig:
     """Build the config of ``method`` (a name or a config, which ``options`` then update)."""
+    from .registry import REGISTRY
+
     if isinstance(method, AdapterConfig):
         return method.replace(**options) if options else method
     if not isinstance(method, str):
         raise TypeError(f"method must be a method name or an AdapterConfig, got {type(method).__name__}")
-    cls = config_class(method.lower())
-    if method.lower() == "eqam+capm":
-        options.setdefault("with_capm", True)
+    name = method.lower()
+    cls = config_class(name)
+    for k, v in REGISTRY[name].defaults.items():  # a variant's name sets options ("eqam+capm": with_capm=True)
+        options.setdefault(k, v)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = set(options) - names
     if unknown:
         raise OptionError(f"unknown options for method {method!r}: {sorted(unknown)} (known: {sorted(names)})")
     return cls(**options)
+
+
+def __getattr__(name: str):
+    if name == "METHODS":  # every registered method name, sorted (the table fills when the package is imported)
+        from .registry import method_names
+
+        return method_names()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,9 +1,10 @@
 """The block protocol: one declaration per model family, in one table (:data:`FAMILIES`).
 
 A :class:`Family` says how to recognise a model, which of its modules are the transformer / ConvNeXt
-blocks, where a block's MLP and the norm feeding it are (the norm gives the width), how a block is
-adapted, and which methods fit. ``inject`` reads only this table: adding a family is one declaration
-here plus tests.
+blocks, where a block's MLP and the norm feeding it are (the norm gives the width) and how a block is
+adapted. Which methods fit a family is said by the methods (each method file in :mod:`.methods` names its
+families, and why not the others a user might expect): adding a family is one declaration here, its name in
+the method files that fit it, plus tests.
 
 How a block is adapted (``swap_block``):
 
@@ -16,7 +17,8 @@ How a block is adapted (``swap_block``):
   The delta therefore joins the MLP output *before* anything the block applies after its MLP (HF Dinov2 /
   DINOv3: ``layer_scale2``; the others have none). No forward is copied.
 
-Methods per family and why not the others: :data:`WHY_NOT` (also the error messages and the README table).
+Methods per family: :attr:`Family.methods`; why not the others: :func:`why_not` (the error messages and the
+README table).
 """
 from __future__ import annotations
 
@@ -25,10 +27,8 @@ from typing import Optional, Tuple
 
 from torch import nn
 
-__all__ = ["Family", "FAMILIES", "family_of", "family_by_name", "block_modules", "set_grad_checkpointing", "supported_text", "WHY_NOT"]
-
-_BOTTLENECK = ("mufa", "adaptformer", "adapter")
-_GENERIC = ("bitfit", "layernorm", "full")
+__all__ = ["Family", "FAMILIES", "family_of", "family_by_name", "block_modules", "set_grad_checkpointing", "supported_text",
+           "why_not"]
 
 
 def _classes(*paths: str) -> Tuple[type, ...]:
@@ -55,7 +55,6 @@ class Family:
         models: ``"module:Class"`` paths of the top-level model classes (exact class or subclass).
         blocks: ``"module:Class"`` paths of the block classes to adapt (exact class: a subclass may change the
             forward, so it is refused).
-        methods: the methods that fit.
         norm: attribute of a block holding the norm that feeds the MLP (its ``normalized_shape[0]`` is the width).
         mlp: attribute of a block holding the MLP module (input: that norm's output).
         swap_block: adapt by swapping the block's class for its subclass in ``_blocks.ADAPTED_BLOCKS`` (timm /
@@ -75,7 +74,6 @@ class Family:
     label: str
     models: Tuple[str, ...]
     blocks: Tuple[str, ...]
-    methods: Tuple[str, ...]
     norm: str = "norm2"
     mlp: str = "mlp"
     swap_block: bool = False
@@ -84,6 +82,13 @@ class Family:
     attn: str = r"(^|\.)attn$"
     grad_ckpt: Optional[str] = "timm"
     hf_model_types: Tuple[str, ...] = field(default=())
+
+    @property
+    def methods(self) -> Tuple[str, ...]:
+        """The registered methods that fit this family (each method names its families)."""
+        from .registry import REGISTRY
+
+        return tuple(m.name for m in REGISTRY.values() if self.name in m.families)
 
     def model_classes(self) -> Tuple[type, ...]:
         return _classes(*self.models)
@@ -109,69 +114,43 @@ _HF_ATTN = dict(attn_linears=r"^(q_proj|k_proj|v_proj)$", attn=r"(^|\.)(attentio
 
 FAMILIES: Tuple[Family, ...] = (
     Family("vit", "timm VisionTransformer", ("timm.models.vision_transformer:VisionTransformer",),
-           ("timm.models.vision_transformer:Block",),
-           _BOTTLENECK + ("lora",) + _GENERIC + ("linear", "vpt", "mga"), swap_block=True),
+           ("timm.models.vision_transformer:Block",), swap_block=True),
     Family("swin", "timm SwinTransformer", ("timm.models.swin_transformer:SwinTransformer",),
-           ("timm.models.swin_transformer:SwinTransformerBlock",),
-           _BOTTLENECK + ("lora",) + _GENERIC + ("linear",), swap_block=True),
+           ("timm.models.swin_transformer:SwinTransformerBlock",), swap_block=True),
     Family("convnext", "timm ConvNeXt", ("timm.models.convnext:ConvNeXt",), ("timm.models.convnext:ConvNeXtBlock",),
-           ("eqam", "capm", "eqam+capm") + _GENERIC + ("linear",), norm="norm", swap_block=True),
-    Family("resnet", "timm ResNet", ("timm.models.resnet:ResNet",), (), _GENERIC + ("linear",)),
-    Family("eva", "timm Eva (DINOv3, EVA-02)", ("timm.models.eva:Eva",), ("timm.models.eva:EvaBlock",),
-           _BOTTLENECK + ("lora",) + _GENERIC + ("linear", "mga"), swap_block=True),
+           norm="norm", swap_block=True),
+    Family("resnet", "timm ResNet", ("timm.models.resnet:ResNet",), ()),
+    Family("eva", "timm Eva (DINOv3, EVA-02)", ("timm.models.eva:Eva",), ("timm.models.eva:EvaBlock",), swap_block=True),
     Family("clip", "open_clip CLIP / CustomTextCLIP", ("open_clip:CLIP", "open_clip:CustomTextCLIP"),
-           ("open_clip.transformer:ResidualAttentionBlock",), ("mga",) + _GENERIC, norm="ln_2",
-           swap_block=True, head=None),
+           ("open_clip.transformer:ResidualAttentionBlock",), norm="ln_2", swap_block=True, head=None),
     # torchvision Swin V1 / V2 (Satlas' swin_v2_b); V2 is post-norm: its MLP takes the block's stream `x` itself
     Family("tv-swin", "torchvision SwinTransformer (V1, V2)", ("torchvision.models.swin_transformer:SwinTransformer",),
            ("torchvision.models.swin_transformer:SwinTransformerBlock", "torchvision.models.swin_transformer:SwinTransformerBlockV2"),
-           _BOTTLENECK + _GENERIC + ("linear",), head="head", grad_ckpt=None),
+           head="head", grad_ckpt=None),
     # ---- Hugging Face transformers: the generic MLP wrap (every block has `mlp` fed by a norm)
-    Family("hf-vit", "HF transformers ViT", (), (f"{_HF}.vit.modeling_vit:ViTLayer",),
-           _BOTTLENECK + ("lora",) + _GENERIC + ("linear", "mga"), norm="layernorm_after", head="classifier",
+    Family("hf-vit", "HF transformers ViT", (), (f"{_HF}.vit.modeling_vit:ViTLayer",), norm="layernorm_after",
+           head="classifier",
            **_HF_ATTN, grad_ckpt="hf", hf_model_types=("vit",)),
-    Family("hf-dinov2", "HF transformers Dinov2", (), (f"{_HF}.dinov2.modeling_dinov2:Dinov2Layer",),
-           _BOTTLENECK + ("lora",) + _GENERIC + ("linear", "mga"), head="classifier",
+    Family("hf-dinov2", "HF transformers Dinov2", (), (f"{_HF}.dinov2.modeling_dinov2:Dinov2Layer",), head="classifier",
            **_HF_ATTN, grad_ckpt="hf", hf_model_types=("dinov2",)),
     Family("hf-dinov3", "HF transformers DINOv3ViT", (), (f"{_HF}.dinov3_vit.modeling_dinov3_vit:DINOv3ViTLayer",),
-           _BOTTLENECK + ("lora",) + _GENERIC + ("linear", "mga"), head="classifier",
+           head="classifier",
            **_HF_ATTN, grad_ckpt="hf", hf_model_types=("dinov3_vit",)),
-    Family("hf-swin", "HF transformers Swin", (), (f"{_HF}.swin.modeling_swin:SwinLayer",),
-           _BOTTLENECK + ("lora",) + _GENERIC + ("linear",), norm="layernorm_after", head="classifier",
+    Family("hf-swin", "HF transformers Swin", (), (f"{_HF}.swin.modeling_swin:SwinLayer",), norm="layernorm_after",
+           head="classifier",
            **_HF_ATTN, grad_ckpt="hf", hf_model_types=("swin",)),
-    Family("hf-convnext", "HF transformers ConvNext", (), (), _GENERIC + ("linear",), head="classifier", grad_ckpt="hf",
-           hf_model_types=("convnext",)),
-    Family("hf-clip", "HF transformers CLIP", (), (f"{_HF}.clip.modeling_clip:CLIPEncoderLayer",), ("mga",) + _GENERIC,
-           norm="layer_norm2", head=None, **_HF_ATTN, grad_ckpt="hf",
-           hf_model_types=("clip",)),
+    Family("hf-convnext", "HF transformers ConvNext", (), (), head="classifier", grad_ckpt="hf", hf_model_types=("convnext",)),
+    Family("hf-clip", "HF transformers CLIP", (), (f"{_HF}.clip.modeling_clip:CLIPEncoderLayer",),
+           norm="layer_norm2", head=None, **_HF_ATTN, grad_ckpt="hf", hf_model_types=("clip",)),
 )
 
-# Why a method does not fit a family (README table and error messages).
-WHY_NOT = {
-    ("swin", "vpt"): "Swin attends inside fixed windows of the patch grid: prompt tokens have no window to sit in",
-    ("swin", "mga"): "MGA is HarMA's adapter for CLIP-style towers (global-attention ViT blocks)",
-    ("eva", "vpt"): "Eva's rotary position table is sized to the patch grid: prompt tokens would need positions",
-    ("hf-vit", "vpt"): "not wired for HF models (prompt tokens would go between the embeddings and the encoder)",
-    ("hf-dinov2", "vpt"): "not wired for HF models",
-    ("hf-dinov3", "vpt"): "DINOv3's rotary position table is sized to the patch grid",
-    ("hf-swin", "vpt"): "Swin attends inside fixed windows",
-    ("tv-swin", "vpt"): "Swin attends inside fixed windows",
-    ("hf-swin", "mga"): "MGA is HarMA's adapter for CLIP-style towers (global-attention ViT blocks)",
-    ("tv-swin", "mga"): "MGA is HarMA's adapter for CLIP-style towers (global-attention ViT blocks)",
-    ("resnet", "mufa"): "the adapters are placed beside transformer MLPs / ConvNeXt blocks; ResNets get bitfit, "
-                        "layernorm (BatchNorm), linear, full",
-    ("resnet", "eqam"): "EQAM is placed in ConvNeXt blocks (UPetu)",
-    ("tv-swin", "lora"): "torchvision's window attention reads qkv.weight directly (F.linear), so a LoRA Linear would "
-                         "never run; use timm swin* or HF Swin for LoRA",
-    ("hf-convnext", "eqam"): "HF ConvNextLayer computes its MLP inline (pwconv1/act/pwconv2): no MLP module to wrap; "
-                             "use timm convnext_* for EQAM/CAPM",
-    ("hf-convnext", "capm"): "not wired for HF ConvNext stages; use timm convnext_*",
-    ("clip", "mufa"): "HarMA's placement for CLIP towers is MGA; MuFA/AdaptFormer are defined on the image ViT alone",
-    ("hf-clip", "mufa"): "as for open_clip: MGA is the CLIP-tower method",
-    ("clip", "linear"): "CLIP models have no classifier head",
-    ("hf-clip", "linear"): "CLIP models have no classifier head",
-    ("convnext", "mufa"): "MuFA/AdaptFormer are placed beside transformer MLPs; ConvNeXt's adapter is EQAM (UPetu)",
-}
+
+def why_not(family: str, method: str):
+    """Why ``method`` does not fit ``family`` (its method file says), or None."""
+    from .registry import REGISTRY
+
+    m = REGISTRY.get(method)
+    return None if m is None else m.why_not.get(family)
 
 
 def family_of(model: nn.Module) -> Family:

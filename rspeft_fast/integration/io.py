@@ -3,21 +3,24 @@
 ``save_adapters(model, path)`` writes every tensor that is trainable: those injection made trainable
 (adapters, and the head / biases / norms where the method tunes them) **and** any parameter that requires
 grad now (e.g. ``vit.norm`` or ``clip.logit_scale`` unfrozen by hand after injection; HF peft's
-``modules_to_save``), plus the modules or parameters named in ``extra=``; under their parameter names, with
-``rspeft_fast.config`` (the method and its options as JSON) and the list of those extra parameters in the
-file's metadata. Nothing trainable is silently dropped. After :func:`~rspeft_fast.pack_adapters` the packed
+``modules_to_save``), plus the modules or parameters named in ``extra=``; with them the persistent buffers of
+every module that owns one of those parameters (a tuned BatchNorm's running statistics: peft's
+``modules_to_save`` keeps the whole module); under ``full`` the whole state dict. Under their state-dict names,
+with ``rspeft_fast.config`` (the method and its options as JSON), the model's family, the list of those extra
+parameters and a SHA-256 of the tensors in the file's metadata. Nothing trainable is silently dropped. After :func:`~rspeft_fast.pack_adapters` the packed
 Q-Linear layers are saved in their packed form (``qweight`` / ``scale`` buffers). After
 :func:`~rspeft_fast.merge_adapters` there are no adapter tensors left: the error says what to do instead.
 
 ``load_adapters(model, path)`` reads them back. On a fresh, un-injected model it first re-injects from
 the stored config; on an injected model the stored config must match the model's. A timm classifier
 whose head has another number of classes than the file's is refused unless ``replace_head=True``.
-Everything (config, names, shapes, head) is checked before any tensor is copied, so a failed load leaves
-the model as it was. The file is written atomically (``rspeft_fast._fileio.atomic_write``).
+Everything (the metadata, the family, names, shapes, the head, the checksum and that every float is finite) is
+checked before any tensor is copied, so a failed load leaves the model as it was; every error names the file. The file is written atomically (``rspeft_fast._fileio.atomic_write``).
 """
 from __future__ import annotations
 
 import copy
+import hashlib
 import itertools
 import json
 import os
@@ -32,13 +35,65 @@ from ..reference.qlinear_pack import storage_dtype
 from .config import AdapterConfig
 from .inject import CONFIG_ATTR, inject, injected_config, model_family
 
-__all__ = ["save_adapters", "load_adapters", "read_adapter_config"]
+__all__ = ["save_adapters", "load_adapters", "read_adapter_config", "trainable_state_dict"]
 
 META_CONFIG = "rspeft_fast.config"
 META_VERSION = "rspeft_fast.version"
 META_FAMILY = "rspeft_fast.family"
 META_EXTRA = "rspeft_fast.extra"  # JSON list: trainable parameters beyond those injection recorded
 META_PACKED = "rspeft_fast.packed"  # JSON list: module names of QLinear layers saved packed
+META_SHA256 = "rspeft_fast.sha256"  # hex SHA-256 of the tensors (names, dtypes, shapes, bytes; by name)
+
+
+def _persistent_buffers(model: nn.Module, owners=None) -> dict:
+    """``{state-dict name: buffer}`` of the persistent buffers of ``model``'s modules (only of the modules named in
+    ``owners`` when given)."""
+    out = {}
+    for mname, mod in model.named_modules():
+        if owners is not None and mname not in owners:
+            continue
+        for bname, b in mod._buffers.items():
+            if b is not None and bname not in mod._non_persistent_buffers_set:
+                out[f"{mname}.{bname}" if mname else bname] = b
+    return out
+
+
+def _state_of(model: nn.Module, param_names: Iterable[str], whole: bool) -> dict:
+    """The persistent buffers saved beside ``param_names``: those of the modules that own one of them, or every one
+    (``whole``: the ``full`` method saves the whole state dict)."""
+    if whole:
+        return _persistent_buffers(model)
+    return _persistent_buffers(model, {n.rpartition(".")[0] for n in param_names})
+
+
+def _find_config(model: nn.Module):
+    for m in model.modules():  # the model, or the injected model inside a wrapper (DDP's .module, torch.compile's)
+        cfg = getattr(m, CONFIG_ATTR, None)
+        if cfg is not None:
+            return cfg
+    return None
+
+
+def trainable_state_dict(model: nn.Module) -> dict:
+    """``{state-dict name: tensor}`` of what training changes: every parameter that requires grad (detached: the
+    same storage) and the persistent buffers of each module owning one (a tuned BatchNorm's running statistics);
+    under ``full`` the whole state dict. ``model`` may be wrapped (DDP, torch.compile): the names are the
+    wrapper's. A training checkpoint saves these (copied to the CPU) and, on resume, copies them back into the
+    tensors this returns for the resumed model."""
+    cfg = _find_config(model)
+    if cfg is not None and cfg.to_dict()["method"] == "full":
+        return model.state_dict()
+    params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    return {**params, **_state_of(model, params, whole=False)}
+
+
+def _sha256(tensors: dict) -> str:
+    h = hashlib.sha256()
+    for n in sorted(tensors):
+        t = tensors[n].detach().to("cpu").contiguous()
+        h.update(f"{n}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def _names_of(model: nn.Module, extra: Iterable[str]) -> list[str]:
@@ -110,10 +165,15 @@ def save_adapters(model: nn.Module, path: str | os.PathLike, extra: Iterable[str
             tensors[n[: -len("weight")] + "scale"] = m.scale
         else:
             tensors[n] = params[n]
+    tensors.update(_state_of(model, [n for n in recorded + extras if n not in packed_weights], _is_full(cfg)))
     tensors = {n: t.detach().to("cpu").contiguous() for n, t in tensors.items()}
     meta = {META_CONFIG: cfg.to_json(), META_VERSION: __version__, META_FAMILY: model_family(model),
-            META_EXTRA: json.dumps(extras), META_PACKED: json.dumps(packed)}
+            META_EXTRA: json.dumps(extras), META_PACKED: json.dumps(packed), META_SHA256: _sha256(tensors)}
     atomic_write(os.fspath(path), lambda f: f.write(save(tensors, metadata=meta)))
+
+
+def _is_full(cfg: AdapterConfig) -> bool:
+    return cfg.to_dict()["method"] == "full"
 
 
 def read_adapter_config(path: str | os.PathLike) -> AdapterConfig:
@@ -134,7 +194,14 @@ def _read_meta(path):
         raise ValueError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e})") from e
     if META_CONFIG not in meta:
         raise ValueError(f"{path}: not an rspeft_fast adapter file (no {META_CONFIG!r} in its metadata)")
-    return AdapterConfig.from_json(meta[META_CONFIG]), meta, keys
+    try:
+        cfg = AdapterConfig.from_json(meta[META_CONFIG])
+        for k in (META_EXTRA, META_PACKED):
+            if not isinstance(json.loads(meta.get(k, "[]")), list):
+                raise ValueError(f"{k} is not a JSON list")
+    except (ValueError, TypeError) as e:  # json.JSONDecodeError and OptionError are ValueErrors
+        raise ValueError(f"{path}: the adapter file's metadata is broken ({type(e).__name__}: {e})") from None
+    return cfg, meta, keys
 
 
 def _meta_copy(model: nn.Module) -> nn.Module:
@@ -150,7 +217,7 @@ def _meta_copy(model: nn.Module) -> nn.Module:
 
 def _tensors_wanted(model: nn.Module, extras: list[str]) -> dict[str, torch.Tensor]:
     """``{name: tensor}`` a file must hold for ``model``: its recorded trainable parameters (packed Q-Linear
-    layers as their ``qweight``/``scale`` buffers) and ``extras``."""
+    layers as their ``qweight``/``scale`` buffers), ``extras`` and the buffers saved with them (:func:`_state_of`)."""
     params = dict(model.named_parameters())
     packed = {f"{p}.weight": model.get_submodule(p) for p in _packed_prefixes(model)}
     want = {}
@@ -162,6 +229,8 @@ def _tensors_wanted(model: nn.Module, extras: list[str]) -> dict[str, torch.Tens
             want[n] = params[n]
         else:
             want[n] = None  # reported as "not in the model"
+    want.update(_state_of(model, [n for n, t in want.items() if t is not None and n in params],
+                          _is_full(model.rspeft_config)))
     return want
 
 
@@ -177,6 +246,10 @@ def load_adapters(model: nn.Module, path: str | os.PathLike, impl: Optional[obje
     cfg, meta, keys = _read_meta(path)
     extras = json.loads(meta.get(META_EXTRA, "[]"))
     packed = json.loads(meta.get(META_PACKED, "[]"))
+    fam = model_family(model)
+    if meta.get(META_FAMILY, fam) != fam:
+        raise ValueError(f"load_adapters: {path} holds adapters for family {meta[META_FAMILY]}, the model is {fam} "
+                         f"({type(model).__name__}); nothing was loaded")
     if impl is not None:
         cfg = cfg.replace(impl=impl)
     current = getattr(model, CONFIG_ATTR, None)
@@ -237,6 +310,14 @@ def load_adapters(model: nn.Module, path: str | os.PathLike, impl: Optional[obje
             f"load_adapters: {path} ({cfg.to_dict()['method']}) does not fit this model; nothing was loaded:\n  "
             + "\n  ".join(problems[:20])
         )
+    # the bytes last: a file edited by hand gets the message about what is missing or misshapen first
+    if META_SHA256 in meta and _sha256(tensors) != meta[META_SHA256]:
+        raise ValueError(f"load_adapters: {path} is corrupt: its tensors do not match the checksum written when it was "
+                         "saved; nothing was loaded")
+    bad = sorted(n for n, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all()))
+    if bad:
+        raise ValueError(f"load_adapters: {path} holds non-finite values (NaN / inf) in {bad[:8]}"
+                         f"{' ...' if len(bad) > 8 else ''}; nothing was loaded")
 
     if current is None:
         inject(model, cfg)
