@@ -32,7 +32,7 @@ from typing import Iterator, NamedTuple, Optional, Sequence, Union
 
 from torch import nn
 
-from ..modules import CAPM, EQAM, BiShareAdapter, MGAdapter, MuFAAdapter
+from ..modules import CAPM, EQAM, BiShareAdapter, Convpass, IVPTGate, KVPrompts, LoRand, MGAdapter, MuFAAdapter
 from . import _blocks, methods  # noqa: F401  (methods: importing it fills the registry)
 from .config import AdapterConfig, config_for
 from .families import FAMILIES, Family, family_of, why_not
@@ -56,7 +56,7 @@ SUPPORTED = {f.name: f.methods for f in FAMILIES}
 CONFIG_ATTR = "rspeft_config"
 MERGED_ATTR = "rspeft_merged"  # the config of adapters merge_adapters folded into the backbone's weights
 ADAPTED_ATTR = "rspeft_adapted"
-_ADAPTER_MODULES = (MuFAAdapter, EQAM, CAPM, MGAdapter, BiShareAdapter)
+_ADAPTER_MODULES = (MuFAAdapter, EQAM, CAPM, MGAdapter, BiShareAdapter, Convpass, LoRand, IVPTGate, KVPrompts)
 _ADAPTER_PARAM_LEAVES = ("lora_A", "lora_B", "adapter_gate", "vpt_prompts")
 
 
