@@ -107,6 +107,7 @@ def inject_convpass(model, fam, cfg: ConvpassConfig, target) -> list:
         blk.__class__ = _SWAP[type(blk)]
         blk.adapter = nn.ModuleDict({
             part: Convpass(d, cfg.width, cfg.scale, cfg.dropout).to(**dd(blk)) for part in ("attn", "mlp")})
+        blk.adapter.train(blk.training)  # its dropout follows the model's mode (an eval model stays deterministic)
         if fam.name == "vit":
             blk.adapter_grid = tuple(int(g) for g in model.patch_embed.grid_size)
             blk.adapter_num_prefix = int(model.num_prefix_tokens)
