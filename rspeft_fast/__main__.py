@@ -1,5 +1,6 @@
 """Command line: ``python -m rspeft_fast train ...`` (classification fine-tuning), ``python -m rspeft_fast retrieval ...``
-(image-text retrieval fine-tuning / evaluation) and ``python -m rspeft_fast bench ...``."""
+(image-text retrieval fine-tuning / evaluation), ``python -m rspeft_fast compare ...`` (several methods, one table)
+and ``python -m rspeft_fast bench ...``."""
 from __future__ import annotations
 
 import sys
@@ -7,7 +8,7 @@ import sys
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    usage = ("usage: python -m rspeft_fast {train,retrieval,bench} [options]   "
+    usage = ("usage: python -m rspeft_fast {train,retrieval,compare,bench} [options]   "
              "(see `python -m rspeft_fast train --help`, `... retrieval --help`)")
     if not argv or argv[0] in ("-h", "--help"):
         print(usage)
@@ -21,6 +22,10 @@ def main(argv: list[str] | None = None) -> int:
         from .retrieval.job import main as retrieval_main
 
         return int(retrieval_main(rest) or 0)
+    if cmd == "compare":
+        from .train.compare import main as compare_main
+
+        return int(compare_main(rest) or 0)
     if cmd == "bench":
         from .bench.cli import main as bench_main
 

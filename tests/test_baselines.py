@@ -341,3 +341,40 @@ def test_e2vpt_default_is_mufa_table1_budget():
     tp = _share(VIT_B, "e2vpt")
     assert tp.trainable == 12 * (15 + 2 * 10) * 768 + HEAD
     assert round(tp.percent, 2) == 0.39, tp
+
+
+# ---------------------------------------------------------------------------------------------- compare
+def test_compare_end_to_end_writes_table_and_plot_and_skips_finished_methods(tmp_path, monkeypatch):
+    from rspeft_fast.train import cli, compare
+
+    out = tmp_path / "cmp"
+    argv = ["--methods", "linear,lorand,ivpt", "--out", str(out), "--model", "vit_tiny_patch16_224", "--img-size", "32",
+            "--global-pool", "avg", "--epochs", "1", "--embedded-per-class", "2", "--model-arg", "depth=1",
+            "--no-progress", "--method-option", "ivpt:num_tokens=2"]
+    assert compare.main(argv) == 0
+    table = (out / "table.md").read_text()
+    for m in ("linear", "lorand", "ivpt"):
+        assert f"| {m} |" in table
+        rebuilt = __import__("json").loads((out / m / "test.json").read_text())
+        assert rebuilt["test_acc"] is not None and 0 <= rebuilt["test_acc"] <= 100
+    assert (out / "table.png").stat().st_size > 1000
+    rows = __import__("json").loads((out / "table.json").read_text())["rows"]
+    assert [r["method"] for r in rows] == ["linear", "lorand", "ivpt"] and rows[2]["trainable_percent"] > 0
+
+    # a re-run trains nothing: every method has its metrics.json (one removed: only that one runs again)
+    (out / "lorand" / "metrics.json").unlink()
+    ran = []
+    real = cli.main
+    monkeypatch.setattr(cli, "main", lambda a, **kw: ran.append(a[a.index("--method") + 1]) or real(a, **kw))
+    assert compare.main(argv) == 0
+    assert ran == ["lorand"]
+
+
+def test_compare_refuses_per_run_flags_and_unknown_methods(tmp_path):
+    from rspeft_fast.train import compare
+
+    with pytest.raises(SystemExit, match="--method"):
+        compare.main(["--out", str(tmp_path), "--method", "mufa"])
+    with pytest.raises(SystemExit, match="unknown"):
+        compare.main(["--out", str(tmp_path), "--methods", "mufa,prefix"])
+    assert compare.TABLE1[7:9] == ("convpass", "lorand") and len(compare.TABLE1) == 13
