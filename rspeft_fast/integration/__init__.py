@@ -59,11 +59,16 @@ from .io import *  # noqa: F401,F403
 from .methods.backbone_tuning import BitFitConfig, FullConfig, LayerNormConfig, LinearProbeConfig
 from .methods.bottleneck import AdapterHoulsbyConfig, AdaptFormerConfig, MuFAConfig
 from .methods.capm import CAPMConfig
+from .methods.convpass import ConvpassConfig
+from .methods.e2vpt import E2VPTConfig
 from .methods.eqam import EQAMConfig
+from .methods.ivpt import IVPTConfig
 from .methods.lora import LoRAConfig
+from .methods.lorand import LoRandConfig
 from .methods.mga import MGAConfig
 from .methods.vpt import VPTConfig
 
 __all__ = [*_inject.__all__, *_io.__all__, *_config.__all__,
            "MuFAConfig", "AdaptFormerConfig", "AdapterHoulsbyConfig", "LoRAConfig", "BitFitConfig", "LayerNormConfig",
-           "LinearProbeConfig", "VPTConfig", "FullConfig", "EQAMConfig", "CAPMConfig", "MGAConfig"]
+           "LinearProbeConfig", "VPTConfig", "FullConfig", "EQAMConfig", "CAPMConfig", "MGAConfig", "ConvpassConfig",
+           "LoRandConfig", "IVPTConfig", "E2VPTConfig"]
