@@ -3,7 +3,8 @@
 Public API (imported lazily, so ``import rspeft_fast`` is cheap and never needs a GPU):
 
 * modules: :class:`MuFAAdapter`, :class:`QLinear`, :class:`EQAM`, :class:`CAPM`,
-  :class:`BiShareAdapter`, :class:`MGAdapter`, :class:`WeightedTripletLoss`;
+  :class:`BiShareAdapter`, :class:`MGAdapter`, :class:`WeightedTripletLoss`, :class:`Convpass`, :class:`LoRand`,
+  :class:`IVPTGate`, :class:`KVPrompts`;
 * functional: :func:`weighted_triplet_loss` (features L2-normalised by the caller);
 * eager references: :mod:`rspeft_fast.reference`;
 * integration: :func:`inject`, :func:`trainable_parameters`, :func:`save_adapters`, :func:`load_adapters`, ...
@@ -20,6 +21,10 @@ _LAZY = {
     "BiShareAdapter": ".modules.mga",
     "MGAdapter": ".modules.mga",
     "WeightedTripletLoss": ".modules.triplet",
+    "Convpass": ".modules.convpass",
+    "LoRand": ".modules.lorand",
+    "IVPTGate": ".modules.ivpt",
+    "KVPrompts": ".modules.e2vpt",
     "weighted_triplet_loss": ".ops.triplet",
     "contrastive_loss": ".ops.contrastive",
     "ImplUnavailableError": "._impl",
@@ -48,6 +53,10 @@ _LAZY = {
     "EQAMConfig": ".integration",
     "CAPMConfig": ".integration",
     "MGAConfig": ".integration",
+    "ConvpassConfig": ".integration",
+    "LoRandConfig": ".integration",
+    "IVPTConfig": ".integration",
+    "E2VPTConfig": ".integration",
 }
 
 __all__ = sorted(_LAZY)

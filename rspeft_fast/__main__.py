@@ -1,5 +1,6 @@
 """Command line: ``python -m rspeft_fast train ...`` (classification fine-tuning), ``python -m rspeft_fast retrieval ...``
-(image-text retrieval fine-tuning / evaluation) and ``python -m rspeft_fast bench ...``."""
+(image-text retrieval fine-tuning / evaluation), ``python -m rspeft_fast compare ...`` (several methods, one table)
+and ``python -m rspeft_fast bench ...``."""
 from __future__ import annotations
 
 import sys
@@ -14,7 +15,7 @@ def _cli_warning(message, category, filename, lineno, line=None) -> str:
 def main(argv: list[str] | None = None) -> int:
     warnings.formatwarning = _cli_warning
     argv = list(sys.argv[1:] if argv is None else argv)
-    usage = ("usage: python -m rspeft_fast {train,retrieval,segment,change,bench} [options]   "
+    usage = ("usage: python -m rspeft_fast {train,retrieval,segment,change,compare,bench} [options]   "
              "(see `python -m rspeft_fast train --help`, `... retrieval --help`)")
     if not argv or argv[0] in ("-h", "--help"):
         print(usage)
@@ -32,6 +33,10 @@ def main(argv: list[str] | None = None) -> int:
         from .dense import job
 
         return int((job.main_segment if cmd == "segment" else job.main_change)(rest) or 0)
+    if cmd == "compare":
+        from .train.compare import main as compare_main
+
+        return int(compare_main(rest) or 0)
     if cmd == "bench":
         from .bench.cli import main as bench_main
 

@@ -15,7 +15,8 @@ Layout (HF peft's, one home per method family):
 * ``_blocks.py``: the adapted block / MLP / norm classes the injectors swap in; ``config.py``: the options every
   method shares and their one validation; ``inject.py``: :func:`inject` and the switches; ``io.py``: files.
 
-Adding a method is one new file, ``methods/<name>.py`` (every module there is imported with the package)::
+Adding a method is one new file, ``methods/<name>.py`` (every module there is imported with the package); the
+shape of one (``methods/convpass.py`` is the real thing)::
 
     from dataclasses import dataclass
     from typing import ClassVar
@@ -25,22 +26,22 @@ Adding a method is one new file, ``methods/<name>.py`` (every module there is im
     from ._common import attach, blocks_of, dd
 
     @dataclass
-    class ConvpassConfig(AdapterConfig):
-        \"\"\"Convpass: ... (each option, its default and its rule, stated once here).\"\"\"
-        method: ClassVar[str] = "convpass"
-        hidden: int = 8
+    class MyConfig(AdapterConfig):
+        \"\"\"My method: ... (each option, its default and its rule, stated once here).\"\"\"
+        method: ClassVar[str] = "mine"
+        width: int = 8
 
         def validate(self) -> None:      # option checks raise OptionError naming the option
             super().validate()
-            if self.hidden <= 0:
-                raise OptionError(f"hidden must be positive, got {self.hidden}")
+            if self.width <= 0:
+                raise OptionError(f"width must be positive, got {self.width}")
 
-    @register("convpass", ConvpassConfig, families=("vit", "eva", "hf-vit"),
+    @register("mine", MyConfig, families=("vit", "eva", "hf-vit"),
               why_not={"swin": "..."})   # shown when someone tries it there
-    def inject_convpass(model, fam, cfg, target) -> list:
+    def inject_mine(model, fam, cfg, target) -> list:
         out = []
         for name, blk in target.select(blocks_of(model, fam), "transformer blocks"):
-            ad = ConvpassAdapter(fam.block_dim(blk), cfg.hidden).to(**dd(blk))
+            ad = MyAdapter(fam.block_dim(blk), cfg.width).to(**dd(blk))
             out.append(attach(fam, name, blk, ad, "parallel"))   # or "serial"; a new placement: _blocks
         return out                       # the names of the modules adapted
 
@@ -59,11 +60,16 @@ from .io import *  # noqa: F401,F403
 from .methods.backbone_tuning import BitFitConfig, FullConfig, LayerNormConfig, LinearProbeConfig
 from .methods.bottleneck import AdapterHoulsbyConfig, AdaptFormerConfig, MuFAConfig
 from .methods.capm import CAPMConfig
+from .methods.convpass import ConvpassConfig
+from .methods.e2vpt import E2VPTConfig
 from .methods.eqam import EQAMConfig
+from .methods.ivpt import IVPTConfig
 from .methods.lora import LoRAConfig
+from .methods.lorand import LoRandConfig
 from .methods.mga import MGAConfig
 from .methods.vpt import VPTConfig
 
 __all__ = [*_inject.__all__, *_io.__all__, *_config.__all__,
            "MuFAConfig", "AdaptFormerConfig", "AdapterHoulsbyConfig", "LoRAConfig", "BitFitConfig", "LayerNormConfig",
-           "LinearProbeConfig", "VPTConfig", "FullConfig", "EQAMConfig", "CAPMConfig", "MGAConfig"]
+           "LinearProbeConfig", "VPTConfig", "FullConfig", "EQAMConfig", "CAPMConfig", "MGAConfig", "ConvpassConfig",
+           "LoRandConfig", "IVPTConfig", "E2VPTConfig"]

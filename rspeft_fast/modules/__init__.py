@@ -7,5 +7,10 @@ from .qlinear import QLinear, EQAM
 from .capm import CAPM
 from .mga import BiShareAdapter, MGAdapter
 from .triplet import WeightedTripletLoss
+from .convpass import Convpass
+from .lorand import LoRand
+from .ivpt import IVPTGate
+from .e2vpt import KVPrompts
 
-__all__ = ["MuFAAdapter", "QLinear", "EQAM", "CAPM", "BiShareAdapter", "MGAdapter", "WeightedTripletLoss"]
+__all__ = ["MuFAAdapter", "QLinear", "EQAM", "CAPM", "BiShareAdapter", "MGAdapter", "WeightedTripletLoss", "Convpass", "LoRand",
+           "IVPTGate", "KVPrompts"]

@@ -12,6 +12,10 @@ from .qlinear import fake_quant_weight, qlinear_ref, eqam_ref, quantize_weight, 
 from .capm import capm_ref
 from .mga import msa_ref, bishare_ref, mga_ref
 from .triplet import weighted_triplet_local_ref, weighted_triplet_ref
+from .convpass import convpass_ref, quick_gelu
+from .lorand import lorand_ref, lorand_weight_ref
+from .ivpt import gated_prompts_ref, tempered_attention_ref
+from .e2vpt import kv_prompt_attention_ref
 
 __all__ = [
     "branch_sizes",
@@ -27,4 +31,11 @@ __all__ = [
     "mga_ref",
     "weighted_triplet_ref",
     "weighted_triplet_local_ref",
+    "quick_gelu",
+    "convpass_ref",
+    "lorand_weight_ref",
+    "lorand_ref",
+    "tempered_attention_ref",
+    "gated_prompts_ref",
+    "kv_prompt_attention_ref",
 ]
