@@ -456,11 +456,13 @@ def _share_dims(share) -> tuple[int, int] | None:
     return None if share is None else (int(share.down_w.shape[0]), int(share.heads))
 
 
-def saved_buffers(x, hidden: int, heads: int, share, dtype: torch.dtype, blocked: bool, save: bool) -> MGASaved:
+def saved_buffers(x, hidden: int, heads: int, share, dtype: torch.dtype, blocked: bool, save: bool,
+                  none: Tensor | None = None) -> MGASaved:
     """The :class:`MGASaved` a forward of ``x (B, L, ·)`` fills (``blocked``: the path that also saves ``o``,
     ``lse``), fresh tensors of ``dtype`` (``lse`` fp32) made with ``x.new_empty``: ``(0,)`` for what this call
     does not save (custom ops' outputs must not alias). The launchers of both paths and the fake
-    implementation of ``rspeft_fast::mga_fwd`` take their shapes from here."""
+    implementation of ``rspeft_fast::mga_fwd`` take their shapes from here. ``none``: an empty tensor to stand for
+    every field not saved (the eager hot path, where outputs may alias; not the custom op)."""
     B, L = x.shape[0], x.shape[1]
     H, NH = int(hidden), int(heads)
     dims = _share_dims(share)
@@ -468,6 +470,8 @@ def saved_buffers(x, hidden: int, heads: int, share, dtype: torch.dtype, blocked
     H2, NH2 = dims or (0, 0)
 
     def buf(keep, *shape, dt=dtype):
+        if none is not None and not (save and keep):
+            return none
         return x.new_empty(shape if (save and keep) else (0,), dtype=dt)
 
     f32 = torch.float32
@@ -631,14 +635,15 @@ def _sequence_plan(plan: MGAPlan | None, shape, hidden, heads, share, dtype, dev
 
 
 def mga_forward(x, down_weight, down_bias, up_weight, up_bias, in_w, in_b, out_w, out_b, gate, heads,
-                share=None, mask_u8=None, save=False, plan: MGAPlan | None = None):
+                share=None, mask_u8=None, save=False, plan: MGAPlan | None = None, none: Tensor | None = None):
     """Fused forward, ONE launch. ``x (B, L, D)`` any strides; weights contiguous in one compute dtype; ``gate`` a
     1-element tensor; ``share`` None or a :class:`ShareWeights`; ``mask_u8 (B, L)`` uint8 (1 = padded key)
     or None; ``save``: keep what the backward needs; ``plan`` (default :func:`plan_for`) must be a
     ``"sequence"`` plan (ValueError otherwise).
 
     Returns ``(y, saved)``: ``y (B, L, D)`` (dtype ``promote(x.dtype, weights dtype)``) and an
-    :class:`MGASaved` (empty tensors when ``save`` is False); L = 0 or B = 0 gives empty outputs.
+    :class:`MGASaved` (empty tensors when ``save`` is False, ``none`` for each when given: see
+    :func:`saved_buffers`); L = 0 or B = 0 gives empty outputs.
     """
     if share is not None:
         share = ShareWeights._make(share)
@@ -647,7 +652,7 @@ def mga_forward(x, down_weight, down_bias, up_weight, up_bias, in_w, in_b, out_w
     cdt = down_weight.dtype
     plan = _sequence_plan(plan, x.shape, H, heads, share, cdt, x.device, save)
     y = torch.empty((B, L, D), device=x.device, dtype=torch.promote_types(x.dtype, cdt))
-    saved = saved_buffers(x, H, heads, share, cdt, False, save)
+    saved = saved_buffers(x, H, heads, share, cdt, False, save, none)
     if B == 0 or L == 0:
         return y, saved
     args = _seq_fwd_args(x, y, mask_u8, (down_weight, down_bias, up_weight, up_bias, in_w, in_b, out_w, out_b, gate),

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch._subclasses.fake_tensor import FakeTensor
 
 from .._impl import impl_property
 from .._validate import check_float, check_last_dim, check_matching_dtypes
@@ -110,7 +111,7 @@ class MGAdapter(nn.Module):
     def extra_repr(self) -> str:
         return f"dim={self.dim}, hidden={self.hidden}, heads={self.heads}, impl={self.impl!r}"
 
-    def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def _check(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None) -> None:
         check_float(x, "x")
         if x.dim() != 3:
             raise ValueError(f"MGAdapter expects x of shape (B, L, {self.dim}), got {tuple(x.shape)}")
@@ -119,11 +120,18 @@ class MGAdapter(nn.Module):
         check_matching_dtypes("MGAdapter", x, *_linear_dtypes(self))
         if self.share is not None:
             check_matching_dtypes("MGAdapter (share)", x, *_linear_dtypes(self.share))
+
+    def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
         from ..ops import mga as ops_mga
 
         share = self.share.tensors() if self.share is not None else None
-        return ops_mga.mga(x, self.down.weight, self.down.bias, self.up.weight, self.up.bias, _attn_tensors(self.attn),
-                           self.gate, self.heads, share=share, key_padding_mask=key_padding_mask, impl=self.impl)
+        args = (x, self.down.weight, self.down.bias, self.up.weight, self.up.bias, _attn_tensors(self.attn), self.gate,
+                self.heads, share, key_padding_mask, self.impl)
+        if torch.compiler.is_compiling() or isinstance(x, FakeTensor):
+            self._check(x, key_padding_mask)
+            return ops_mga.mga(*args[:8], share=share, key_padding_mask=key_padding_mask, impl=self.impl)
+        # eager: the checks run once per key of the op's plan cache (shapes, dtypes, devices, autocast)
+        return ops_mga.mga_eager(*args, lambda: self._check(x, key_padding_mask))
 
 
 def _linear_dtypes(m: nn.Module) -> list[tuple[str, torch.Tensor]]:

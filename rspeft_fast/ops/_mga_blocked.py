@@ -51,20 +51,50 @@ def _msa_bwd(z, g, o, lse, in_w, in_b, out_w, heads, mask_u8, dqkv, plan, prec):
     return dqkv.view(B * L, 3 * H).mm(in_w)
 
 
+def _up_operands(scratch, BL, H, D, up_weight, up_bias, like):
+    """The operands of the up projection as one GEMM: ``u (BL, H + 8)`` (column H = 1, the pad zero) and
+    ``w (H + 8, D)`` (``Wuᵀ``, then ``bu`` as row H, the pad zero). With a ``scratch`` dict (the eager hot path's
+    plan) both are made once and kept: ``u``'s constant columns stay, ``w`` is refilled only when the weights
+    changed (storage or ``_version``); without one (the custom op) they are fresh."""
+    dev, cdt = like.device, like.dtype
+    if scratch is None:
+        u = torch.zeros((BL, H + 8), device=dev, dtype=cdt)
+        u[:, H] = 1.0
+        w = torch.zeros((H + 8, D), device=dev, dtype=cdt)
+        w[:H] = up_weight.t()
+        w[H] = up_bias
+        return u, w
+    u = scratch.get("u")
+    if u is None:
+        u = scratch["u"] = torch.zeros((BL, H + 8), device=dev, dtype=cdt)
+        u[:, H] = 1.0
+        scratch["w"] = torch.zeros((H + 8, D), device=dev, dtype=cdt)
+    w = scratch["w"]
+    tag = (up_weight.data_ptr(), up_weight._version, up_bias.data_ptr(), up_bias._version)
+    if scratch.get("w_of") != tag:
+        w[:H] = up_weight.t()
+        w[H] = up_bias
+        scratch["w_of"] = tag
+    return u, w
+
+
 def mga_forward_blocked(x, down_weight, down_bias, up_weight, up_bias, in_w, in_b, out_w, out_b, gate, heads,
-                        share=None, mask_u8=None, save=False, plan: MGAPlan | None = None):
+                        share=None, mask_u8=None, save=False, plan: MGAPlan | None = None, scratch: dict | None = None,
+                        none=None):
     """The forward on the blocked path, arguments and result as ``kernels.mga.mga_forward``'s (``share`` a
     ``kernels.mga.ShareWeights`` or None): projections as
     GEMMs over the B·L rows written straight into the saved buffers, one element-wise kernel per gate
     (``lerp`` in the compute dtype with fp32 internals and one rounding, as eager's ``a*m + (1-a)*z`` whose 0-dim
     fp32 gate is taken in the tensor dtype), attention by :func:`attention_forward`, and up projection + bias +
-    residual in one GEMM (x read once, y written once) when x is in the compute dtype."""
+    residual in one GEMM (x read once, y written once) when x is in the compute dtype. ``scratch``: a dict kept
+    by the caller for one layer shape (the eager hot path's plan), where the GEMM's operands are kept; the
+    caller guarantees one call at a time (the stream order of one device)."""
     B, L, D = x.shape
     H = down_weight.shape[0]
     cdt = down_weight.dtype
     plan = plan or plan_for(x.shape, H, heads, share, cdt, x.device, save)
     y = torch.empty((B, L, D), device=x.device, dtype=torch.promote_types(x.dtype, cdt))
-    saved = saved_buffers(x, H, heads, share, cdt, True, save)
+    saved = saved_buffers(x, H, heads, share, cdt, True, save, none)
     if B == 0 or L == 0:
         return y, saved
     prec = precision(cdt)
@@ -99,12 +129,8 @@ def mga_forward_blocked(x, down_weight, down_bias, up_weight, up_bias, in_w, in_
     if x2.dtype == cdt and y.dtype == cdt:
         # up projection, bias and residual in ONE GEMM that reads x once and writes y once: the bias rides as
         # row H of the weight against a column of ones in u (padded to H + 8 columns for aligned GEMM tiles)
-        u = torch.zeros((BL, H + 8), device=x.device, dtype=cdt)
+        u, w = _up_operands(scratch, BL, H, D, up_weight, up_bias, z3)
         torch.lerp(z3, z0, a, out=u[:, :H])  # a·z0 + (1 - a)·z3
-        u[:, H] = 1.0
-        w = torch.zeros((H + 8, D), device=x.device, dtype=cdt)
-        w[:H] = up_weight.t()
-        w[H] = up_bias
         torch.addmm(x2, u, w, out=y.view(BL, D))
     else:  # x in another dtype (autocast: fp32 x, 16-bit compute): y = x + (u Wuᵀ + bu) as eager rounds it
         torch.add(x2, _gemm(torch.lerp(z3, z0, a), up_weight, up_bias), out=y.view(BL, D))

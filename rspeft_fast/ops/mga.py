@@ -28,12 +28,15 @@ What the kernels genuinely cannot run (head dims above 128) is named by :func:`m
 """
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-from .._impl import kernel_limits, resolve_impl
+from torch._subclasses.fake_tensor import FakeTensor
+
+from .._impl import ENV_FORCE, autocast_state, kernel_limits, register_plan_cache, resolve_impl
 from .._validate import check_float, check_kernel_dtype, check_last_dim, check_same_device, compute_dtype
 from ..reference.mga import mga_ref
 
@@ -42,16 +45,25 @@ _SHARE_KEYS = ("down_weight", "down_bias", "up_weight", "up_bias")
 _N_SHARE = 9  # down_w, down_b, up_w, up_b, in_w, in_b, out_w, out_b, gate
 
 
-def _kernels():
-    from ..kernels import mga as k
+_MODULES: dict = {}  # the kernel modules, imported at first use (Triton only when a fused call needs it)
 
+
+def _kernels():
+    k = _MODULES.get("k")
+    if k is None:
+        from ..kernels import mga as k
+
+        _MODULES["k"] = k
     return k
 
 
 def _blocked():
-    from . import _mga_blocked
+    b = _MODULES.get("b")
+    if b is None:
+        from . import _mga_blocked as b
 
-    return _mga_blocked
+        _MODULES["b"] = b
+    return b
 
 
 def _mask_u8(mask: Optional[Tensor]) -> Optional[Tensor]:
@@ -105,6 +117,51 @@ def _(x, down_weight, down_bias, up_weight, up_bias, in_proj_weight, in_proj_bia
     return (y, *k.saved_buffers(x, H, heads, share, cdt, blocked, save))
 
 
+def _weight_grads(dy, x, r, z1, z2, ws, gate, share, s_gate, cdt):
+    """The weight gradients from the backward launchers' intermediates ``r`` (:class:`kernels.mga.MGAGrads`):
+    deterministic GEMMs and column sums over the B·L rows, in the compute dtype (fp32 accumulation);
+    ``[dx, dWd, dbd, dWu, dbu, dWin, dbin, dWo, dbo, dgate]`` + the 9 BiShare ones (empty without share)."""
+    D = x.shape[-1]
+    H = r.dpre.shape[-1]
+    f32 = torch.float32
+
+    def rows(t, n):
+        return t.reshape(-1, n)
+
+    def colsum(t, n):
+        return rows(t, n).sum(0, dtype=f32).to(cdt)
+
+    dy2 = rows(dy, D)
+    dWu = dy2.to(cdt).t().mm(rows(r.u, H))
+    dbu = dy2.sum(0, dtype=f32).to(cdt)
+    dpre = rows(r.dpre, H)
+    dWd = dpre.t().mm(rows(x, D).to(cdt))
+    dbd = colsum(dpre, H)
+    dqkv = r.dqkv
+    dWin = torch.addmm(rows(dqkv[0], 3 * H).t().mm(rows(r.z0, H)), rows(dqkv[1], 3 * H).t(), rows(z2, H))
+    dbin = colsum(dqkv, 3 * H)
+    g = rows(r.g, H)
+    dWo = g.t().mm(rows(r.o, H))
+    dbo = colsum(g, H)
+    dgate = r.gate_partial.sum().reshape(gate.shape).to(gate.dtype)
+    out = [r.dx, dWd, dbd, dWu, dbu, dWin, dbin, dWo, dbo, dgate]
+    if share is None:
+        out += [dy.new_empty(0) for _ in range(_N_SHARE)]
+    else:
+        H2 = share.down_w.shape[0]
+        sr = r.share
+        dz2, dw = rows(sr.dz2, H), rows(sr.dw, H2)
+        sg = rows(sr.g, H2)
+        out += [
+            dw.t().mm(rows(z1, H)), colsum(dw, H2),                    # down_s
+            dz2.t().mm(rows(sr.vs, H2)), colsum(dz2, H),               # up_s
+            rows(sr.dqkv, 3 * H2).t().mm(rows(ws, H2)), colsum(sr.dqkv, 3 * H2),  # in_proj_s
+            sg.t().mm(rows(sr.o, H2)), colsum(sg, H2),                 # out_proj_s
+            sr.gate_partial.sum().reshape(s_gate.shape).to(s_gate.dtype),
+        ]
+    return out
+
+
 # ----------------------------------------------------------------------------------------------------
 # backward op
 # ----------------------------------------------------------------------------------------------------
@@ -124,9 +181,6 @@ def mga_bwd(
     share = _share_weights((s_down_weight, s_down_bias, s_up_weight, s_up_bias, s_in_proj_weight, s_in_proj_bias,
                             s_out_proj_weight, s_out_proj_bias, s_gate), share_heads)
     cdt = down_weight.dtype
-    D = x.shape[-1]
-    H = down_weight.shape[0]
-    f32 = torch.float32
     with torch.autocast(x.device.type, enabled=False):
         # the forward's path: the blocked one saved the attention's head outputs
         backward = _blocked().mga_backward_blocked if o.numel() > 0 else k.mga_backward
@@ -134,41 +188,7 @@ def mga_bwd(
                      gate, heads, k.MGASaved(hpre, z1, z2, ws, o, o_s, lse, lse_s), share=share,
                      mask_u8=_mask_u8(key_padding_mask))
 
-        def rows(t, n):
-            return t.reshape(-1, n)
-
-        def colsum(t, n):
-            return rows(t, n).sum(0, dtype=f32).to(cdt)
-
-        dy2 = rows(dy, D)
-        dWu = dy2.to(cdt).t().mm(rows(r.u, H))
-        dbu = dy2.sum(0, dtype=f32).to(cdt)
-        dpre = rows(r.dpre, H)
-        dWd = dpre.t().mm(rows(x, D).to(cdt))
-        dbd = colsum(dpre, H)
-        dqkv = r.dqkv
-        dWin = torch.addmm(rows(dqkv[0], 3 * H).t().mm(rows(r.z0, H)), rows(dqkv[1], 3 * H).t(), rows(z2, H))
-        dbin = colsum(dqkv, 3 * H)
-        g = rows(r.g, H)
-        dWo = g.t().mm(rows(r.o, H))
-        dbo = colsum(g, H)
-        dgate = r.gate_partial.sum().reshape(gate.shape).to(gate.dtype)
-        out = [r.dx, dWd, dbd, dWu, dbu, dWin, dbin, dWo, dbo, dgate]
-        if share is None:
-            out += [dy.new_empty(0) for _ in range(_N_SHARE)]
-        else:
-            H2 = s_down_weight.shape[0]
-            sr = r.share
-            dz2, dw = rows(sr.dz2, H), rows(sr.dw, H2)
-            sg = rows(sr.g, H2)
-            out += [
-                dw.t().mm(rows(z1, H)), colsum(dw, H2),                    # down_s
-                dz2.t().mm(rows(sr.vs, H2)), colsum(dz2, H),               # up_s
-                rows(sr.dqkv, 3 * H2).t().mm(rows(ws, H2)), colsum(sr.dqkv, 3 * H2),  # in_proj_s
-                sg.t().mm(rows(sr.o, H2)), colsum(sg, H2),                 # out_proj_s
-                sr.gate_partial.sum().reshape(s_gate.shape).to(s_gate.dtype),
-            ]
-    return out
+        return _weight_grads(dy, x, r, z1, z2, ws, gate, share, s_gate, cdt)
 
 
 @mga_bwd.register_fake
@@ -255,19 +275,8 @@ def _prep_linear(w, b, cdt):
     return w.to(cdt).contiguous(), b.to(cdt).contiguous()
 
 
-def mga(x, down_weight, down_bias, up_weight, up_bias, attn: dict, gate, heads, share=None, key_padding_mask=None,
-        impl: str = "triton"):
-    """Fused MGAdapter: ``x (B, L, d)`` → ``x + up(a·GELU(down x) + (1-a)·MSA(share?(MSA(GELU(down x)))))``.
-
-    Same arguments and result as :func:`rspeft_fast.reference.mga.mga_ref` (``share`` a dict of the BiShare
-    tensors as ``BiShareAdapter.tensors()`` gives, ``key_padding_mask (B, L)`` bool, True = padded key; a fully
-    padded sequence gives NaN like the reference).
-
-    ``impl``: ``"triton"`` (default: the fused kernels, on CUDA or on CPU under ``TRITON_INTERPRET=1``;
-    :class:`ImplUnavailableError` where they cannot run, before any launch), ``"reference"``, or ``"auto"``
-    (the kernels on CUDA inside their limits, else the reference, with one warning per limit) — the same rule
-    as every other op (``rspeft_fast._impl.resolve_impl``).
-    """
+def _check_call(x, down_weight, down_bias, up_weight, up_bias, attn, gate, heads, share, key_padding_mask, impl):
+    """Every check of :func:`mga` (raising as it always did): ``(H, H2 or None, share heads, compute dtype)``."""
     check_float(x, "x")
     if x.dim() != 3:
         raise ValueError(f"mga expects x of shape (B, L, d), got {tuple(x.shape)}")
@@ -312,14 +321,31 @@ def mga(x, down_weight, down_bias, up_weight, up_bias, attn: dict, gate, heads, 
         raise ValueError(f"mga: hidden={H} must be divisible by heads={heads}")
     if share is not None and (s_heads < 1 or H2 % s_heads):
         raise ValueError(f"mga: BiShare hidden={H2} must be divisible by its heads={s_heads}")
-    limits = None
-    if impl != "reference" and not torch.compiler.is_compiling():  # under compile the op itself checks at run time
-        limits = mga_limits(x, H, int(heads), H2 if share is not None else None, s_heads if share is not None else None)
-    impl = resolve_impl("mga", impl, x.device, limits=limits)
+    return H, (H2 if share is not None else None), s_heads, cdt
+
+
+def mga(x, down_weight, down_bias, up_weight, up_bias, attn: dict, gate, heads, share=None, key_padding_mask=None,
+        impl: str = "triton"):
+    """Fused MGAdapter: ``x (B, L, d)`` → ``x + up(a·GELU(down x) + (1-a)·MSA(share?(MSA(GELU(down x)))))``.
+
+    Same arguments and result as :func:`rspeft_fast.reference.mga.mga_ref` (``share`` a dict of the BiShare
+    tensors as ``BiShareAdapter.tensors()`` gives, ``key_padding_mask (B, L)`` bool, True = padded key; a fully
+    padded sequence gives NaN like the reference).
+
+    ``impl``: ``"triton"`` (default: the fused kernels, on CUDA or on CPU under ``TRITON_INTERPRET=1``;
+    :class:`ImplUnavailableError` where they cannot run, before any launch), ``"reference"``, or ``"auto"``
+    (the kernels on CUDA inside their limits, else the reference, with one warning per limit) — the same rule
+    as every other op (``rspeft_fast._impl.resolve_impl``).
+    """
+    if not (torch.compiler.is_compiling() or isinstance(x, FakeTensor)):
+        return mga_eager(x, down_weight, down_bias, up_weight, up_bias, attn, gate, heads, share, key_padding_mask,
+                          impl, None)
+    H, H2, s_heads, cdt = _check_call(x, down_weight, down_bias, up_weight, up_bias, attn, gate, heads, share, key_padding_mask, impl)
+    impl = resolve_impl("mga", impl, x.device, limits=None)  # under compile the op itself checks at run time
     if impl == "reference":
         return mga_ref(x, down_weight, down_bias, up_weight, up_bias, attn, gate, heads, share=share,
                        key_padding_mask=key_padding_mask)
-
+    D = x.shape[-1]
     dwt, dbt = _prep_linear(down_weight, _bias(down_bias, H, down_weight), cdt)
     uwt, ubt = _prep_linear(up_weight, _bias(up_bias, D, up_weight), cdt)
     iwt, ibt = _prep_linear(attn["in_proj_weight"], _bias(attn["in_proj_bias"], 3 * H, down_weight), cdt)
@@ -341,3 +367,140 @@ def mga(x, down_weight, down_bias, up_weight, up_bias, attn: dict, gate, heads, 
     y, *_ = torch.ops.rspeft_fast.mga_fwd(x, dwt, dbt, uwt, ubt, iwt, ibt, owt, obt, gate, int(heads), *s_t,
                                           s_heads, key_padding_mask, save)
     return y
+
+
+# ----------------------------------------------------------------------------------------------------
+# the eager hot path: checked, resolved and planned once per key (issue #27)
+# ----------------------------------------------------------------------------------------------------
+class _Plan:
+    """What an eager call of one key needs: the implementation, the compute dtype, whether the weights need a
+    cast or copy, the layer's launch plan (``kernels.mga.MGAPlan``, for training and inference), the zero biases
+    that stand for missing ones, and the per-sequence launches' non-tensor arguments (made at their first use)."""
+
+    __slots__ = ("impl", "cdt", "prep", "H", "D", "H2", "heads", "s_heads", "train", "infer", "zeros", "scratch", "none")
+
+
+_PLANS: dict = register_plan_cache({})
+_MAX_PLANS = 512
+
+
+def _tk(t):
+    return None if t is None else (t.shape, t.dtype, t.device, t.is_contiguous())
+
+
+def _plan_key(tag, x, tensors, heads, s_heads, mask, impl):
+    dev = x.device
+    env = os.environ.get
+    return (tag, impl, x.shape, x.dtype, dev, x.stride(), heads, s_heads, *map(_tk, tensors),
+            None if mask is None else (mask.shape, mask.dtype, mask.device, mask.is_contiguous()),
+            autocast_state(dev.type), torch.get_float32_matmul_precision(), env("TRITON_INTERPRET"), env(ENV_FORCE))
+
+
+def _make_plan(x, dw, db, uw, ub, attn, gate, heads, share, mask, impl, check) -> _Plan:
+    if check is not None:
+        check()
+    H, H2, s_heads, cdt = _check_call(x, dw, db, uw, ub, attn, gate, heads, share, mask, impl)
+    limits = None
+    if impl != "reference":
+        limits = mga_limits(x, H, int(heads), H2, s_heads if share is not None else None)
+    p = _Plan()
+    p.impl = resolve_impl("mga", impl, x.device, limits=limits)
+    if p.impl == "reference":
+        return p
+    k = _kernels()
+    tensors = _flat(dw, db, uw, ub, attn, gate, share)
+    p.cdt, p.H, p.D, p.H2, p.heads, p.s_heads = cdt, H, x.shape[-1], H2, int(heads), s_heads
+    # weights used as they are when they already are what the kernels read (compute dtype, contiguous)
+    p.prep = any(t is not None and (t.dtype != cdt or not t.is_contiguous()) for i, t in enumerate(tensors)
+                 if i not in (8, 17))
+    sh = None if share is None else k.ShareWeights(*tensors[9:], s_heads)
+    p.train = k.plan_for(x.shape, H, p.heads, sh, cdt, x.device, True)
+    p.infer = k.plan_for(x.shape, H, p.heads, sh, cdt, x.device, False)
+    p.zeros = {i: torch.zeros(n(H, p.D, H2 or 0), device=x.device, dtype=cdt) for i, n in _BIAS_LEN.items()
+               if tensors[i] is None and (i < 9 or share is not None)}
+    p.scratch = {}  # the blocked forward's GEMM operands (ops/_mga_blocked._up_operands)
+    p.none = torch.empty(0, device=x.device, dtype=cdt)  # every saved field a call does not fill
+    return p
+
+
+# bias slot in the flat tensor list → its length from (H, D, H2)
+_BIAS_LEN = {1: lambda H, D, H2: H, 3: lambda H, D, H2: D, 5: lambda H, D, H2: 3 * H, 7: lambda H, D, H2: H,
+             10: lambda H, D, H2: H2, 12: lambda H, D, H2: H, 14: lambda H, D, H2: 3 * H2, 16: lambda H, D, H2: H2}
+
+
+def _flat(dw, db, uw, ub, attn, gate, share) -> list:
+    """The 18 tensors of a call in the custom op's order: ``dw, db, uw, ub, in_w, in_b, out_w, out_b, gate`` and
+    the same nine of BiShare (Nones without it)."""
+    t = [dw, db, uw, ub, attn["in_proj_weight"], attn["in_proj_bias"], attn["out_proj_weight"],
+         attn["out_proj_bias"], gate]
+    if share is None:
+        return t + [None] * _N_SHARE
+    sa = share["attn"]
+    return t + [share["down_weight"], share["down_bias"], share["up_weight"], share["up_bias"], sa["in_proj_weight"],
+                sa["in_proj_bias"], sa["out_proj_weight"], sa["out_proj_bias"], share["gate"]]
+
+
+def mga_eager(x, dw, db, uw, ub, attn, gate, heads, share, mask, impl, check):
+    """:func:`mga` outside torch.compile: plan once per key, then the kernels through :class:`_MGAFunction`.
+    ``check`` (the module's own checks) runs when a key is planned."""
+    tensors = _flat(dw, db, uw, ub, attn, gate, share)
+    s_heads = share["heads"] if share is not None else 0
+    key = _plan_key(check is not None, x, tensors, heads, s_heads, mask, impl)
+    p = _PLANS.get(key)
+    if p is None:
+        p = _make_plan(x, dw, db, uw, ub, attn, gate, heads, share, mask, impl, check)
+        if len(_PLANS) >= _MAX_PLANS:
+            _PLANS.clear()
+        _PLANS[key] = p
+    if p.impl == "reference":
+        return mga_ref(x, dw, db, uw, ub, attn, gate, heads, share=share, key_padding_mask=mask)
+    for i, z in p.zeros.items():
+        tensors[i] = z
+    if p.prep:
+        cdt = p.cdt
+        tensors = [t if t is None or i in (8, 17) else t.to(cdt).contiguous() for i, t in enumerate(tensors)]
+    mask_u8 = None if mask is None else mask.view(torch.uint8)
+    if mask_u8 is not None and not mask_u8.is_contiguous():
+        mask_u8 = mask_u8.contiguous()
+    if torch.is_grad_enabled() and (x.requires_grad or any(t is not None and t.requires_grad for t in tensors)):
+        return _MGAFunction.apply(p, mask_u8, x, *tensors)
+    return _forward(p, p.infer, x, tensors, mask_u8, False)[0]
+
+
+def _share(p: _Plan, t):
+    return None if p.H2 is None else _kernels().ShareWeights(*t[9:], p.s_heads)
+
+
+def _forward(p: _Plan, plan, x, t, mask_u8, save):
+    if plan.path == "blocked":
+        return _blocked().mga_forward_blocked(x, *t[:9], p.heads, share=_share(p, t), mask_u8=mask_u8, save=save,
+                                              plan=plan, scratch=p.scratch, none=p.none)
+    return _kernels().mga_forward(x, *t[:9], p.heads, share=_share(p, t), mask_u8=mask_u8, save=save, plan=plan,
+                                  none=p.none)
+
+
+class _MGAFunction(torch.autograd.Function):
+    """The fused MGA with autograd, for eager calls (the launchers of the custom ops, planned once)."""
+
+    @staticmethod
+    def forward(ctx, p, mask_u8, x, *t):
+        y, saved = _forward(p, p.train, x, t, mask_u8, True)
+        ctx.p, ctx.mask = p, mask_u8
+        ctx.save_for_backward(x, *t, *saved)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        p = ctx.p
+        x, *rest = ctx.saved_tensors
+        t, saved = rest[:18], _kernels().MGASaved(*rest[18:])
+        share = _share(p, t)
+        dy = dy.contiguous()
+        dw, db, uw, ub, iw, ib, ow, ob, gate = t[:9]
+        backward = _blocked().mga_backward_blocked if p.train.path == "blocked" else _kernels().mga_backward
+        r = backward(dy, x.dtype, dw, uw, iw, ib, ow, ob, gate, p.heads, saved, share=share, mask_u8=ctx.mask,
+                     plan=p.train)
+        g = _weight_grads(dy, x, r, saved.z1, saved.z2, saved.ws, gate, share, t[17], p.cdt)
+        if p.H2 is None:
+            g[10:] = [None] * _N_SHARE
+        return (None, None, *g)
