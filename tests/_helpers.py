@@ -151,3 +151,22 @@ def gloo_group(rank: int, port: int, world: int):
         yield
     finally:
         dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------- deterministic faults
+def signal_at(phase: str, n: int = 1, sig=None):
+    """An engine phase hook (``Settings.hooks``) raising ``sig`` (default SIGTERM) in this process when ``phase``
+    ("step", "checkpoint", "eval", "final") begins for the ``n``-th time: interruptions at a named point, no race."""
+    import signal
+
+    sig = signal.SIGTERM if sig is None else sig
+    seen = {"count": 0}
+
+    def hook(name, state):
+        if name == phase:
+            seen["count"] += 1
+            if seen["count"] == n:
+                signal.raise_signal(sig)
+
+    return hook
+

@@ -15,6 +15,7 @@ pytest.importorskip("timm")
 pytest.importorskip("segmentation_models_pytorch")
 from safetensors.torch import load_file  # noqa: E402
 
+from _helpers import signal_at  # noqa: E402
 from rspeft_fast.dense import job  # noqa: E402
 
 TINY = ["--model", "convnext_atto", "--model-arg", "dims=16,32,64,128", "--model-arg", "depths=1,1,1,1",
@@ -30,16 +31,6 @@ def _one_thread():
     torch.set_num_threads(n)
 
 
-def signal_at(phase, n=1, sig=signal.SIGTERM):
-    seen = {"count": 0}
-
-    def hook(name, state):
-        if name == phase:
-            seen["count"] += 1
-            if seen["count"] == n:
-                signal.raise_signal(sig)
-
-    return hook
 
 
 def _main(task, args, hooks=()):

@@ -22,6 +22,7 @@ import timm  # noqa: F401,E402  (pinned: a missing one fails)
 import open_clip  # noqa: F401,E402  (pinned: a missing one fails)
 from safetensors.torch import load_file  # noqa: E402
 
+from _helpers import signal_at  # noqa: E402
 from rspeft_fast.retrieval.job import main as retrieval_main  # noqa: E402
 from rspeft_fast.train import main as train_main  # noqa: E402
 
@@ -46,17 +47,6 @@ def _one_thread():
     torch.set_num_threads(n)
 
 
-def signal_at(phase: str, n: int = 1, sig=signal.SIGTERM):
-    """A phase hook raising ``sig`` in this process when ``phase`` begins for the ``n``-th time."""
-    seen = {"count": 0}
-
-    def hook(name, state):
-        if name == phase:
-            seen["count"] += 1
-            if seen["count"] == n:
-                signal.raise_signal(sig)
-
-    return hook
 
 
 def _run(job, out, extra=(), hooks=()):

@@ -342,21 +342,16 @@ def check_data(data: DenseData, listing_errors=(), *, skip_bad: bool = False, wo
     """Check every sample of every split (:class:`_Check`) plus ``listing_errors``; all problems are reported in
     one :class:`DataError` (the first 20, and the count), or with ``skip_bad`` the bad samples are dropped with a
     warning. Returns ``data`` (with the bad samples dropped)."""
-    import torch
+    from ..train.data import scan
 
     uniq = {}
     for split, items in data.splits.items():
         for s in items:
             uniq.setdefault(s, None)
     samples = list(uniq)
-    loader = torch.utils.data.DataLoader(_Check(samples, data.decode), batch_size=16, num_workers=workers,
-                                         collate_fn=lambda b: b, shuffle=False)
-    it = progress(loader, desc=f"checking {len(samples)} samples", leave=False) if progress is not None else loader
-    bad = {}
-    for batch in it:
-        for i, msg in batch:
-            if msg:
-                bad[samples[i]] = msg
+    failed = scan(_Check(samples, data.decode), len(samples), workers=workers, batch_size=16,
+                  desc=f"checking {len(samples)} samples", progress=progress)
+    bad = {samples[i]: msg for i, msg in failed.items()}
     problems = [m for _, m in listing_errors] + list(bad.values())
     if not problems:
         return data

@@ -433,17 +433,7 @@ def eqam(x: Tensor, down_w: Tensor, down_b: Optional[Tensor], up_w: Tensor, up_b
         x2, lead = _rows(x)
         h = qlinear_rows(x2, down_w, down_b, bits, True)
         return qlinear_rows(h, up_w, up_b, bits, False).reshape(*lead, up_w.shape[0])
-    check_bits(bits)
-    _check_linear(x, down_w, down_b, "down_w")
-    check_float(up_w, "up_w")
-    if up_w.dim() != 2 or up_w.shape != (down_w.shape[1], down_w.shape[0]):
-        raise ValueError(f"up_w must have shape {(down_w.shape[1], down_w.shape[0])}, got {tuple(up_w.shape)}")
-    if up_b is not None:
-        check_float(up_b, "up_b")
-        if up_b.shape != (up_w.shape[0],):
-            raise ValueError(f"up_b must have shape ({up_w.shape[0]},), got {tuple(up_b.shape)}")
-    check_same_device(("x", x), ("down_w", down_w), ("up_w", up_w), ("down_b", down_b), ("up_b", up_b))
-    check_matching_dtypes("eqam", x, ("down_w", down_w), ("down_b", down_b), ("up_w", up_w), ("up_b", up_b))
+    _eqam_check(x, down_w, down_b, up_w, up_b, bits)
     if _resolve("eqam", impl, x, _limits(x, down_w.shape[0], down_w.shape[1], bits)) == "reference":
         return eqam_ref(x, down_w, down_b, up_w, up_b, bits)
     x2, lead = _rows(x)

@@ -22,7 +22,7 @@ from typing import Optional, Sequence
 
 import torch
 
-__all__ = ["ResumableSampler", "SeededSamples", "check_images", "classification_datasets", "class_names",
+__all__ = ["ResumableSampler", "SeededSamples", "check_images", "scan", "classification_datasets", "class_names",
            "EmbeddedTextures", "IMG_EXT"]
 
 IMG_EXT = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
@@ -127,6 +127,16 @@ class _HeaderCheck(torch.utils.data.Dataset):
             return i, f"{type(e).__name__}: {e}"
 
 
+def scan(checker, n: int, *, workers: int = 0, batch_size: int = 64, desc: str = "checking", progress=None) -> dict:
+    """Run ``checker[i] -> (i, message)`` (a Dataset: "" = fine) over ``range(n)`` in ``workers`` DataLoader
+    workers, with a progress bar; returns ``{i: message}`` of the items that failed. The one place that checks
+    data up front in parallel (images here, dense samples in :mod:`rspeft_fast.dense.readers`)."""
+    loader = torch.utils.data.DataLoader(checker, batch_size=batch_size, num_workers=workers,
+                                         collate_fn=lambda b: b, shuffle=False)
+    it = progress(loader, desc=desc, leave=False) if progress is not None else loader
+    return {i: msg for chunk in it for i, msg in chunk if msg}
+
+
 def check_images(paths: Sequence[str], *, workers: int = 0, skip_bad: bool = False, what: str = "images",
                  progress=None) -> list:
     """Open and verify every file of ``paths`` (in ``workers`` DataLoader workers). Returns the indices of the
@@ -134,14 +144,7 @@ def check_images(paths: Sequence[str], *, workers: int = 0, skip_bad: bool = Fal
     the count and drops them."""
     if not paths:
         return []
-    loader = torch.utils.data.DataLoader(_HeaderCheck(paths), batch_size=64, num_workers=workers,
-                                         collate_fn=lambda b: b, shuffle=False)
-    it = progress(loader, desc=f"checking {len(paths)} {what}", leave=False) if progress is not None else loader
-    bad = {}
-    for chunk in it:
-        for i, err in chunk:
-            if err:
-                bad[i] = err
+    bad = scan(_HeaderCheck(paths), len(paths), workers=workers, desc=f"checking {len(paths)} {what}", progress=progress)
     if not bad:
         return list(range(len(paths)))
     lines = [f"  {paths[i]}: {bad[i]}" for i in sorted(bad)[:50]]
