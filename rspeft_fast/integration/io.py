@@ -90,7 +90,8 @@ def trainable_state_dict(model: nn.Module) -> dict:
 def _sha256(tensors: dict) -> str:
     h = hashlib.sha256()
     for n in sorted(tensors):
-        t = tensors[n].detach().to("cpu").contiguous()
+        # a copy: .numpy() marks a storage non-resizable, and FSDP2 frees its unsharded parameters with resize_(0)
+        t = tensors[n].detach().to("cpu", copy=True).contiguous()
         h.update(f"{n}:{t.dtype}:{tuple(t.shape)};".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
