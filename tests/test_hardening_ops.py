@@ -167,6 +167,12 @@ def _opcheck_cases():
     mask[1, -2:] = True
     fargs = (xm, *main, 2, *s_t, 1, mask, True)
     cases.append(("mga_fwd", ops.mga_fwd.default, fargs))
+    # the blocked path (L beyond the per-sequence kernel: flash-style attention + GEMMs), no BiShare, no mask
+    mb = H.make_mga(dim=16, hidden=16, heads=2, share=False)
+    wb = [t.detach().clone().requires_grad_() for t in (mb.down.weight, mb.down.bias, mb.up.weight, mb.up.bias,
+                                                       mb.attn.in_proj_weight, mb.attn.in_proj_bias,
+                                                       mb.attn.out_proj.weight, mb.attn.out_proj.bias, mb.gate)]
+    cases.append(("mga_fwd(blocked)", ops.mga_fwd.default, (r(1, 150, 16), *wb, 2, *([None] * 9), 0, None, True)))
     with torch.no_grad():
         _, *saved = ops.mga_fwd.default(*fargs)  # the fields of kernels.mga.MGASaved
     det = [t.detach() for t in main]
@@ -186,7 +192,7 @@ def _opcheck_cases():
 
 
 OPCHECK_CASES = ("bottleneck_fwd", "bottleneck_fwd+base", "bottleneck_bwd", "qlinear_fwd", "qlinear_bwd", "eqam_fwd",
-                 "eqam_bwd", "qlinear_packed8", "qlinear_packed4", "eqam_packed", "mga_fwd", "mga_bwd",
+                 "eqam_bwd", "qlinear_packed8", "qlinear_packed4", "eqam_packed", "mga_fwd", "mga_fwd(blocked)", "mga_bwd",
                  "weighted_triplet_fwd(max=False)", "weighted_triplet_fwd(max=True)",
                  "weighted_triplet_fwd(max=False,ids)", "weighted_triplet_fwd(max=True,ids)")
 

@@ -393,40 +393,6 @@ def test_autocast_cpu_bf16(device, monkeypatch, L):
     assert_fused_close({"y": y, **g}, {"y": ye, **ge}, {"y": yr, **gr}, name=f"autocast L={L}")
 
 
-def test_torch_compile_aot_eager_no_graph_break(device):
-    m = _make(48, 32, 4, 2, device)
-    x = torch.randn(2, 13, 48, device=device)
-    mask = _padding_mask(2, 13, device)
-    dy = torch.randn_like(x)
-    share = m.share.tensors()
-
-    def f(x, mask):
-        return mga(x, *_args(m), share=share, key_padding_mask=mask)
-
-    cf = torch.compile(f, backend="aot_eager", fullgraph=True)
-    xc = x.clone().requires_grad_(True)
-    yc = cf(xc, mask)
-    yc.backward(dy)
-    gc = {"x": xc.grad.clone(), **{n: p.grad.clone() for n, p in m.named_parameters()}}
-    y, g = _run(lambda *a, **k: mga(*a, **k), m, x, mask, dy)
-    assert_close(yc, y, 2e-5, 2e-4, name="compiled y")
-    for n in g:
-        assert_close(gc[n], g[n], 2e-5, 2e-4, name=f"compiled grad {n}")
-
-
-@pytest.mark.parametrize("L", [5, 150], ids=["sequence", "blocked"])
-def test_opcheck(device, L):
-    """torch.library.opcheck: schema, fake tensor impl (its shapes follow the plan) and autograd registration."""
-    m = _make(16, 16, 2, None, device)
-    x = torch.randn(1, L, 16, device=device, requires_grad=True)
-    w = [t.detach().clone().requires_grad_(True) for t in (m.down.weight, m.down.bias, m.up.weight, m.up.bias,
-                                                          m.attn.in_proj_weight, m.attn.in_proj_bias,
-                                                          m.attn.out_proj.weight, m.attn.out_proj.bias, m.gate)]
-    args = (x, *w[:9], 2, *([None] * 9), 0, None, True)
-    torch.library.opcheck(torch.ops.rspeft_fast.mga_fwd.default, args,
-                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
-
-
 def test_errors(device):
     m = _make(32, 32, 4, None, device)
     x = torch.randn(2, 5, 32, device=device)
