@@ -43,6 +43,9 @@ __all__ = [
     "enable_adapters",
     "adapters_disabled",
     "merge_adapters",
+    "unmerge_adapters",
+    "unload_adapters",
+    "merge_and_unload",
     "model_family",
     "TrainableParams",
     "SUPPORTED",
@@ -56,6 +59,7 @@ CONFIG_ATTR = "rspeft_config"
 MERGED_ATTR = "rspeft_merged"  # the config of adapters merge_adapters folded into the backbone's weights
 ADAPTED_ATTR = "rspeft_adapted"
 ADDED_ATTR = "rspeft_added"  # names of the parameters the injector added (adapters, LoRA factors, gates, prompts)
+ORIGINAL_ATTR = "rspeft_original"  # what inject changes, recorded before it does (unload_adapters puts it back)
 
 
 def model_family(model: nn.Module) -> str:
@@ -145,6 +149,7 @@ def inject(model: nn.Module, method: Union[str, AdapterConfig], **options) -> nn
             "(open_clip / CLIP: none; HF: the ...ForImageClassification class with config.num_labels)"
         )
 
+    original = _snapshot(model)
     head_classes = None
     if fam.head == "timm":
         if cfg.num_classes is not None and cfg.num_classes != model.num_classes:
@@ -166,6 +171,7 @@ def inject(model: nn.Module, method: Union[str, AdapterConfig], **options) -> nn
     if fam.head == "timm":
         cfg = cfg.replace(num_classes=head_classes)
     setattr(model, CONFIG_ATTR, cfg)
+    setattr(model, ORIGINAL_ATTR, original)
     setattr(model, ADAPTED_ATTR, tuple(adapted))
     model.rspeft_trainable = tuple(n for n, p in model.named_parameters() if p.requires_grad)
     _blocks.keep_frozen_batchnorm_in_eval(model, stats_train_without_params=(name == "full"))
@@ -265,9 +271,14 @@ def adapters_disabled(model: nn.Module):
             m.adapter_enabled = b
 
 
-def merge_adapters(model: nn.Module) -> nn.Module:
-    """Fold linear adapters into the backbone weights: LoRA (``W += scaling * B A``; the LoRA factors
-    are removed) and BitFit (already in the biases: nothing to do). Other methods raise."""
+def merge_adapters(model: nn.Module, keep: bool = False) -> nn.Module:
+    """Fold linear adapters into the backbone weights: LoRA (``W += scaling * B A``) and BitFit (already in the
+    biases: nothing to do). Other methods raise.
+
+    ``keep=False``: the LoRA factors are removed (the model has no adapters left: ``save_adapters`` and
+    ``enable_adapters`` say so). ``keep=True`` (HF peft's ``merge_adapter``): the factors and the pre-merge weights
+    are kept, the model stays injected (saving, switching off: the pre-merge weights run) and
+    :func:`unmerge_adapters` restores the pre-merge outputs exactly."""
     cfg = getattr(model, CONFIG_ATTR, None)
     if cfg is None:
         raise RuntimeError("merge_adapters: the model has no injected adapters")
@@ -279,8 +290,85 @@ def merge_adapters(model: nn.Module) -> nn.Module:
             f"merge_adapters: method {method!r} is not linear, so it cannot be folded into the "
             f"backbone weights (mergeable: {mergeable})"
         )
-    spec.merge(model)
-    if not spec.merged_keeps_config:
+    spec.merge(model, keep=keep)
+    if not keep and not spec.merged_keeps_config:
         setattr(model, CONFIG_ATTR, None)
         setattr(model, MERGED_ATTR, cfg)
     return model
+
+
+def unmerge_adapters(model: nn.Module) -> nn.Module:
+    """Undo :func:`merge_adapters` ``(keep=True)``: the backbone weights are the pre-merge ones again (bit for bit)
+    and the adapters run beside them. After a plain ``merge_adapters`` the factors are gone: the error says so."""
+    cfg = injected_config(
+        model, "unmerge_adapters",
+        "merge_adapters folded the {method!r} adapters into the weights and removed them; merge with keep=True to "
+        "be able to unmerge")
+    spec = REGISTRY[cfg.to_dict()["method"]]
+    if spec.unmerge is not None:
+        spec.unmerge(model)
+    return model
+
+
+def _snapshot(model: nn.Module) -> dict:
+    """What injection may change, per module name: the class, the attribute / parameter / buffer / child / hook
+    names, the plain scalar attributes' values; and each parameter's ``requires_grad``."""
+    mods = {}
+    for name, m in model.named_modules():
+        mods[name] = (
+            type(m),
+            {k: v for k, v in m.__dict__.items() if isinstance(v, (bool, int, float, str, type(None)))},
+            set(m.__dict__), set(m._parameters), set(m._buffers), set(m._modules),
+            set(m._forward_hooks), set(m._forward_pre_hooks),
+        )
+    return {"modules": mods, "grad": {n: p.requires_grad for n, p in model.named_parameters()}}
+
+
+def unload_adapters(model: nn.Module) -> nn.Module:
+    """Remove every adapter and give the backbone's modules back as they were before :func:`inject` (HF peft's
+    ``unload``): classes swapped back, adapter modules, LoRA factors, gates, prompts and hooks removed, attributes
+    and ``requires_grad`` flags as before. LoRA merged with ``keep=True`` is unmerged first.
+
+    The backbone's state dict then has its original names; its values are the original ones except the backbone
+    tensors the method trained (BitFit's biases, ``bias="all"``, a trained classifier head, a head that
+    ``num_classes`` replaced). After a plain :func:`merge_adapters`, the merged weights stay: that is
+    :func:`merge_and_unload`."""
+    original = getattr(model, ORIGINAL_ATTR, None)
+    if original is None:
+        raise RuntimeError("unload_adapters: the model has no injected adapters (call rspeft_fast.inject first)")
+    if getattr(model, CONFIG_ATTR, None) is not None:
+        unmerge_adapters(model)
+    mods = original["modules"]
+    for name, m in list(model.named_modules()):
+        if name not in mods:
+            continue
+        cls, scalars, keys, params, buffers, children, hooks, pre_hooks = mods[name]
+        m.__class__ = cls
+        for k in set(m._parameters) - params:
+            del m._parameters[k]
+        for k in set(m._buffers) - buffers:
+            del m._buffers[k]
+            m._non_persistent_buffers_set.discard(k)
+        for k in set(m._modules) - children:
+            del m._modules[k]
+        for k in set(m._forward_hooks) - hooks:
+            for d in (m._forward_hooks, m._forward_hooks_with_kwargs, m._forward_hooks_always_called):
+                d.pop(k, None)
+        for k in set(m._forward_pre_hooks) - pre_hooks:
+            for d in (m._forward_pre_hooks, m._forward_pre_hooks_with_kwargs):
+                d.pop(k, None)
+        for k in set(m.__dict__) - keys:
+            del m.__dict__[k]
+        for k, v in scalars.items():
+            if k != "training":
+                m.__dict__[k] = v
+    for n, p in model.named_parameters():
+        if n in original["grad"]:
+            p.requires_grad_(original["grad"][n])
+    return model
+
+
+def merge_and_unload(model: nn.Module) -> nn.Module:
+    """:func:`merge_adapters` then :func:`unload_adapters` (HF peft's name): a plain backbone whose weights hold the
+    adapters (LoRA), with the original module classes; nothing of rspeft_fast is left on it."""
+    return unload_adapters(merge_adapters(model))

@@ -25,8 +25,10 @@ class Method:
         families: the :class:`~rspeft_fast.integration.families.Family` names it fits.
         why_not: ``{family name: reason}`` for families it does not fit (error messages, the README table).
         defaults: options that a variant name sets (``"eqam+capm"`` → ``{"with_capm": True}``).
-        merge: ``fn(model) -> None`` folding the method into the backbone's weights (``merge_adapters``), or
-            ``None`` when it cannot be folded.
+        merge: ``fn(model, keep=False) -> None`` folding the method into the backbone's weights
+            (``merge_adapters``), or ``None`` when it cannot be folded; ``keep``: the adapter tensors stay and
+            ``unmerge`` can undo it.
+        unmerge: ``fn(model) -> None`` undoing ``merge(model, keep=True)`` exactly (``unmerge_adapters``), or ``None``.
         merged_keeps_config: after ``merge``, the adapters are still the model's (BitFit: its biases *are* the
             backbone's), so the model still has its config.
         resolve: ``fn(model, family, cfg) -> cfg`` filling the options whose default depends on the model (MGA's
@@ -42,6 +44,7 @@ class Method:
     merge: Optional[Callable] = None
     merged_keeps_config: bool = False
     resolve: Optional[Callable] = None
+    unmerge: Optional[Callable] = None
 
 
 REGISTRY: Dict[str, Method] = {}
@@ -49,14 +52,15 @@ REGISTRY: Dict[str, Method] = {}
 
 def register(name: str, config: type, families, *, why_not: Optional[Mapping[str, str]] = None,
              defaults: Optional[Mapping[str, object]] = None, merge: Optional[Callable] = None,
-             merged_keeps_config: bool = False, resolve: Optional[Callable] = None):
+             merged_keeps_config: bool = False, resolve: Optional[Callable] = None,
+             unmerge: Optional[Callable] = None):
     """Decorator: register ``fn(model, family, cfg, target) -> [adapted module names]`` as method ``name``."""
 
     def deco(fn):
         if name in REGISTRY:
             raise RuntimeError(f"method {name!r} is registered twice ({REGISTRY[name].inject.__module__}, {fn.__module__})")
         REGISTRY[name] = Method(name, config, fn, tuple(families), dict(why_not or {}), dict(defaults or {}), merge,
-                                merged_keeps_config, resolve)
+                                merged_keeps_config, resolve, unmerge)
         return fn
 
     return deco
