@@ -341,3 +341,55 @@ def test_peft_option_names_and_option_rules():
     with pytest.raises(ValueError, match="names no nn.Linear"):
         rf.inject(_vit(), "lora", target=r".*mlp")
     assert cfg.to_dict()["rank"] == 4 and "r" not in cfg.to_dict()
+
+
+# ---------------------------------------------------------------- named adapters
+def test_two_named_adapters_switch_save_load_delete(tmp_path):
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    original = _vit().eval()
+    model = rf.inject(copy.deepcopy(original), "lora", adapter_name="ucm", r=8, target_modules=["qkv"], train_head=False)
+    _randomise_lora(model, seed=1)
+    ucm_alone = copy.deepcopy(model).eval()
+    rf.inject(model, "lora", adapter_name="aid", r=4, lora_alpha=8, target_modules=["fc1", "qkv"], train_head=False)
+    assert model.rspeft_active == "aid" and rf.adapter_names(model) == ("aid", "ucm")
+    assert model.rspeft_adapted == tuple(f"blocks.{i}.{m}" for i in range(2) for m in ("attn.qkv", "mlp.fc1"))
+    # only the active adapter's factors are in the module tree (and the optimiser's, and the kernels') reach
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {f"blocks.{i}.{m}.lora_{ab}" for i in range(2) for m in ("attn.qkv", "mlp.fc1") for ab in "AB"}
+    assert model.blocks[0].attn.qkv.lora_A.shape[0] == 4
+    _randomise_lora(model, seed=2)
+    aid_alone = rf.inject(copy.deepcopy(original), "lora", r=4, lora_alpha=8, target_modules=["fc1", "qkv"],
+                          train_head=False)
+    _randomise_lora(aid_alone, seed=2)
+    model.eval()
+    with torch.no_grad():
+        y_aid, y_ucm = aid_alone.eval()(x), ucm_alone(x)
+        assert not torch.equal(y_aid, y_ucm)
+        assert torch.equal(model(x), y_aid)
+        rf.set_adapter(model, "ucm")
+        assert torch.equal(model(x), y_ucm)
+        assert {n for n, p in model.named_parameters() if p.requires_grad} == {
+            f"blocks.{i}.attn.qkv.lora_{ab}" for i in range(2) for ab in "AB"}
+        rf.set_adapter(model, "aid")
+        assert torch.equal(model(x), y_aid)
+    # save the inactive one by name, load it into a fresh model: its own outputs
+    rf.save_adapters(model, tmp_path / "ucm.safetensors", adapter_name="ucm")
+    assert model.rspeft_active == "aid"
+    fresh = rf.load_adapters(copy.deepcopy(original), tmp_path / "ucm.safetensors").eval()
+    with torch.no_grad():
+        assert torch.equal(fresh(x), y_ucm) and torch.equal(model(x), y_aid)
+    with pytest.raises(ValueError, match="active adapter"):
+        rf.delete_adapter(model, "aid")
+    rf.set_adapter(model, "ucm")
+    rf.delete_adapter(model, "aid")
+    assert rf.adapter_names(model) == ("ucm",) and type(model.blocks[0].mlp.fc1) is nn.Linear
+    with torch.no_grad():
+        assert torch.equal(model(x), y_ucm)
+    with pytest.raises(RuntimeError, match="adapter_name="):
+        rf.inject(model, "lora")
+    with pytest.raises(NotImplementedError, match="another method"):
+        rf.inject(model, "mufa", adapter_name="x")
+    rf.unload_adapters(model)
+    so, sm = original.state_dict(), model.state_dict()
+    assert list(so) == list(sm) and all(torch.equal(so[k], sm[k]) for k in so)
+    assert _classes(model) == _classes(original)

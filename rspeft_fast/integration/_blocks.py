@@ -276,7 +276,7 @@ class LoRALinear(nn.Linear):
         if premerge is not None:  # merged, factors kept
             return F.linear(x, self.weight if self.adapter_enabled else premerge, self.bias)
         out = F.linear(x, self.weight, self.bias)
-        if not self.adapter_enabled:
+        if not self.adapter_enabled or "lora_A" not in self._parameters:  # off, or another named adapter is active
             return out
         p = self.lora_dropout
         x = F.dropout(x, p, self.training) if p > 0 else x
@@ -349,7 +349,7 @@ def make_lora(lin: nn.Linear, rank: int, alpha: float, *, dropout: float = 0.0, 
     """Give ``lin`` (a plain ``nn.Linear``; MHA's ``out_proj`` subclass with ``inside_mha``) LoRA factors; its
     class becomes :class:`LoRALinear` (``unload_adapters`` restores it). ``scaling`` is ``alpha / rank``
     (``alpha / sqrt(rank)`` with ``rslora``)."""
-    if type(lin) is not nn.Linear and not (inside_mha and isinstance(lin, nn.Linear)):
+    if type(lin) not in (nn.Linear, LoRALinear) and not (inside_mha and isinstance(lin, nn.Linear)):
         raise TypeError(f"LoRA adapts plain nn.Linear modules, got {type(lin).__name__}")
     _add_factors(lin, lin.in_features, lin.out_features, rank, init, lin.weight)
     lin.__class__ = LoRALinear
@@ -362,7 +362,7 @@ def make_lora(lin: nn.Linear, rank: int, alpha: float, *, dropout: float = 0.0, 
 def make_lora_mha(mha: nn.MultiheadAttention, in_proj: bool, out_proj: bool, rank: int, alpha: float, *,
                   rslora: bool = False, init: str = "kaiming") -> LoRAMultiheadAttention:
     """LoRA on ``mha``'s packed ``in_proj`` and / or its ``out_proj`` (see :class:`LoRAMultiheadAttention`)."""
-    if type(mha) is not nn.MultiheadAttention or not mha._qkv_same_embed_dim:
+    if type(mha) not in (nn.MultiheadAttention, LoRAMultiheadAttention) or not mha._qkv_same_embed_dim:
         raise TypeError("LoRA adapts nn.MultiheadAttention with the packed in_proj (kdim = vdim = embed_dim), got "
                         f"{type(mha).__name__}")
     if in_proj:
@@ -414,12 +414,42 @@ def unmerge_lora(mod: nn.Module) -> None:
                 w.copy_(pre)
 
 
+_LORA_TENSORS = ("lora_A", "lora_B")
+_LORA_VALUES = ("lora_scaling", "lora_dropout")
+
+
+def stash_lora(mod: nn.Module, name: str) -> None:
+    """Move ``mod``'s active LoRA factors (and their scaling / dropout) aside under ``name`` (a plain attribute
+    ``lora_stash``: out of the module tree, the state dict and the optimiser's reach)."""
+    if "lora_A" not in mod._parameters:
+        return
+    if "lora_premerge" in mod.__dict__:
+        raise RuntimeError("a merged LoRA adapter cannot be switched; unmerge_adapters first")
+    entry = {k: mod._parameters.pop(k) for k in _LORA_TENSORS}
+    entry.update({k: mod.__dict__[k] for k in _LORA_VALUES if k in mod.__dict__})
+    mod.__dict__.setdefault("lora_stash", {})[name] = entry
+
+
+def unstash_lora(mod: nn.Module, name: str) -> None:
+    """Make the factors stashed under ``name`` the active ones (moved to the weights' device)."""
+    entry = mod.__dict__.get("lora_stash", {}).pop(name, None)
+    if entry is None:
+        return
+    dev = (mod.in_proj_weight if isinstance(mod, nn.MultiheadAttention) else mod.weight).device
+    for k in _LORA_TENSORS:
+        p = entry[k]
+        mod._parameters[k] = p if p.device == dev else nn.Parameter(p.detach().to(dev), requires_grad=p.requires_grad)
+    for k in _LORA_VALUES:
+        if k in entry:
+            mod.__dict__[k] = entry[k]
+
+
 def strip_lora(mod: nn.Module) -> None:
     """Remove the LoRA factors and attributes of ``mod`` and give it back its plain class (weights as they are)."""
     for h in _lora_holders(mod) + [mod]:
         for pn in ("lora_A", "lora_B"):
             h._parameters.pop(pn, None)
-        for a in ("lora_scaling", "lora_dropout", "lora_premerge", "adapter_enabled"):
+        for a in ("lora_scaling", "lora_dropout", "lora_premerge", "lora_stash", "adapter_enabled"):
             h.__dict__.pop(a, None)
     if isinstance(mod, LoRAMultiheadAttention):
         if isinstance(mod.out_proj, LoRALinear):

@@ -46,6 +46,9 @@ __all__ = [
     "unmerge_adapters",
     "unload_adapters",
     "merge_and_unload",
+    "set_adapter",
+    "delete_adapter",
+    "adapter_names",
     "model_family",
     "TrainableParams",
     "SUPPORTED",
@@ -59,6 +62,7 @@ CONFIG_ATTR = "rspeft_config"
 MERGED_ATTR = "rspeft_merged"  # the config of adapters merge_adapters folded into the backbone's weights
 ADAPTED_ATTR = "rspeft_adapted"
 ADDED_ATTR = "rspeft_added"  # names of the parameters the injector added (adapters, LoRA factors, gates, prompts)
+NAMED_ATTR = "rspeft_adapters"  # {adapter name: its record}; the active one is rspeft_active
 ORIGINAL_ATTR = "rspeft_original"  # what inject changes, recorded before it does (unload_adapters puts it back)
 
 
@@ -125,18 +129,25 @@ def _head(model: nn.Module, fam: Family) -> Optional[nn.Module]:
     return None
 
 
-def inject(model: nn.Module, method: Union[str, AdapterConfig], **options) -> nn.Module:
+def inject(model: nn.Module, method: Union[str, AdapterConfig], adapter_name: Optional[str] = None,
+           **options) -> nn.Module:
     """Freeze ``model`` and add the adapters of ``method`` (a name or a config; ``options`` are the
-    config's fields). Returns the same (modified) model. See the module docstring for what is supported."""
+    config's fields). Returns the same (modified) model. See the module docstring for what is supported.
+
+    ``adapter_name`` (HF peft's): name this adapter (default ``"default"``); on a model that has adapters, a new name
+    adds a second one beside them (LoRA: each its own ``target`` / rank / ...) and makes it the active one: the
+    others are put aside, :func:`set_adapter` switches, one adapter runs at a time."""
     cfg = config_for(method, **options)
-    if getattr(model, CONFIG_ATTR, None) is not None:
-        raise RuntimeError(
-            f"model already has adapters injected ({getattr(model, CONFIG_ATTR).to_dict()['method']}); "
-            "inject into a fresh model"
-        )
-    fam = family_of(model)
     name = cfg.to_dict()["method"]
     spec = REGISTRY[name]
+    current = getattr(model, CONFIG_ATTR, None)
+    if current is not None:
+        if adapter_name is None:
+            raise RuntimeError(
+                f"model already has adapters injected ({current.to_dict()['method']}); inject into a fresh model, or "
+                "pass adapter_name= to add a named adapter beside them (LoRA)")
+        return _add_named(model, cfg, str(adapter_name))
+    fam = family_of(model)
     if name not in fam.methods:
         why = why_not(fam.name, name)
         raise ValueError(
@@ -174,9 +185,105 @@ def inject(model: nn.Module, method: Union[str, AdapterConfig], **options) -> nn
     setattr(model, ORIGINAL_ATTR, original)
     setattr(model, ADAPTED_ATTR, tuple(adapted))
     model.rspeft_trainable = tuple(n for n, p in model.named_parameters() if p.requires_grad)
+    setattr(model, NAMED_ATTR, {})
+    _record(model, "default" if adapter_name is None else str(adapter_name))
     _blocks.keep_frozen_batchnorm_in_eval(model, stats_train_without_params=(name == "full"))
     shown = ", ".join(adapted[:4]) + (f", ... ({len(adapted)} in all)" if len(adapted) > 4 else "")
     log.info("rspeft_fast.inject %s into %s: adapted %s", name, fam.label, shown or "no module (head only)")
+    return model
+
+
+# --------------------------------------------------------------------------------------------------
+# named adapters
+
+
+def _record(model: nn.Module, name: str) -> None:
+    """Record the active adapter's config, adapted modules and trainable parameters under ``name``."""
+    getattr(model, NAMED_ATTR)[name] = (getattr(model, CONFIG_ATTR), getattr(model, ADAPTED_ATTR),
+                                        tuple(model.rspeft_trainable))
+    model.rspeft_active = name
+
+
+def _named_ops(model: nn.Module, what: str) -> dict:
+    cfg = injected_config(model, what, "the {method!r} adapters were merged into the weights; named adapters need "
+                                       "unmerged ones")
+    spec = REGISTRY[cfg.to_dict()["method"]]
+    if spec.named is None:
+        named = ", ".join(m.name for m in REGISTRY.values() if m.named is not None)
+        raise NotImplementedError(f"{what}: method {spec.name!r} has one adapter per model (named adapters: {named})")
+    return spec.named
+
+
+def adapter_names(model: nn.Module) -> tuple:
+    """The names of the model's adapters (``"default"`` for an unnamed ``inject``), the active one first."""
+    named = getattr(model, NAMED_ATTR, None) or {}
+    active = getattr(model, "rspeft_active", None)
+    return tuple(sorted(named, key=lambda n: (n != active, n)))
+
+
+def _add_named(model: nn.Module, cfg: AdapterConfig, name: str) -> nn.Module:
+    ops = _named_ops(model, "inject(adapter_name=...)")
+    current = getattr(model, CONFIG_ATTR)
+    if cfg.to_dict()["method"] != current.to_dict()["method"]:
+        raise NotImplementedError(f"inject(adapter_name={name!r}): the model's adapters are "
+                                  f"{current.to_dict()['method']}; a named adapter of another method is not supported")
+    if name in getattr(model, NAMED_ATTR):
+        raise ValueError(f"inject: the model already has an adapter named {name!r} (delete_adapter first)")
+    fam = family_of(model)
+    if cfg.num_classes is not None and cfg.num_classes != current.num_classes:
+        raise ValueError("inject(adapter_name=...): named adapters share the model's classifier head; num_classes "
+                         f"must stay {current.num_classes}")
+    ops["stash"](model, model.rspeft_active)
+    original = {n for n in getattr(model, ORIGINAL_ATTR)["grad"]}
+    model.requires_grad_(False)
+    spec = REGISTRY[cfg.to_dict()["method"]]
+    adapted = list(spec.inject(model, fam, cfg, Target(cfg.target)))
+    head = _head(model, fam)
+    if head is not None and cfg.train_head:
+        head.requires_grad_(True)
+    setattr(model, ADDED_ATTR, tuple(n for n, _ in model.named_parameters() if n not in original))
+    setattr(model, CONFIG_ATTR, cfg.replace(num_classes=current.num_classes))
+    setattr(model, ADAPTED_ATTR, tuple(adapted))
+    model.rspeft_trainable = tuple(n for n, p in model.named_parameters() if p.requires_grad)
+    _record(model, name)
+    return model
+
+
+def set_adapter(model: nn.Module, name: str) -> nn.Module:
+    """Make the named adapter the one that runs (and trains: only its parameters, and the head where its config
+    trains it, require grad; build the optimiser after switching). The others are put aside."""
+    ops = _named_ops(model, "set_adapter")
+    named = getattr(model, NAMED_ATTR)
+    if name not in named:
+        raise ValueError(f"set_adapter: no adapter named {name!r}; the model has {', '.join(adapter_names(model))}")
+    if name == model.rspeft_active:
+        return model
+    ops["stash"](model, model.rspeft_active)
+    ops["unstash"](model, name)
+    cfg, adapted, trainable = named[name]
+    setattr(model, CONFIG_ATTR, cfg)
+    setattr(model, ADAPTED_ATTR, adapted)
+    original = getattr(model, ORIGINAL_ATTR)["grad"]
+    setattr(model, ADDED_ATTR, tuple(n for n, _ in model.named_parameters() if n not in original))
+    model.rspeft_trainable = trainable
+    keep = set(trainable)
+    for n, p in model.named_parameters():
+        p.requires_grad_(n in keep)
+    model.rspeft_active = name
+    return model
+
+
+def delete_adapter(model: nn.Module, name: str) -> nn.Module:
+    """Delete a named adapter that is not the active one (switch with :func:`set_adapter` first)."""
+    ops = _named_ops(model, "delete_adapter")
+    named = getattr(model, NAMED_ATTR)
+    if name not in named:
+        raise ValueError(f"delete_adapter: no adapter named {name!r}; the model has {', '.join(adapter_names(model))}")
+    if name == model.rspeft_active:
+        raise ValueError(f"delete_adapter: {name!r} is the active adapter; set_adapter to another one first "
+                         "(or unload_adapters to remove them all)")
+    ops["drop"](model, name)
+    del named[name]
     return model
 
 

@@ -131,14 +131,35 @@ def _layout_packed(model: nn.Module, prefixes: Iterable[str]) -> None:
                             torch.empty(m.out_features, dtype=torch.float32, device=dev))
 
 
-def save_adapters(model: nn.Module, path: str | os.PathLike, extra: Iterable[str] = ()) -> None:
+def save_adapters(model: nn.Module, path: str | os.PathLike, extra: Iterable[str] = (),
+                  adapter_name: Optional[str] = None) -> None:
     """Write the trainable tensors of ``model`` and its config to ``path`` (safetensors, atomically).
 
     Saved: what injection made trainable, every parameter that requires grad now, and the parameters of the
     modules / the parameters named in ``extra`` (HF peft's ``modules_to_save``); packed Q-Linear layers in
     their packed form. Raises RuntimeError on a model without adapters (or whose adapters were merged),
-    saying what to do.
+    saying what to do. ``adapter_name``: save that named adapter (default: the active one) under the model's
+    usual names, so ``load_adapters`` into a fresh model reproduces it; the active adapter and every
+    ``requires_grad`` flag are as before afterwards.
     """
+    from .inject import set_adapter
+
+    active = getattr(model, "rspeft_active", None)
+    if adapter_name is not None and adapter_name != active:
+        flags = {n: p.requires_grad for n, p in model.named_parameters()}
+        set_adapter(model, adapter_name)
+        try:
+            _save(model, path, extra)
+        finally:
+            set_adapter(model, active)
+            for n, p in model.named_parameters():
+                if n in flags:
+                    p.requires_grad_(flags[n])
+        return
+    _save(model, path, extra)
+
+
+def _save(model: nn.Module, path, extra) -> None:
     from safetensors.torch import save
 
     from .. import __version__

@@ -93,6 +93,37 @@ def unmerge(model: nn.Module) -> None:
             _blocks.unmerge_lora(m)
 
 
+def _lora_modules(model: nn.Module) -> list:
+    return [m for m in model.modules() if isinstance(m, (_blocks.LoRALinear, _blocks.LoRAMultiheadAttention))]
+
+
+def stash(model: nn.Module, name: str) -> None:
+    for m in _lora_modules(model):
+        _blocks.stash_lora(m, name)
+
+
+def unstash(model: nn.Module, name: str) -> None:
+    for m in _lora_modules(model):
+        _blocks.unstash_lora(m, name)
+
+
+def drop(model: nn.Module, name: str) -> None:
+    """Delete the stashed adapter ``name``; a layer left with no adapter at all gets its plain class back."""
+    for m in _lora_modules(model):
+        m.__dict__.get("lora_stash", {}).pop(name, None)
+
+    def empty(m):
+        return "lora_A" not in m._parameters and not m.__dict__.get("lora_stash")
+
+    outs = {id(m.out_proj) for m in model.modules() if isinstance(m, _blocks.LoRAMultiheadAttention)}
+    for m in _lora_modules(model):
+        if isinstance(m, _blocks.LoRAMultiheadAttention):
+            if empty(m) and (not isinstance(m.out_proj, _blocks.LoRALinear) or empty(m.out_proj)):
+                _blocks.strip_lora(m)
+        elif id(m) not in outs and empty(m):
+            _blocks.strip_lora(m)
+
+
 def _candidates(model, fam, cfg, target) -> list:
     """``[(name, module, parts)]``: the Linears / MHAs to adapt (``parts``: the MHA projections, else ``None``)."""
     mha_of = {id(m.out_proj): n for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)}
@@ -134,7 +165,7 @@ def _candidates(model, fam, cfg, target) -> list:
 
 
 @register("lora", LoRAConfig, ("vit", "swin", "eva", "clip", "hf-vit", "hf-dinov2", "hf-dinov3", "hf-swin", "hf-clip"),
-          merge=merge, unmerge=unmerge,
+          merge=merge, unmerge=unmerge, named={"stash": stash, "unstash": unstash, "drop": drop},
           why_not={"tv-swin": "torchvision's window attention reads qkv.weight directly (F.linear), so a LoRA Linear "
                               "would never run; use timm swin* or HF Swin for LoRA"})
 def inject_lora(model, fam, cfg: LoRAConfig, target) -> list:
