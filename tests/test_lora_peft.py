@@ -1,7 +1,9 @@
 """LoRA wherever a linear map is, checked against HF peft 0.21 on the same weights (outputs, gradients, one AdamW
 step, merge), against the formulas on nn.MultiheadAttention (open_clip towers), and the ways back: unload,
 merge(keep=True) → unmerge, merge_and_unload. peft is a test dependency (requirements-ci.txt): nothing is skipped."""
+import contextlib
 import copy
+import io
 
 import peft
 import pytest
@@ -110,6 +112,12 @@ def test_peft_recipe_on_timm_vit_qkv_and_mlp_equals_peft():
     assert ours.rspeft_adapted == tuple(f"blocks.{i}.{m}" for i in range(2) for m in ("attn.qkv", "mlp.fc1", "mlp.fc2"))
     cfg = ours.rspeft_config
     assert (cfg.rank, cfg.alpha, cfg.dropout, cfg.target) == (8, 16.0, 0.1, ["qkv", "fc1", "fc2"])
+    # the trainable-parameter line starts as peft's print_trainable_parameters, the backbone share beside it
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        theirs.print_trainable_parameters()
+    line = str(rf.trainable_parameters(ours))
+    assert line.startswith(buf.getvalue().strip() + " || backbone params: "), (line, buf.getvalue())
     _randomise_lora(ours)
     _to_peft(ours, theirs)
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))

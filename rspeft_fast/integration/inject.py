@@ -301,9 +301,9 @@ class TrainableParams(NamedTuple):
 
     def __str__(self) -> str:
         shown = ", ".join(self.adapted[:4]) + (", ..." if len(self.adapted) > 4 else "")
-        return (
-            f"trainable params: {self.trainable:,} || backbone params: {self.backbone:,} || "
-            f"all params: {self.total:,} || trainable%: {self.percent:.4f} (of backbone), {self.percent_of_total:.4f} (of all)"
+        return (  # HF peft's print_trainable_parameters line first, the papers' share (of the backbone) beside it
+            f"trainable params: {self.trainable:,} || all params: {self.total:,} || trainable%: "
+            f"{self.percent_of_total:.4f} || backbone params: {self.backbone:,} || of backbone: {self.percent:.4f}%"
             + (f" || adapted {len(self.adapted)} modules: {shown}" if self.adapted else "")
         )
 
