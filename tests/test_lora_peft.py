@@ -253,8 +253,14 @@ def _hooks(model):
     return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
 
 
+def _eva02(seed=0):  # EVA-02 (q/v biases): LoRA switches timm's qkv_bias_separate, unload switches it back
+    torch.manual_seed(seed)
+    return timm.create_model("eva02_tiny_patch14_224", pretrained=False, img_size=28, depth=2, num_classes=5)
+
+
 UNLOAD_CASES = [
     ("vit", "lora", dict(PEFT_RECIPE, lora_dropout=0.0)),
+    ("eva02", "lora", {"rank": 4}),
     ("vit", "mufa", {}),
     ("vit", "vpt", {"num_tokens": 2, "deep": True}),
     ("clip", "lora", {"modules": r"^(in_proj|out_proj)$"}),
@@ -265,7 +271,7 @@ UNLOAD_CASES = [
 
 @pytest.mark.parametrize("kind,method,opts", UNLOAD_CASES, ids=lambda v: str(v)[:24])
 def test_unload_gives_back_the_original_model(kind, method, opts):
-    build = {"vit": _vit, "clip": _tiny_clip, "hf-clip": _hf_clip}[kind]
+    build = {"vit": _vit, "eva02": _eva02, "clip": _tiny_clip, "hf-clip": _hf_clip}[kind]
     original = build().eval()
     model = rf.inject(copy.deepcopy(original), method, train_head=False, **opts)
     for n, p in model.named_parameters():  # adapters that would change the outputs
@@ -273,8 +279,8 @@ def test_unload_gives_back_the_original_model(kind, method, opts):
             with torch.no_grad():
                 p.add_(0.05)
     g = torch.Generator().manual_seed(4)
-    if kind == "vit":
-        inputs = (torch.randn(2, 3, 32, 32, generator=g),)
+    if kind in ("vit", "eva02"):
+        inputs = (torch.randn(2, 3, 28 if kind == "eva02" else 32, 28 if kind == "eva02" else 32, generator=g),)
         run = lambda m: (m(*inputs),)  # noqa: E731
     elif kind == "clip":
         img, txt = torch.randn(2, 3, 32, 32, generator=g), torch.randint(1, 500, (2, 12), generator=g)
@@ -284,12 +290,19 @@ def test_unload_gives_back_the_original_model(kind, method, opts):
         run = lambda m: (m(input_ids=ids, pixel_values=px).logits_per_image,)  # noqa: E731
     with torch.no_grad():
         assert any(not torch.equal(a, b) for a, b in zip(run(model.eval()), run(original)))
+    if kind == "eva02":
+        assert model.blocks[0].attn.qkv_bias_separate and not original.blocks[0].attn.qkv_bias_separate
+    if kind == "vit":  # what the user sets after inject is theirs: unload does not undo it
+        model.set_grad_checkpointing(True)
+        original.set_grad_checkpointing(True)
     assert rf.unload_adapters(model) is model
     assert _classes(model) == _classes(original) and _hooks(model) == _hooks(original)
     so, sm = original.state_dict(), model.state_dict()
     assert list(so) == list(sm) and all(torch.equal(so[k], sm[k]) for k in so)
     assert all(p.requires_grad for p in model.parameters())
     assert not [k for k in model.__dict__ if k.startswith("rspeft")]
+    assert kind != "vit" or model.grad_checkpointing
+    assert kind != "eva02" or not model.blocks[0].attn.qkv_bias_separate
     with torch.no_grad():
         for a, b in zip(run(model.eval()), run(original)):
             assert torch.equal(a, b)

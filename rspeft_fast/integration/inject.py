@@ -182,6 +182,7 @@ def inject(model: nn.Module, method: Union[str, AdapterConfig], adapter_name: Op
     if fam.head == "timm":
         cfg = cfg.replace(num_classes=head_classes)
     setattr(model, CONFIG_ATTR, cfg)
+    _keep_changed_scalars(model, original)
     setattr(model, ORIGINAL_ATTR, original)
     setattr(model, ADAPTED_ATTR, tuple(adapted))
     model.rspeft_trainable = tuple(n for n, p in model.named_parameters() if p.requires_grad)
@@ -431,6 +432,17 @@ def _snapshot(model: nn.Module) -> dict:
     return {"modules": mods, "grad": {n: p.requires_grad for n, p in model.named_parameters()}}
 
 
+def _keep_changed_scalars(model: nn.Module, original: dict) -> None:
+    """Keep, of the recorded scalar attributes, only those injection changed (EVA's ``qkv_bias_separate``): what
+    the user changes later (a checkpointing flag) is not undone by :func:`unload_adapters`."""
+    mods = original["modules"]
+    for name, m in model.named_modules():
+        if name in mods:
+            rec = mods[name]
+            changed = {k: v for k, v in rec[1].items() if k != "training" and m.__dict__.get(k, v) != v}
+            mods[name] = (rec[0], changed, *rec[2:])
+
+
 def unload_adapters(model: nn.Module) -> nn.Module:
     """Remove every adapter and give the backbone's modules back as they were before :func:`inject` (HF peft's
     ``unload``): classes swapped back, adapter modules, LoRA factors, gates, prompts and hooks removed, attributes
@@ -466,9 +478,7 @@ def unload_adapters(model: nn.Module) -> nn.Module:
                 d.pop(k, None)
         for k in set(m.__dict__) - keys:
             del m.__dict__[k]
-        for k, v in scalars.items():
-            if k != "training":
-                m.__dict__[k] = v
+        m.__dict__.update(scalars)
     for n, p in model.named_parameters():
         if n in original["grad"]:
             p.requires_grad_(original["grad"][n])
