@@ -399,6 +399,14 @@ def test_two_named_adapters_switch_save_load_delete(tmp_path):
     fresh = rf.load_adapters(copy.deepcopy(original), tmp_path / "ucm.safetensors").eval()
     with torch.no_grad():
         assert torch.equal(fresh(x), y_ucm) and torch.equal(model(x), y_aid)
+    # load_adapters(adapter_name=): beside the model's adapters (made active), or the first one's name
+    twin = rf.load_adapters(copy.deepcopy(model), tmp_path / "ucm.safetensors", adapter_name="ucm2").eval()
+    assert rf.adapter_names(twin) == ("ucm2", "aid", "ucm")
+    named = rf.load_adapters(copy.deepcopy(original), tmp_path / "ucm.safetensors", adapter_name="ucm").eval()
+    assert rf.adapter_names(named) == ("ucm",)
+    with torch.no_grad():
+        assert torch.equal(twin(x), y_ucm) and torch.equal(named(x), y_ucm)
+        assert torch.equal(rf.set_adapter(twin, "aid")(x), y_aid)
     with pytest.raises(ValueError, match="active adapter"):
         rf.delete_adapter(model, "aid")
     rf.set_adapter(model, "ucm")

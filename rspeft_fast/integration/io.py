@@ -33,7 +33,7 @@ from .._fileio import atomic_write
 from ..modules.qlinear import QLinear
 from ..reference.qlinear_pack import storage_dtype
 from .config import AdapterConfig
-from .inject import CONFIG_ATTR, inject, injected_config, model_family
+from .inject import CONFIG_ATTR, adapter_names, inject, injected_config, model_family, set_adapter
 
 __all__ = ["save_adapters", "load_adapters", "read_adapter_config", "trainable_state_dict"]
 
@@ -142,8 +142,6 @@ def save_adapters(model: nn.Module, path: str | os.PathLike, extra: Iterable[str
     usual names, so ``load_adapters`` into a fresh model reproduces it; the active adapter and every
     ``requires_grad`` flag are as before afterwards.
     """
-    from .inject import set_adapter
-
     active = getattr(model, "rspeft_active", None)
     if adapter_name is not None and adapter_name != active:
         flags = {n: p.requires_grad for n, p in model.named_parameters()}
@@ -256,12 +254,14 @@ def _tensors_wanted(model: nn.Module, extras: list[str]) -> dict[str, torch.Tens
 
 
 def load_adapters(model: nn.Module, path: str | os.PathLike, impl: Optional[object] = None, *,
-                  replace_head: bool = False) -> nn.Module:
+                  replace_head: bool = False, adapter_name: Optional[str] = None) -> nn.Module:
     """Load adapter weights from ``path`` into ``model`` (re-injecting from the stored config when the
     model has no adapters yet). ``impl`` overrides the stored kernel switch. A timm classifier whose head
     has another number of classes than the file's is refused unless ``replace_head=True`` (then the head
     is reset to the file's and loaded). Extra trainable parameters saved with the file are loaded and made
-    trainable again; packed Q-Linear layers are packed in the model. Returns the model."""
+    trainable again; packed Q-Linear layers are packed in the model. ``adapter_name`` (named adapters, LoRA):
+    load into the adapter of that name, made the active one (added beside the model's adapters when it has none of
+    that name; on a fresh model, the first adapter gets that name). Returns the model."""
     from safetensors.torch import load_file
 
     cfg, meta, keys = _read_meta(path)
@@ -274,7 +274,11 @@ def load_adapters(model: nn.Module, path: str | os.PathLike, impl: Optional[obje
     if impl is not None:
         cfg = cfg.replace(impl=impl)
     current = getattr(model, CONFIG_ATTR, None)
-    if current is not None:
+    if adapter_name is not None and current is not None and adapter_name in adapter_names(model):
+        set_adapter(model, adapter_name)
+        current = getattr(model, CONFIG_ATTR)
+    adding = adapter_name is not None and current is not None and adapter_name not in adapter_names(model)
+    if current is not None and not adding:
         a, b = current.identity(), cfg.identity()
         if a != b:
             diff = {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
@@ -285,7 +289,7 @@ def load_adapters(model: nn.Module, path: str | os.PathLike, impl: Optional[obje
         plan = _meta_copy(model) if packed else model  # the packed layout is checked on a copy first
     else:
         have = getattr(model, "num_classes", None)
-        if (cfg.num_classes is not None and isinstance(have, int) and have != cfg.num_classes
+        if not adding and (cfg.num_classes is not None and isinstance(have, int) and have != cfg.num_classes
                 and not replace_head):
             raise ValueError(
                 f"load_adapters: {path} holds a {cfg.num_classes}-class head, this model's has {have} classes; "
@@ -293,7 +297,7 @@ def load_adapters(model: nn.Module, path: str | os.PathLike, impl: Optional[obje
                 f"num_classes={cfg.num_classes}")
         plan = _meta_copy(model)
         try:
-            inject(plan, cfg)
+            inject(plan, cfg, adapter_name=adapter_name)
         except (TypeError, ValueError, RuntimeError) as e:
             raise ValueError(f"load_adapters: the adapters in {path} ({cfg.to_dict()['method']}) cannot be injected into this model: {e}") from e
     problems = []
@@ -340,11 +344,11 @@ def load_adapters(model: nn.Module, path: str | os.PathLike, impl: Optional[obje
         raise ValueError(f"load_adapters: {path} holds non-finite values (NaN / inf) in {bad[:8]}"
                          f"{' ...' if len(bad) > 8 else ''}; nothing was loaded")
 
-    if current is None:
-        inject(model, cfg)
+    if current is None or adding:
+        inject(model, cfg, adapter_name=adapter_name)
     _layout_packed(model, packed)
     targets = _tensors_wanted(model, extras)
-    backup = {n: targets[n].detach().clone() for n in tensors} if current is not None else None
+    backup = {n: targets[n].detach().clone() for n in tensors} if current is not None and not adding else None
     done = []
     with torch.no_grad():
         try:
