@@ -17,6 +17,9 @@ it with :func:`config_for`). Every config carries the options common to all meth
   dict per op, keys ``"mufa"``, ``"eqam"``, ``"mga"`` (missing keys mean ``"auto"``). Not part of the
   method's identity: it is not compared when loading adapter weights.
 
+A config may accept other names for its fields (``aliases``: LoRA takes HF peft's ``r``, ``lora_alpha``,
+``lora_dropout``, ``use_rslora``, ``init_lora_weights``, ``target_modules``), wherever options are given by name.
+
 Option values are validated and coerced in ONE place, :func:`coerce_options` (the configs' ``validate``,
 hence ``inject(model, "mufa", rates=16)``, the config constructors and the CLI's ``--option key=value``):
 ``rates=16``, ``rates="8,16,32"``, ``rates=[8, 16]`` all mean what they say, ``"4"`` is an int option's 4,

@@ -9,9 +9,11 @@ name -> methods.
 ``target=`` selects where a method applies, with one meaning for every method (HF peft's rule): a string is a
 regular expression ``re.fullmatch``ed against module names, a list names modules exactly or by dotted suffix
 (``["blocks.1", "attn.qkv"]``). A method adapts each of its units (transformer / ConvNeXt blocks for mufa,
-adaptformer, adapter, eqam and mga; stages for capm; attention ``nn.Linear`` for lora; the parameters of
-modules for bitfit / layernorm) that is selected or lies inside a selected module: ``target="blocks.1"``
-adapts block 1 and not block 10; ``target=r"blocks\.(0|1)\.attn\.qkv"`` gives LoRA on two projections.
+adaptformer, adapter, eqam and mga; stages for capm; attention projections for lora, which also adapts any
+``nn.Linear`` the target names itself, peft's ``target_modules``; the parameters of modules for bitfit /
+layernorm) that is selected or lies inside a selected module: ``target="blocks.1"`` adapts block 1 and not block
+10; ``target=r"blocks\.(0|1)\.attn\.qkv"`` gives LoRA on two projections, ``target=["qkv", "fc1", "fc2"]`` LoRA on
+every block's qkv and MLP.
 
 Everything that is not an adapter is frozen (``requires_grad=False``) except the classifier head when
 the method tunes it (``train_head``; ``linear`` tunes only the head, ``full`` everything). A frozen BatchNorm
@@ -21,6 +23,11 @@ under DDP too), so its running statistics never move; a BatchNorm the method tun
 ``full``, or one unfrozen by hand before ``model.train()``) trains as usual. The model is
 modified in place and returned; its config is kept as ``model.rspeft_config``, the names of the modules
 it adapted as ``model.rspeft_adapted`` (also in :func:`trainable_parameters` and logged at INFO level).
+
+The ways back (HF peft's): :func:`unload_adapters` (the backbone as it was before ``inject``: classes, hooks,
+attributes, ``requires_grad``), :func:`merge_adapters` ``(keep=True)`` / :func:`unmerge_adapters`,
+:func:`merge_and_unload`. Named adapters (LoRA): ``inject(..., adapter_name=)``, :func:`set_adapter`,
+:func:`delete_adapter`, :func:`adapter_names`.
 """
 from __future__ import annotations
 
