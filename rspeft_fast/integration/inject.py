@@ -136,7 +136,7 @@ def _head(model: nn.Module, fam: Family) -> Optional[nn.Module]:
     return None
 
 
-def inject(model: nn.Module, method: Union[str, AdapterConfig], adapter_name: Optional[str] = None,
+def inject(model: nn.Module, method: Union[str, AdapterConfig], *, adapter_name: Optional[str] = None,
            **options) -> nn.Module:
     """Freeze ``model`` and add the adapters of ``method`` (a name or a config; ``options`` are the
     config's fields). Returns the same (modified) model. See the module docstring for what is supported.
