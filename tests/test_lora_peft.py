@@ -79,6 +79,9 @@ def _check_same_training(ours, theirs, run):
     pn = {n: _peft_name(n, tp) for n in names}
     assert sorted(pn.values()) == sorted(n for n, p in tp.items() if p.requires_grad)
     ours.train(), theirs.train()
+    for m in theirs.modules():  # a frozen BatchNorm stays in eval in ours (its statistics are the backbone's)
+        if isinstance(m, nn.BatchNorm2d):
+            m.eval()
     opt_o = torch.optim.AdamW([p for p in ours.parameters() if p.requires_grad], lr=1e-2)
     opt_t = torch.optim.AdamW([tp[pn[n]] for n in names], lr=1e-2)
     torch.manual_seed(5)
@@ -165,6 +168,36 @@ def test_hf_clip_projections_equal_peft():
     with torch.no_grad():
         for a, b in zip(run(ours), run(plain)):
             assert torch.equal(a, b)
+
+
+def test_resnet_1x1_convs_and_convnext_mlp_equal_peft():
+    """1x1 convolutions (ResNet bottlenecks' conv1 / conv3, a strided 1x1 downsample) are linear maps: LoRA there
+    equals peft's lora.Conv2d; ConvNeXt's MLP Linears are targets like any other."""
+    torch.manual_seed(0)
+    base = timm.create_model("resnet50", pretrained=False, layers=[1, 1, 1, 1], num_classes=3, zero_init_last=False)
+    recipe = dict(r=4, lora_alpha=8, lora_dropout=0.1, target_modules=r"layer\d\.\d\.(conv[13]|downsample\.0)")
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**recipe))
+    ours = rf.inject(base, "lora", train_head=False, **recipe)
+    assert len(ours.rspeft_adapted) == 4 * 3 and type(ours.layer2[0].downsample[0]) is _blocks.LoRAConv1x1
+    _randomise_lora(ours)
+    _to_peft(ours, theirs)
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    _check_same_training(ours, theirs, lambda m: (m(x),))
+    rf.merge_adapters(ours)
+    plain = theirs.merge_and_unload()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), plain(x), rtol=1e-6, atol=1e-6)
+    with pytest.raises(TypeError, match="1x1"):
+        rf.inject(timm.create_model("resnet50", pretrained=False, layers=[1, 1, 1, 1]), "lora", target=["layer1.0.conv2"])
+    with pytest.raises(ValueError, match="no attention; name the layers"):
+        rf.inject(timm.create_model("resnet50", pretrained=False, layers=[1, 1, 1, 1]), "lora")
+    torch.manual_seed(0)
+    cnx = timm.create_model("convnext_atto", pretrained=False, num_classes=3)
+    theirs = peft.get_peft_model(copy.deepcopy(cnx), peft.LoraConfig(r=4, target_modules=["fc1", "fc2"]))
+    ours = rf.inject(cnx, "lora", r=4, target_modules=["fc1", "fc2"], train_head=False)
+    _randomise_lora(ours)
+    _to_peft(ours, theirs)
+    _check_same_training(ours, theirs, lambda m: (m(x),))
 
 
 def test_default_hf_clip_is_qkv():

@@ -283,6 +283,22 @@ class LoRALinear(nn.Linear):
         return out + F.linear(F.linear(x, self.lora_A), self.lora_B) * self.lora_scaling
 
 
+class LoRAConv1x1(nn.Conv2d):
+    """A 1×1 ``nn.Conv2d`` (a linear map per pixel) plus LoRA, as HF peft's ``lora.Conv2d``: ``A`` a 1×1 conv with
+    the base's stride and padding, ``B`` a 1×1 conv; factors ``(rank, in, 1, 1)`` / ``(out, rank, 1, 1)``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        premerge = self.__dict__.get("lora_premerge")
+        if premerge is not None:
+            return self._conv_forward(x, self.weight if self.adapter_enabled else premerge, self.bias)
+        out = self._conv_forward(x, self.weight, self.bias)
+        if not self.adapter_enabled or "lora_A" not in self._parameters:
+            return out
+        p = self.lora_dropout
+        x = F.dropout(x, p, self.training) if p > 0 else x
+        return out + F.conv2d(F.conv2d(x, self.lora_A, None, self.stride, self.padding), self.lora_B) * self.lora_scaling
+
+
 class LoRAMultiheadAttention(nn.MultiheadAttention):
     """``nn.MultiheadAttention`` with LoRA on its packed ``in_proj`` (``lora_A`` / ``lora_B`` here) and / or its
     ``out_proj`` (a :class:`LoRALinear` child). ``F.multi_head_attention_forward`` reads the weights directly and
@@ -359,6 +375,24 @@ def make_lora(lin: nn.Linear, rank: int, alpha: float, *, dropout: float = 0.0, 
     return lin
 
 
+def make_lora_conv(conv: nn.Conv2d, rank: int, alpha: float, *, dropout: float = 0.0, rslora: bool = False,
+                   init: str = "kaiming") -> LoRAConv1x1:
+    """LoRA on a 1×1 ``nn.Conv2d`` (groups 1, zero padding mode); see :class:`LoRAConv1x1`."""
+    if (type(conv) not in (nn.Conv2d, LoRAConv1x1) or tuple(conv.kernel_size) != (1, 1) or conv.groups != 1
+            or conv.padding_mode != "zeros"):
+        raise TypeError(f"LoRA adapts 1x1 nn.Conv2d layers (groups 1), where a convolution is a linear map; got "
+                        f"{type(conv).__name__} kernel {tuple(conv.kernel_size)} groups {conv.groups}")
+    _add_factors(conv, conv.in_channels, conv.out_channels, rank, init, conv.weight)
+    with torch.no_grad():
+        conv.lora_A = nn.Parameter(conv.lora_A[:, :, None, None].contiguous())
+        conv.lora_B = nn.Parameter(conv.lora_B[:, :, None, None].contiguous())
+    conv.__class__ = LoRAConv1x1
+    conv.lora_scaling = lora_scaling(rank, alpha, rslora)
+    conv.lora_dropout = float(dropout)
+    conv.adapter_enabled = True
+    return conv
+
+
 def make_lora_mha(mha: nn.MultiheadAttention, in_proj: bool, out_proj: bool, rank: int, alpha: float, *,
                   rslora: bool = False, init: str = "kaiming") -> LoRAMultiheadAttention:
     """LoRA on ``mha``'s packed ``in_proj`` and / or its ``out_proj`` (see :class:`LoRAMultiheadAttention`)."""
@@ -398,8 +432,8 @@ def merge_lora(mod: nn.Module, keep: bool = False) -> None:
         with torch.no_grad():
             if keep:
                 h.lora_premerge = w.detach().clone()
-            delta = (h.lora_B.float() @ h.lora_A.float()) * h.lora_scaling
-            w.add_(delta.to(w.dtype))
+            delta = (h.lora_B.float().flatten(1) @ h.lora_A.float().flatten(1)) * h.lora_scaling
+            w.add_(delta.reshape(w.shape).to(w.dtype))  # a 1x1 conv: (out, in) -> (out, in, 1, 1)
     if not keep:
         strip_lora(mod)
 
@@ -457,6 +491,8 @@ def strip_lora(mod: nn.Module) -> None:
         mod.__class__ = nn.MultiheadAttention
     elif isinstance(mod, LoRALinear):
         mod.__class__ = nn.Linear
+    elif isinstance(mod, LoRAConv1x1):
+        mod.__class__ = nn.Conv2d
 
 
 # -- VPT on a timm VisionTransformer (forward hooks; the prompts are ``model.vpt_prompts (depth|1, n, d)``) --

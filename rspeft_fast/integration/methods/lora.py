@@ -1,8 +1,9 @@
 """LoRA on any linear map: ``W x + scaling * B A drop(x)`` (``B`` zero-init); mergeable, unmergeable.
 
-Where (HF peft's rule, plus the attention default): a ``target=`` that names an ``nn.Linear`` itself (``fc1``,
-``mlp.fc2``, ``head``, ``q_proj``, a regex such as ``r".*mlp\\.fc1"``) adapts that Linear; a target that names a
-container (a block, ``blocks.1``) or none adapts the attention projections inside it that ``modules`` selects (the
+Where (HF peft's rule, plus the attention default): a ``target=`` that names an ``nn.Linear`` or a 1×1 ``nn.Conv2d``
+itself (``fc1``, ``mlp.fc2``, ``head``, ``q_proj``, a ResNet's ``conv1`` / ``conv3``, a regex such as
+``r".*mlp\\.fc1"``) adapts it (on ConvNeXt and ResNet, which have no attention, ``target=`` is required); a
+target that names a container (a block, ``blocks.1``) or none adapts the attention projections inside it that ``modules`` selects (the
 family's q/k/v projections by default). ``nn.MultiheadAttention`` (open_clip's towers) has no Linear for its packed
 q/k/v projection: its pseudo-children are ``in_proj`` (the default) and ``out_proj``; there the update runs as the
 weights ``W + scaling B A`` (:class:`~.._blocks.LoRAMultiheadAttention`, as peft's MHA LoRA: no dropout).
@@ -74,6 +75,7 @@ class LoRAConfig(AdapterConfig):
 
 
 _BIAS = ("none", "lora_only", "all")
+_LORA_CLASSES = (_blocks.LoRALinear, _blocks.LoRAConv1x1, _blocks.LoRAMultiheadAttention)
 _DEFAULT_MODULES = LoRAConfig.__dataclass_fields__["modules"].default
 _MHA_DEFAULT = r"^in_proj$"
 _MHA_PARTS = ("in_proj", "out_proj")  # the pseudo-children of nn.MultiheadAttention
@@ -83,18 +85,18 @@ def merge(model: nn.Module, keep: bool = False) -> None:
     """``W += scaling * B A`` in every LoRA layer; the factors are removed unless ``keep`` (then
     :func:`unmerge` restores the pre-merge weights exactly)."""
     for m in list(model.modules()):
-        if isinstance(m, (_blocks.LoRALinear, _blocks.LoRAMultiheadAttention)):
+        if isinstance(m, _LORA_CLASSES):
             _blocks.merge_lora(m, keep=keep)
 
 
 def unmerge(model: nn.Module) -> None:
     for m in list(model.modules()):
-        if isinstance(m, (_blocks.LoRALinear, _blocks.LoRAMultiheadAttention)):
+        if isinstance(m, _LORA_CLASSES):
             _blocks.unmerge_lora(m)
 
 
 def _lora_modules(model: nn.Module) -> list:
-    return [m for m in model.modules() if isinstance(m, (_blocks.LoRALinear, _blocks.LoRAMultiheadAttention))]
+    return [m for m in model.modules() if isinstance(m, _LORA_CLASSES)]
 
 
 def stash(model: nn.Module, name: str) -> None:
@@ -140,6 +142,9 @@ def _candidates(model, fam, cfg, target) -> list:
             chosen.setdefault(name, (mod, set()))[1].add(part)
 
     for mname, mod in model.named_modules():
+        if target.spec is not None and target.matches(mname) and isinstance(mod, nn.Conv2d):
+            add(mname, mod)  # make_lora_conv refuses what is not a 1x1 conv, naming it
+            continue
         if target.spec is not None and target.matches(mname) and isinstance(mod, nn.Linear):
             if id(mod) in mha_of:  # MHA's out_proj: its forward never runs, the MHA adds the update
                 p = mha_of[id(mod)]
@@ -164,13 +169,17 @@ def _candidates(model, fam, cfg, target) -> list:
     return [(n, m, parts) for n, (m, parts) in chosen.items() if parts is None or parts]
 
 
-@register("lora", LoRAConfig, ("vit", "swin", "eva", "clip", "hf-vit", "hf-dinov2", "hf-dinov3", "hf-swin", "hf-clip"),
+@register("lora", LoRAConfig, ("vit", "swin", "eva", "clip", "hf-vit", "hf-dinov2", "hf-dinov3", "hf-swin", "hf-clip",
+                                "convnext", "resnet"),
           merge=merge, unmerge=unmerge, named={"stash": stash, "unstash": unstash, "drop": drop},
           why_not={"tv-swin": "torchvision's window attention reads qkv.weight directly (F.linear), so a LoRA Linear "
                               "would never run; use timm swin* or HF Swin for LoRA"})
 def inject_lora(model, fam, cfg: LoRAConfig, target) -> list:
     cands = _candidates(model, fam, cfg, target)
     if not cands:
+        if target.spec is None and fam.name in ("convnext", "resnet"):
+            raise ValueError(f"LoRA on {fam.label}: there is no attention; name the layers with target= (Linears, 1x1 "
+                             r"convolutions), e.g. target_modules=['fc1', 'fc2'] or r'layer\d\.\d\.conv[13]'")
         if target.spec is None:
             raise ValueError(f"LoRA: no attention Linear of {fam.label} matched modules={cfg.modules!r}")
         raise ValueError(f"LoRA: target={target.spec!r} names no nn.Linear / nn.MultiheadAttention of {fam.label} "
@@ -197,7 +206,8 @@ def inject_lora(model, fam, cfg: LoRAConfig, target) -> list:
                 # qkv module; its own switch makes it call qkv(x) and add the biases after (same maths, last-bit
                 # rounding)
                 parent.qkv_bias_separate = True
-            _blocks.make_lora(mod, rank, alpha, dropout=cfg.dropout, rslora=cfg.rslora, init=cfg.init)
+            make = _blocks.make_lora_conv if isinstance(mod, nn.Conv2d) else _blocks.make_lora
+            make(mod, rank, alpha, dropout=cfg.dropout, rslora=cfg.rslora, init=cfg.init)
             out.append(name)
             biases = [mod.bias]
         if cfg.bias == "lora_only":
