@@ -449,6 +449,11 @@ def test_two_named_adapters_switch_save_load_delete(tmp_path):
         assert torch.equal(model(x), y_ucm)
     with pytest.raises(RuntimeError, match="adapter_name="):
         rf.inject(model, "lora")
+    with pytest.raises(ValueError, match="names no nn.Linear"):  # a failed add leaves the model as it was
+        rf.inject(model, "lora", adapter_name="bad", target=r".*mlp")
+    assert rf.adapter_names(model) == ("ucm",) and model.blocks[0].attn.qkv.lora_A.requires_grad
+    with torch.no_grad():
+        assert torch.equal(model(x), y_ucm)
     with pytest.raises(NotImplementedError, match="another method"):
         rf.inject(model, "mufa", adapter_name="x")
     rf.unload_adapters(model)

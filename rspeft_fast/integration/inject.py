@@ -241,11 +241,21 @@ def _add_named(model: nn.Module, cfg: AdapterConfig, name: str) -> nn.Module:
     if cfg.num_classes is not None and cfg.num_classes != current.num_classes:
         raise ValueError("inject(adapter_name=...): named adapters share the model's classifier head; num_classes "
                          f"must stay {current.num_classes}")
-    ops["stash"](model, model.rspeft_active)
+    active = model.rspeft_active
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    ops["stash"](model, active)
     original = {n for n in getattr(model, ORIGINAL_ATTR)["grad"]}
     model.requires_grad_(False)
     spec = REGISTRY[cfg.to_dict()["method"]]
-    adapted = list(spec.inject(model, fam, cfg, Target(cfg.target)))
+    try:
+        adapted = list(spec.inject(model, fam, cfg, Target(cfg.target)))
+    except BaseException:  # the model as it was: what was added removed, the active adapter back
+        ops["stash"](model, "\0failed")
+        ops["drop"](model, "\0failed")
+        ops["unstash"](model, active)
+        for n, p in model.named_parameters():
+            p.requires_grad_(flags.get(n, False))
+        raise
     head = _head(model, fam)
     if head is not None and cfg.train_head:
         head.requires_grad_(True)
