@@ -368,6 +368,8 @@ def test_merge_keep_then_unmerge_is_exact_and_merge_and_unload():
     with pytest.raises(RuntimeError, match="keep=True"):
         m = rf.inject(_vit(), "lora", rank=2)
         rf.unmerge_adapters(rf.merge_adapters(m))
+    bitfit = rf.merge_adapters(rf.inject(_vit(), "bitfit"), keep=True)  # its tensors are the biases: nothing to keep
+    assert rf.unmerge_adapters(bitfit).rspeft_config is not None
 
 
 # ---------------------------------------------------------------- options and peft names

@@ -415,7 +415,13 @@ def merge_adapters(model: nn.Module, keep: bool = False) -> nn.Module:
             f"merge_adapters: method {method!r} is not linear, so it cannot be folded into the "
             f"backbone weights (mergeable: {mergeable})"
         )
-    spec.merge(model, keep=keep)
+    if not keep:
+        spec.merge(model)
+    elif spec.unmerge is not None:
+        spec.merge(model, keep=True)
+    elif not spec.merged_keeps_config:  # (BitFit: merged already, nothing to keep)
+        raise NotImplementedError(f"merge_adapters(keep=True): method {method!r} cannot be unmerged; merge a copy "
+                                  "(copy.deepcopy(model)) to keep the adapters")
     if not keep and not spec.merged_keeps_config:
         setattr(model, CONFIG_ATTR, None)
         setattr(model, MERGED_ATTR, cfg)

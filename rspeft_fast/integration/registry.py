@@ -25,9 +25,9 @@ class Method:
         families: the :class:`~rspeft_fast.integration.families.Family` names it fits.
         why_not: ``{family name: reason}`` for families it does not fit (error messages, the README table).
         defaults: options that a variant name sets (``"eqam+capm"`` → ``{"with_capm": True}``).
-        merge: ``fn(model, keep=False) -> None`` folding the method into the backbone's weights
-            (``merge_adapters``), or ``None`` when it cannot be folded; ``keep``: the adapter tensors stay and
-            ``unmerge`` can undo it.
+        merge: ``fn(model) -> None`` folding the method into the backbone's weights (``merge_adapters``), or
+            ``None`` when it cannot be folded; a method with ``unmerge`` also takes ``keep=True`` (the adapter tensors
+            stay and ``unmerge`` can undo it).
         named: named adapters (``inject(..., adapter_name=)``, ``set_adapter``): ``{"stash": fn(model, name),
             "unstash": fn(model, name), "drop": fn(model, name)}`` moving the active adapter's tensors aside under
             ``name`` (out of the module tree: the forward and the kernels see only the active one), bringing them back,

@@ -50,7 +50,7 @@ class FullConfig(AdapterConfig):
     method: ClassVar[str] = "full"
 
 
-def _merge_bitfit(model: nn.Module, keep: bool = False) -> None:
+def _merge_bitfit(model: nn.Module) -> None:
     """BitFit's tensors are the backbone's biases: merged already."""
 
 
