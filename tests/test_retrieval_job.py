@@ -201,3 +201,28 @@ def test_share_image_tower_uses_the_text_towers_bishare_modules():
             assert all(i is t for i, t in zip(image, text))
         else:
             assert all(i is None for i in image)
+
+
+def test_lora_trains_in_the_retrieval_job_beside_mga(tmp_path):
+    """``--method lora`` (peft's option names through --option): LoRA on both towers' packed q/k/v projections
+    learns on the embedded set (measured 2026-12-04, 4 epochs: zero-shot 16.33 -> test 56.11; one epoch: val 25.33)
+    and its adapter file evaluates back to the same test metrics."""
+    from rspeft_fast.integration import read_adapter_config
+
+    out = tmp_path / "lora"
+    args = ["--no-progress", "--device", "cpu", "--embedded-scale", "0.5", "--lr", "5e-3", "--method", "lora",
+            "--option", "r=8", "--option", "lora_alpha=16"]
+    p = subprocess.run([sys.executable, "-m", "rspeft_fast", "retrieval", *args, "--epochs", "1", "--out", str(out)],
+                       env=ENV, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, (p.stdout, p.stderr)
+    assert "+ lora |" in p.stdout and "attn.in_proj" in p.stdout
+    m = json.load(open(out / "metrics.json"))
+    assert m["val"]["r_mean"] >= m["zero_shot"]["r_mean"] + 5.0, (m["val"], m["zero_shot"])
+    cfg = read_adapter_config(out / "adapters.safetensors")
+    assert cfg.to_dict()["method"] == "lora" and (cfg.rank, cfg.alpha) == (8, 16.0)
+    again = tmp_path / "eval"
+    torch.set_num_threads(1)
+    assert retrieval_main([*args, "--eval-only", "--adapters", str(out / "adapters.safetensors"), "--out", str(again)]) == 0
+    assert json.load(open(again / "metrics.json"))["test"] == m["test"]
+    with pytest.raises(SystemExit, match="does not apply to --method lora"):
+        retrieval_main([*args, "--share-image-tower", "--out", str(tmp_path / "x")])

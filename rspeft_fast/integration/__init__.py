@@ -1,7 +1,9 @@
 """Drop-in integration: inject adapters into timm / open_clip / HF / torchvision models, save and load them.
 
 * :func:`inject` (model, method or config, **options) → the model, frozen, with trainable adapters;
-* :func:`trainable_parameters`, :func:`enable_adapters`, :func:`adapters_disabled`, :func:`merge_adapters`;
+* :func:`trainable_parameters`, :func:`enable_adapters`, :func:`adapters_disabled`, :func:`merge_adapters`
+  (``keep=True``: :func:`unmerge_adapters` undoes it), :func:`unload_adapters`, :func:`merge_and_unload`;
+* named adapters (LoRA): ``inject(..., adapter_name=)``, :func:`set_adapter`, :func:`delete_adapter`;
 * :func:`save_adapters` / :func:`load_adapters` (safetensors, config in the metadata), :func:`trainable_state_dict`;
 * one config dataclass per method (:class:`MuFAConfig`, ...).
 
@@ -46,7 +48,8 @@ shape of one (``methods/convpass.py`` is the real thing)::
         return out                       # the names of the modules adapted
 
 The injector runs on a model whose every parameter is frozen; new modules are trainable, and it unfreezes any
-backbone tensor the method tunes. ``register`` also takes ``merge=`` (fold into the weights), ``resolve=`` (defaults
+backbone tensor the method tunes. ``register`` also takes ``merge=`` (fold into the weights; ``unmerge=`` undoes a
+``keep=True`` merge), ``named=`` (named adapters: stash / unstash / drop, see ``registry.Method``), ``resolve=`` (defaults
 that depend on the model, e.g. a width) and ``defaults=`` (a variant name that sets options, as ``eqam+capm``).
 Config, ``inject``, ``SUPPORTED``, the CLI's ``--method`` choices, ``save_adapters`` / ``load_adapters`` and the error
 messages then know the method; add its tests (``tests/test_inject.py``'s method list, a save/load round trip).

@@ -18,6 +18,7 @@ import weakref
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
 from timm.models.convnext import ConvNeXtBlock, ConvNeXtStage
 from timm.models.eva import EvaBlock
@@ -260,39 +261,238 @@ else:  # pragma: no cover
     AdaptedClipBlock = None
 
 
+def _lora_delta(mod: nn.Module, a: str, b: str) -> torch.Tensor:
+    """``scaling * B A`` of the factors ``a`` / ``b`` of ``mod`` (in the weights' dtype; autograd flows)."""
+    return (getattr(mod, b) @ getattr(mod, a)) * mod.lora_scaling
+
+
 class LoRALinear(nn.Linear):
-    """``nn.Linear`` plus a low-rank update: ``x Wᵀ + b + scaling * (x Aᵀ) Bᵀ`` (``B`` zero-init)."""
+    """``nn.Linear`` plus a low-rank update: ``x Wᵀ + b + scaling * (drop(x) Aᵀ) Bᵀ`` (``B`` zero-init; HF peft's
+    ``lora.Linear`` forward, same op order). After ``merge_lora(keep=True)`` the weight holds ``W + scaling B A``
+    and the branch is skipped; the pre-merge weight is kept (``lora_premerge``) so unmerging is exact."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        premerge = self.__dict__.get("lora_premerge")
+        if premerge is not None:  # merged, factors kept
+            return F.linear(x, self.weight if self.adapter_enabled else premerge, self.bias)
         out = F.linear(x, self.weight, self.bias)
-        if not self.adapter_enabled:
+        if not self.adapter_enabled or "lora_A" not in self._parameters:  # off, or another named adapter is active
             return out
+        p = self.lora_dropout
+        x = F.dropout(x, p, self.training) if p > 0 else x
         return out + F.linear(F.linear(x, self.lora_A), self.lora_B) * self.lora_scaling
 
 
-def make_lora(lin: nn.Linear, rank: int, alpha: float) -> LoRALinear:
-    if type(lin) is not nn.Linear:
+class LoRAConv1x1(nn.Conv2d):
+    """A 1×1 ``nn.Conv2d`` (a linear map per pixel) plus LoRA, as HF peft's ``lora.Conv2d``: ``A`` a 1×1 conv with
+    the base's stride and padding, ``B`` a 1×1 conv; factors ``(rank, in, 1, 1)`` / ``(out, rank, 1, 1)``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        premerge = self.__dict__.get("lora_premerge")
+        if premerge is not None:
+            return self._conv_forward(x, self.weight if self.adapter_enabled else premerge, self.bias)
+        out = self._conv_forward(x, self.weight, self.bias)
+        if not self.adapter_enabled or "lora_A" not in self._parameters:
+            return out
+        p = self.lora_dropout
+        x = F.dropout(x, p, self.training) if p > 0 else x
+        return out + F.conv2d(F.conv2d(x, self.lora_A, None, self.stride, self.padding), self.lora_B) * self.lora_scaling
+
+
+class LoRAMultiheadAttention(nn.MultiheadAttention):
+    """``nn.MultiheadAttention`` with LoRA on its packed ``in_proj`` (``lora_A`` / ``lora_B`` here) and / or its
+    ``out_proj`` (a :class:`LoRALinear` child). ``F.multi_head_attention_forward`` reads the weights directly and
+    never calls ``out_proj``, so the update runs as weights ``W + scaling B A`` (HF peft's MHA LoRA does the same:
+    no dropout on this branch); the reference is :func:`rspeft_fast.reference.lora_mha_ref`."""
+
+    def _lora_weights(self):
+        w_in = self.in_proj_weight
+        if "lora_A" in self._parameters and "lora_premerge" not in self.__dict__:
+            w_in = w_in + _lora_delta(self, "lora_A", "lora_B")
+        o = self.out_proj
+        w_out = o.weight
+        if isinstance(o, LoRALinear) and "lora_premerge" not in o.__dict__:
+            w_out = w_out + _lora_delta(o, "lora_A", "lora_B")
+        return w_in, w_out
+
+    def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
+                average_attn_weights=True, is_causal=False):
+        if not self.adapter_enabled:
+            pre_in = self.__dict__.get("lora_premerge")
+            pre_out = self.out_proj.__dict__.get("lora_premerge")
+            if pre_in is None and pre_out is None:
+                return super().forward(query, key, value, key_padding_mask, need_weights, attn_mask,
+                                       average_attn_weights, is_causal)
+            w_in = self.in_proj_weight if pre_in is None else pre_in
+            w_out = self.out_proj.weight if pre_out is None else pre_out
+        else:
+            w_in, w_out = self._lora_weights()
+        batched = query.dim() == 3
+        if self.batch_first and batched:  # keep the "is" identities F.multi_head_attention_forward tests
+            if key is value:
+                if query is key:
+                    query = key = value = query.transpose(1, 0)
+                else:
+                    query, key = (t.transpose(1, 0) for t in (query, key))
+                    value = key
+            else:
+                query, key, value = (t.transpose(1, 0) for t in (query, key, value))
+        out, weights = F.multi_head_attention_forward(
+            query, key, value, self.embed_dim, self.num_heads, w_in, self.in_proj_bias, self.bias_k, self.bias_v,
+            self.add_zero_attn, self.dropout, w_out, self.out_proj.bias, training=self.training,
+            key_padding_mask=key_padding_mask, need_weights=need_weights, attn_mask=attn_mask,
+            average_attn_weights=average_attn_weights, is_causal=is_causal)
+        if self.batch_first and batched:
+            out = out.transpose(1, 0)
+        return out, weights
+
+
+LORA_INITS = ("kaiming", "gaussian")
+
+
+def _add_factors(mod: nn.Module, in_features: int, out_features: int, rank: int, init: str, like: torch.Tensor) -> None:
+    dd = {"device": like.device, "dtype": like.dtype}
+    mod.lora_A = nn.Parameter(torch.empty(rank, in_features, **dd))
+    mod.lora_B = nn.Parameter(torch.zeros(out_features, rank, **dd))
+    if init == "gaussian":  # peft's init_lora_weights="gaussian"
+        nn.init.normal_(mod.lora_A, std=1.0 / rank)
+    else:  # peft's default (init_lora_weights=True): nn.Linear's own init of A
+        nn.init.kaiming_uniform_(mod.lora_A, a=5**0.5)
+
+
+def make_lora(lin: nn.Linear, rank: int, alpha: float, *, dropout: float = 0.0, rslora: bool = False,
+              init: str = "kaiming", inside_mha: bool = False) -> LoRALinear:
+    """Give ``lin`` (a plain ``nn.Linear``; MHA's ``out_proj`` subclass with ``inside_mha``) LoRA factors; its
+    class becomes :class:`LoRALinear` (``unload_adapters`` restores it). ``scaling`` is ``alpha / rank``
+    (``alpha / sqrt(rank)`` with ``rslora``)."""
+    if type(lin) not in (nn.Linear, LoRALinear) and not (inside_mha and isinstance(lin, nn.Linear)):
         raise TypeError(f"LoRA adapts plain nn.Linear modules, got {type(lin).__name__}")
-    dd = {"device": lin.weight.device, "dtype": lin.weight.dtype}
+    _add_factors(lin, lin.in_features, lin.out_features, rank, init, lin.weight)
     lin.__class__ = LoRALinear
-    lin.lora_A = nn.Parameter(torch.empty(rank, lin.in_features, **dd))
-    lin.lora_B = nn.Parameter(torch.zeros(lin.out_features, rank, **dd))
-    nn.init.kaiming_uniform_(lin.lora_A, a=5**0.5)
-    lin.lora_scaling = float(alpha) / float(rank)
+    lin.lora_scaling = lora_scaling(rank, alpha, rslora)
+    lin.lora_dropout = float(dropout)
     lin.adapter_enabled = True
     return lin
 
 
-def merge_lora(lin: LoRALinear) -> nn.Linear:
+def make_lora_conv(conv: nn.Conv2d, rank: int, alpha: float, *, dropout: float = 0.0, rslora: bool = False,
+                   init: str = "kaiming") -> LoRAConv1x1:
+    """LoRA on a 1×1 ``nn.Conv2d`` (groups 1, zero padding mode); see :class:`LoRAConv1x1`."""
+    if (type(conv) not in (nn.Conv2d, LoRAConv1x1) or tuple(conv.kernel_size) != (1, 1) or conv.groups != 1
+            or conv.padding_mode != "zeros"):
+        raise TypeError(f"LoRA adapts 1x1 nn.Conv2d layers (groups 1), where a convolution is a linear map; got "
+                        f"{type(conv).__name__} kernel {tuple(conv.kernel_size)} groups {conv.groups}")
+    _add_factors(conv, conv.in_channels, conv.out_channels, rank, init, conv.weight)
     with torch.no_grad():
-        delta = (lin.lora_B.float() @ lin.lora_A.float()) * lin.lora_scaling
-        lin.weight.add_(delta.to(lin.weight.dtype))
-    del lin.lora_A
-    del lin.lora_B
-    for a in ("lora_scaling", "adapter_enabled"):
-        lin.__dict__.pop(a, None)
-    lin.__class__ = nn.Linear
-    return lin
+        conv.lora_A = nn.Parameter(conv.lora_A[:, :, None, None].contiguous())
+        conv.lora_B = nn.Parameter(conv.lora_B[:, :, None, None].contiguous())
+    conv.__class__ = LoRAConv1x1
+    conv.lora_scaling = lora_scaling(rank, alpha, rslora)
+    conv.lora_dropout = float(dropout)
+    conv.adapter_enabled = True
+    return conv
+
+
+def make_lora_mha(mha: nn.MultiheadAttention, in_proj: bool, out_proj: bool, rank: int, alpha: float, *,
+                  rslora: bool = False, init: str = "kaiming") -> LoRAMultiheadAttention:
+    """LoRA on ``mha``'s packed ``in_proj`` and / or its ``out_proj`` (see :class:`LoRAMultiheadAttention`)."""
+    if type(mha) not in (nn.MultiheadAttention, LoRAMultiheadAttention) or not mha._qkv_same_embed_dim:
+        raise TypeError("LoRA adapts nn.MultiheadAttention with the packed in_proj (kdim = vdim = embed_dim), got "
+                        f"{type(mha).__name__}")
+    if in_proj:
+        _add_factors(mha, mha.embed_dim, 3 * mha.embed_dim, rank, init, mha.in_proj_weight)
+    if out_proj:
+        make_lora(mha.out_proj, rank, alpha, rslora=rslora, init=init, inside_mha=True)
+    mha.__class__ = LoRAMultiheadAttention
+    mha.lora_scaling = lora_scaling(rank, alpha, rslora)
+    mha.adapter_enabled = True
+    return mha
+
+
+def lora_scaling(rank: int, alpha: float, rslora: bool) -> float:
+    return float(alpha) / (float(rank) ** 0.5 if rslora else float(rank))
+
+
+def _lora_holders(mod: nn.Module):
+    """The modules of ``mod`` (itself, an MHA's ``out_proj``) that hold LoRA factors."""
+    out = [mod] if "lora_A" in mod._parameters else []
+    if isinstance(mod, LoRAMultiheadAttention) and isinstance(mod.out_proj, LoRALinear):
+        out.append(mod.out_proj)
+    return out
+
+
+def merge_lora(mod: nn.Module, keep: bool = False) -> None:
+    """``W += scaling * B A`` in a :class:`LoRALinear` / :class:`LoRAMultiheadAttention`. ``keep``: the factors
+    stay and the pre-merge weights are kept for :func:`unmerge_lora`; else the factors are removed and the class
+    is the plain one again."""
+    for h in _lora_holders(mod):
+        w = h.in_proj_weight if isinstance(h, nn.MultiheadAttention) else h.weight
+        if "lora_premerge" in h.__dict__:
+            continue  # merged already
+        with torch.no_grad():
+            if keep:
+                h.lora_premerge = w.detach().clone()
+            delta = (h.lora_B.float().flatten(1) @ h.lora_A.float().flatten(1)) * h.lora_scaling
+            w.add_(delta.reshape(w.shape).to(w.dtype))  # a 1x1 conv: (out, in) -> (out, in, 1, 1)
+    if not keep:
+        strip_lora(mod)
+
+
+def unmerge_lora(mod: nn.Module) -> None:
+    """Undo :func:`merge_lora` ``(keep=True)``: the weights are the pre-merge ones again, bit for bit."""
+    for h in _lora_holders(mod):
+        pre = h.__dict__.pop("lora_premerge", None)
+        if pre is not None:
+            w = h.in_proj_weight if isinstance(h, nn.MultiheadAttention) else h.weight
+            with torch.no_grad():
+                w.copy_(pre)
+
+
+_LORA_TENSORS = ("lora_A", "lora_B")
+_LORA_VALUES = ("lora_scaling", "lora_dropout")
+
+
+def stash_lora(mod: nn.Module, name: str) -> None:
+    """Move ``mod``'s active LoRA factors (and their scaling / dropout) aside under ``name`` (a plain attribute
+    ``lora_stash``: out of the module tree, the state dict and the optimiser's reach)."""
+    if "lora_A" not in mod._parameters:
+        return
+    if "lora_premerge" in mod.__dict__:
+        raise RuntimeError("a merged LoRA adapter cannot be switched; unmerge_adapters first")
+    entry = {k: mod._parameters.pop(k) for k in _LORA_TENSORS}
+    entry.update({k: mod.__dict__[k] for k in _LORA_VALUES if k in mod.__dict__})
+    mod.__dict__.setdefault("lora_stash", {})[name] = entry
+
+
+def unstash_lora(mod: nn.Module, name: str) -> None:
+    """Make the factors stashed under ``name`` the active ones (moved to the weights' device)."""
+    entry = mod.__dict__.get("lora_stash", {}).pop(name, None)
+    if entry is None:
+        return
+    dev = (mod.in_proj_weight if isinstance(mod, nn.MultiheadAttention) else mod.weight).device
+    for k in _LORA_TENSORS:
+        p = entry[k]
+        mod._parameters[k] = p if p.device == dev else nn.Parameter(p.detach().to(dev), requires_grad=p.requires_grad)
+    for k in _LORA_VALUES:
+        if k in entry:
+            mod.__dict__[k] = entry[k]
+
+
+def strip_lora(mod: nn.Module) -> None:
+    """Remove the LoRA factors and attributes of ``mod`` and give it back its plain class (weights as they are)."""
+    for h in _lora_holders(mod) + [mod]:
+        for pn in ("lora_A", "lora_B"):
+            h._parameters.pop(pn, None)
+        for a in ("lora_scaling", "lora_dropout", "lora_premerge", "lora_stash", "adapter_enabled"):
+            h.__dict__.pop(a, None)
+    if isinstance(mod, LoRAMultiheadAttention):
+        if isinstance(mod.out_proj, LoRALinear):
+            mod.out_proj.__class__ = NonDynamicallyQuantizableLinear
+        mod.__class__ = nn.MultiheadAttention
+    elif isinstance(mod, LoRALinear):
+        mod.__class__ = nn.Linear
+    elif isinstance(mod, LoRAConv1x1):
+        mod.__class__ = nn.Conv2d
 
 
 # -- VPT on a timm VisionTransformer (forward hooks; the prompts are ``model.vpt_prompts (depth|1, n, d)``) --

@@ -17,6 +17,9 @@ it with :func:`config_for`). Every config carries the options common to all meth
   dict per op, keys ``"mufa"``, ``"eqam"``, ``"mga"`` (missing keys mean ``"auto"``). Not part of the
   method's identity: it is not compared when loading adapter weights.
 
+A config may accept other names for its fields (``aliases``: LoRA takes HF peft's ``r``, ``lora_alpha``,
+``lora_dropout``, ``use_rslora``, ``init_lora_weights``, ``target_modules``), wherever options are given by name.
+
 Option values are validated and coerced in ONE place, :func:`coerce_options` (the configs' ``validate``,
 hence ``inject(model, "mufa", rates=16)``, the config constructors and the CLI's ``--option key=value``):
 ``rates=16``, ``rates="8,16,32"``, ``rates=[8, 16]`` all mean what they say, ``"4"`` is an int option's 4,
@@ -129,7 +132,20 @@ def coerce_options(method: Union[str, "AdapterConfig"], options: dict) -> dict:
     config's own checks. Raises :class:`OptionError` naming the option (unknown key or bad value).
     Used by :func:`config_for` (hence ``inject``) and by the CLI's ``--option``."""
     cfg = config_for(method, **options)
-    return {k: getattr(cfg, k) for k in options}
+    cls = type(cfg)
+    return {k: getattr(cfg, cls.aliases.get(k, k)) for k in options}
+
+
+def _unalias(cls: type, options: dict) -> dict:
+    """``options`` with the config's alias names (``cls.aliases``: HF peft's ``r``, ``lora_alpha``, ...) replaced
+    by its own field names; :class:`OptionError` when an option is given under both names."""
+    out = {}
+    for k, v in options.items():
+        name = cls.aliases.get(k, k)
+        if name in out:
+            raise OptionError(f"{cls.method}: option {name!r} is given twice ({k!r} is another name for it)")
+        out[name] = v
+    return out
 
 _IMPLS = ("auto", "reference", "triton")
 _IMPL_OPS = ("mufa", "eqam", "mga")
@@ -148,6 +164,8 @@ class AdapterConfig:
 
     # fields that do not define the adapter's tensors (not compared when loading weights)
     _RUNTIME_FIELDS: ClassVar[tuple] = ("impl",)
+    # other names accepted for fields ({alias: field}; HF peft's option names, so a peft recipe transfers)
+    aliases: ClassVar[dict] = {}
 
     def __post_init__(self):
         self.validate()
@@ -244,11 +262,12 @@ def config_for(method: Union[str, AdapterConfig], **options) -> AdapterConfig:
     from .registry import REGISTRY
 
     if isinstance(method, AdapterConfig):
-        return method.replace(**options) if options else method
+        return method.replace(**_unalias(type(method), options)) if options else method
     if not isinstance(method, str):
         raise TypeError(f"method must be a method name or an AdapterConfig, got {type(method).__name__}")
     name = method.lower()
     cls = config_class(name)
+    options = _unalias(cls, options)
     for k, v in REGISTRY[name].defaults.items():  # a variant's name sets options ("eqam+capm": with_capm=True)
         options.setdefault(k, v)
     names = {f.name for f in dataclasses.fields(cls)}

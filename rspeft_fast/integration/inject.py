@@ -9,9 +9,11 @@ name -> methods.
 ``target=`` selects where a method applies, with one meaning for every method (HF peft's rule): a string is a
 regular expression ``re.fullmatch``ed against module names, a list names modules exactly or by dotted suffix
 (``["blocks.1", "attn.qkv"]``). A method adapts each of its units (transformer / ConvNeXt blocks for mufa,
-adaptformer, adapter, eqam and mga; stages for capm; attention ``nn.Linear`` for lora; the parameters of
-modules for bitfit / layernorm) that is selected or lies inside a selected module: ``target="blocks.1"``
-adapts block 1 and not block 10; ``target=r"blocks\.(0|1)\.attn\.qkv"`` gives LoRA on two projections.
+adaptformer, adapter, eqam and mga; stages for capm; attention projections for lora, which also adapts any
+``nn.Linear`` the target names itself, peft's ``target_modules``; the parameters of modules for bitfit /
+layernorm) that is selected or lies inside a selected module: ``target="blocks.1"`` adapts block 1 and not block
+10; ``target=r"blocks\.(0|1)\.attn\.qkv"`` gives LoRA on two projections, ``target=["qkv", "fc1", "fc2"]`` LoRA on
+every block's qkv and MLP.
 
 Everything that is not an adapter is frozen (``requires_grad=False``) except the classifier head when
 the method tunes it (``train_head``; ``linear`` tunes only the head, ``full`` everything). A frozen BatchNorm
@@ -21,6 +23,11 @@ under DDP too), so its running statistics never move; a BatchNorm the method tun
 ``full``, or one unfrozen by hand before ``model.train()``) trains as usual. The model is
 modified in place and returned; its config is kept as ``model.rspeft_config``, the names of the modules
 it adapted as ``model.rspeft_adapted`` (also in :func:`trainable_parameters` and logged at INFO level).
+
+The ways back (HF peft's): :func:`unload_adapters` (the backbone as it was before ``inject``: classes, hooks,
+attributes, ``requires_grad``), :func:`merge_adapters` ``(keep=True)`` / :func:`unmerge_adapters`,
+:func:`merge_and_unload`. Named adapters (LoRA): ``inject(..., adapter_name=)``, :func:`set_adapter`,
+:func:`delete_adapter`, :func:`adapter_names`.
 """
 from __future__ import annotations
 
@@ -43,6 +50,12 @@ __all__ = [
     "enable_adapters",
     "adapters_disabled",
     "merge_adapters",
+    "unmerge_adapters",
+    "unload_adapters",
+    "merge_and_unload",
+    "set_adapter",
+    "delete_adapter",
+    "adapter_names",
     "model_family",
     "TrainableParams",
     "SUPPORTED",
@@ -56,6 +69,8 @@ CONFIG_ATTR = "rspeft_config"
 MERGED_ATTR = "rspeft_merged"  # the config of adapters merge_adapters folded into the backbone's weights
 ADAPTED_ATTR = "rspeft_adapted"
 ADDED_ATTR = "rspeft_added"  # names of the parameters the injector added (adapters, LoRA factors, gates, prompts)
+NAMED_ATTR = "rspeft_adapters"  # {adapter name: its record}; the active one is rspeft_active
+ORIGINAL_ATTR = "rspeft_original"  # what inject changes, recorded before it does (unload_adapters puts it back)
 
 
 def model_family(model: nn.Module) -> str:
@@ -121,18 +136,25 @@ def _head(model: nn.Module, fam: Family) -> Optional[nn.Module]:
     return None
 
 
-def inject(model: nn.Module, method: Union[str, AdapterConfig], **options) -> nn.Module:
+def inject(model: nn.Module, method: Union[str, AdapterConfig], *, adapter_name: Optional[str] = None,
+           **options) -> nn.Module:
     """Freeze ``model`` and add the adapters of ``method`` (a name or a config; ``options`` are the
-    config's fields). Returns the same (modified) model. See the module docstring for what is supported."""
+    config's fields). Returns the same (modified) model. See the module docstring for what is supported.
+
+    ``adapter_name`` (HF peft's): name this adapter (default ``"default"``); on a model that has adapters, a new name
+    adds a second one beside them (LoRA: each its own ``target`` / rank / ...) and makes it the active one: the
+    others are put aside, :func:`set_adapter` switches, one adapter runs at a time."""
     cfg = config_for(method, **options)
-    if getattr(model, CONFIG_ATTR, None) is not None:
-        raise RuntimeError(
-            f"model already has adapters injected ({getattr(model, CONFIG_ATTR).to_dict()['method']}); "
-            "inject into a fresh model"
-        )
-    fam = family_of(model)
     name = cfg.to_dict()["method"]
     spec = REGISTRY[name]
+    current = getattr(model, CONFIG_ATTR, None)
+    if current is not None:
+        if adapter_name is None:
+            raise RuntimeError(
+                f"model already has adapters injected ({current.to_dict()['method']}); inject into a fresh model, or "
+                "pass adapter_name= to add a named adapter beside them (LoRA)")
+        return _add_named(model, cfg, str(adapter_name))
+    fam = family_of(model)
     if name not in fam.methods:
         why = why_not(fam.name, name)
         raise ValueError(
@@ -145,6 +167,7 @@ def inject(model: nn.Module, method: Union[str, AdapterConfig], **options) -> nn
             "(open_clip / CLIP: none; HF: the ...ForImageClassification class with config.num_labels)"
         )
 
+    original = _snapshot(model)
     head_classes = None
     if fam.head == "timm":
         if cfg.num_classes is not None and cfg.num_classes != model.num_classes:
@@ -166,11 +189,119 @@ def inject(model: nn.Module, method: Union[str, AdapterConfig], **options) -> nn
     if fam.head == "timm":
         cfg = cfg.replace(num_classes=head_classes)
     setattr(model, CONFIG_ATTR, cfg)
+    _keep_changed_scalars(model, original)
+    setattr(model, ORIGINAL_ATTR, original)
     setattr(model, ADAPTED_ATTR, tuple(adapted))
     model.rspeft_trainable = tuple(n for n, p in model.named_parameters() if p.requires_grad)
+    setattr(model, NAMED_ATTR, {})
+    _record(model, "default" if adapter_name is None else str(adapter_name))
     _blocks.keep_frozen_batchnorm_in_eval(model, stats_train_without_params=(name == "full"))
     shown = ", ".join(adapted[:4]) + (f", ... ({len(adapted)} in all)" if len(adapted) > 4 else "")
     log.info("rspeft_fast.inject %s into %s: adapted %s", name, fam.label, shown or "no module (head only)")
+    return model
+
+
+# --------------------------------------------------------------------------------------------------
+# named adapters
+
+
+def _record(model: nn.Module, name: str) -> None:
+    """Record the active adapter's config, adapted modules and trainable parameters under ``name``."""
+    getattr(model, NAMED_ATTR)[name] = (getattr(model, CONFIG_ATTR), getattr(model, ADAPTED_ATTR),
+                                        tuple(model.rspeft_trainable))
+    model.rspeft_active = name
+
+
+def _named_ops(model: nn.Module, what: str) -> dict:
+    cfg = injected_config(model, what, "the {method!r} adapters were merged into the weights; named adapters need "
+                                       "unmerged ones")
+    spec = REGISTRY[cfg.to_dict()["method"]]
+    if spec.named is None:
+        named = ", ".join(m.name for m in REGISTRY.values() if m.named is not None)
+        raise NotImplementedError(f"{what}: method {spec.name!r} has one adapter per model (named adapters: {named})")
+    return spec.named
+
+
+def adapter_names(model: nn.Module) -> tuple:
+    """The names of the model's adapters (``"default"`` for an unnamed ``inject``), the active one first."""
+    named = getattr(model, NAMED_ATTR, None) or {}
+    active = getattr(model, "rspeft_active", None)
+    return tuple(sorted(named, key=lambda n: (n != active, n)))
+
+
+def _add_named(model: nn.Module, cfg: AdapterConfig, name: str) -> nn.Module:
+    ops = _named_ops(model, "inject(adapter_name=...)")
+    current = getattr(model, CONFIG_ATTR)
+    if cfg.to_dict()["method"] != current.to_dict()["method"]:
+        raise NotImplementedError(f"inject(adapter_name={name!r}): the model's adapters are "
+                                  f"{current.to_dict()['method']}; a named adapter of another method is not supported")
+    if name in getattr(model, NAMED_ATTR):
+        raise ValueError(f"inject: the model already has an adapter named {name!r} (delete_adapter first)")
+    fam = family_of(model)
+    if cfg.num_classes is not None and cfg.num_classes != current.num_classes:
+        raise ValueError("inject(adapter_name=...): named adapters share the model's classifier head; num_classes "
+                         f"must stay {current.num_classes}")
+    active = model.rspeft_active
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    ops["stash"](model, active)
+    original = {n for n in getattr(model, ORIGINAL_ATTR)["grad"]}
+    model.requires_grad_(False)
+    spec = REGISTRY[cfg.to_dict()["method"]]
+    try:
+        adapted = list(spec.inject(model, fam, cfg, Target(cfg.target)))
+    except BaseException:  # the model as it was: what was added removed, the active adapter back
+        ops["stash"](model, "\0failed")
+        ops["drop"](model, "\0failed")
+        ops["unstash"](model, active)
+        for n, p in model.named_parameters():
+            p.requires_grad_(flags.get(n, False))
+        raise
+    head = _head(model, fam)
+    if head is not None and cfg.train_head:
+        head.requires_grad_(True)
+    setattr(model, ADDED_ATTR, tuple(n for n, _ in model.named_parameters() if n not in original))
+    setattr(model, CONFIG_ATTR, cfg.replace(num_classes=current.num_classes))
+    setattr(model, ADAPTED_ATTR, tuple(adapted))
+    model.rspeft_trainable = tuple(n for n, p in model.named_parameters() if p.requires_grad)
+    _record(model, name)
+    return model
+
+
+def set_adapter(model: nn.Module, name: str) -> nn.Module:
+    """Make the named adapter the one that runs (and trains: only its parameters, and the head where its config
+    trains it, require grad; build the optimiser after switching). The others are put aside."""
+    ops = _named_ops(model, "set_adapter")
+    named = getattr(model, NAMED_ATTR)
+    if name not in named:
+        raise ValueError(f"set_adapter: no adapter named {name!r}; the model has {', '.join(adapter_names(model))}")
+    if name == model.rspeft_active:
+        return model
+    ops["stash"](model, model.rspeft_active)
+    ops["unstash"](model, name)
+    cfg, adapted, trainable = named[name]
+    setattr(model, CONFIG_ATTR, cfg)
+    setattr(model, ADAPTED_ATTR, adapted)
+    original = getattr(model, ORIGINAL_ATTR)["grad"]
+    setattr(model, ADDED_ATTR, tuple(n for n, _ in model.named_parameters() if n not in original))
+    model.rspeft_trainable = trainable
+    keep = set(trainable)
+    for n, p in model.named_parameters():
+        p.requires_grad_(n in keep)
+    model.rspeft_active = name
+    return model
+
+
+def delete_adapter(model: nn.Module, name: str) -> nn.Module:
+    """Delete a named adapter that is not the active one (switch with :func:`set_adapter` first)."""
+    ops = _named_ops(model, "delete_adapter")
+    named = getattr(model, NAMED_ATTR)
+    if name not in named:
+        raise ValueError(f"delete_adapter: no adapter named {name!r}; the model has {', '.join(adapter_names(model))}")
+    if name == model.rspeft_active:
+        raise ValueError(f"delete_adapter: {name!r} is the active adapter; set_adapter to another one first "
+                         "(or unload_adapters to remove them all)")
+    ops["drop"](model, name)
+    del named[name]
     return model
 
 
@@ -188,9 +319,9 @@ class TrainableParams(NamedTuple):
 
     def __str__(self) -> str:
         shown = ", ".join(self.adapted[:4]) + (", ..." if len(self.adapted) > 4 else "")
-        return (
-            f"trainable params: {self.trainable:,} || backbone params: {self.backbone:,} || "
-            f"all params: {self.total:,} || trainable%: {self.percent:.4f} (of backbone), {self.percent_of_total:.4f} (of all)"
+        return (  # HF peft's print_trainable_parameters line first, the papers' share (of the backbone) beside it
+            f"trainable params: {self.trainable:,} || all params: {self.total:,} || trainable%: "
+            f"{self.percent_of_total:.4f} || backbone params: {self.backbone:,} || of backbone: {self.percent:.4f}%"
             + (f" || adapted {len(self.adapted)} modules: {shown}" if self.adapted else "")
         )
 
@@ -265,9 +396,14 @@ def adapters_disabled(model: nn.Module):
             m.adapter_enabled = b
 
 
-def merge_adapters(model: nn.Module) -> nn.Module:
-    """Fold linear adapters into the backbone weights: LoRA (``W += scaling * B A``; the LoRA factors
-    are removed) and BitFit (already in the biases: nothing to do). Other methods raise."""
+def merge_adapters(model: nn.Module, keep: bool = False) -> nn.Module:
+    """Fold linear adapters into the backbone weights: LoRA (``W += scaling * B A``) and BitFit (already in the
+    biases: nothing to do). Other methods raise.
+
+    ``keep=False``: the LoRA factors are removed (the model has no adapters left: ``save_adapters`` and
+    ``enable_adapters`` say so). ``keep=True`` (HF peft's ``merge_adapter``): the factors and the pre-merge weights
+    are kept, the model stays injected (saving, switching off: the pre-merge weights run) and
+    :func:`unmerge_adapters` restores the pre-merge outputs exactly."""
     cfg = getattr(model, CONFIG_ATTR, None)
     if cfg is None:
         raise RuntimeError("merge_adapters: the model has no injected adapters")
@@ -279,8 +415,100 @@ def merge_adapters(model: nn.Module) -> nn.Module:
             f"merge_adapters: method {method!r} is not linear, so it cannot be folded into the "
             f"backbone weights (mergeable: {mergeable})"
         )
-    spec.merge(model)
-    if not spec.merged_keeps_config:
+    if not keep:
+        spec.merge(model)
+    elif spec.unmerge is not None:
+        spec.merge(model, keep=True)
+    elif not spec.merged_keeps_config:  # (BitFit: merged already, nothing to keep)
+        raise NotImplementedError(f"merge_adapters(keep=True): method {method!r} cannot be unmerged; merge a copy "
+                                  "(copy.deepcopy(model)) to keep the adapters")
+    if not keep and not spec.merged_keeps_config:
         setattr(model, CONFIG_ATTR, None)
         setattr(model, MERGED_ATTR, cfg)
     return model
+
+
+def unmerge_adapters(model: nn.Module) -> nn.Module:
+    """Undo :func:`merge_adapters` ``(keep=True)``: the backbone weights are the pre-merge ones again (bit for bit)
+    and the adapters run beside them. After a plain ``merge_adapters`` the factors are gone: the error says so."""
+    cfg = injected_config(
+        model, "unmerge_adapters",
+        "merge_adapters folded the {method!r} adapters into the weights and removed them; merge with keep=True to "
+        "be able to unmerge")
+    spec = REGISTRY[cfg.to_dict()["method"]]
+    if spec.unmerge is not None:
+        spec.unmerge(model)
+    return model
+
+
+def _snapshot(model: nn.Module) -> dict:
+    """What injection may change, per module name: the class, the attribute / parameter / buffer / child / hook
+    names, the plain scalar attributes' values; and each parameter's ``requires_grad``."""
+    mods = {}
+    for name, m in model.named_modules():
+        mods[name] = (
+            type(m),
+            {k: v for k, v in m.__dict__.items() if isinstance(v, (bool, int, float, str, type(None)))},
+            set(m.__dict__), set(m._parameters), set(m._buffers), set(m._modules),
+            set(m._forward_hooks), set(m._forward_pre_hooks),
+        )
+    return {"modules": mods, "grad": {n: p.requires_grad for n, p in model.named_parameters()}}
+
+
+def _keep_changed_scalars(model: nn.Module, original: dict) -> None:
+    """Keep, of the recorded scalar attributes, only those injection changed (EVA's ``qkv_bias_separate``): what
+    the user changes later (a checkpointing flag) is not undone by :func:`unload_adapters`."""
+    mods = original["modules"]
+    for name, m in model.named_modules():
+        if name in mods:
+            rec = mods[name]
+            changed = {k: v for k, v in rec[1].items() if k != "training" and m.__dict__.get(k, v) != v}
+            mods[name] = (rec[0], changed, *rec[2:])
+
+
+def unload_adapters(model: nn.Module) -> nn.Module:
+    """Remove every adapter and give the backbone's modules back as they were before :func:`inject` (HF peft's
+    ``unload``): classes swapped back, adapter modules, LoRA factors, gates, prompts and hooks removed, attributes
+    and ``requires_grad`` flags as before. LoRA merged with ``keep=True`` is unmerged first.
+
+    The backbone's state dict then has its original names; its values are the original ones except the backbone
+    tensors the method trained (BitFit's biases, ``bias="all"``, a trained classifier head, a head that
+    ``num_classes`` replaced). After a plain :func:`merge_adapters`, the merged weights stay: that is
+    :func:`merge_and_unload`."""
+    original = getattr(model, ORIGINAL_ATTR, None)
+    if original is None:
+        raise RuntimeError("unload_adapters: the model has no injected adapters (call rspeft_fast.inject first)")
+    if getattr(model, CONFIG_ATTR, None) is not None:
+        unmerge_adapters(model)
+    mods = original["modules"]
+    for name, m in list(model.named_modules()):
+        if name not in mods:
+            continue
+        cls, scalars, keys, params, buffers, children, hooks, pre_hooks = mods[name]
+        m.__class__ = cls
+        for k in set(m._parameters) - params:
+            del m._parameters[k]
+        for k in set(m._buffers) - buffers:
+            del m._buffers[k]
+            m._non_persistent_buffers_set.discard(k)
+        for k in set(m._modules) - children:
+            del m._modules[k]
+        for k in set(m._forward_hooks) - hooks:
+            for d in (m._forward_hooks, m._forward_hooks_with_kwargs, m._forward_hooks_always_called):
+                d.pop(k, None)
+        for k in set(m._forward_pre_hooks) - pre_hooks:
+            for d in (m._forward_pre_hooks, m._forward_pre_hooks_with_kwargs):
+                d.pop(k, None)
+        for k in set(m.__dict__) - keys:
+            del m.__dict__[k]
+        m.__dict__.update(scalars)
+    for n, p in model.named_parameters():
+        if n in original["grad"]:
+            p.requires_grad_(original["grad"][n])
+    return model
+
+
+def merge_and_unload(model: nn.Module) -> nn.Module:
+    """:func:`merge_adapters` then :func:`unload_adapters` (HF peft's name): a plain backbone whose weights hold the
+    adapters (LoRA), with the original module classes; nothing of rspeft_fast is left on it."""
+    return unload_adapters(merge_adapters(model))

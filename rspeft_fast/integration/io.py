@@ -33,7 +33,7 @@ from .._fileio import atomic_write
 from ..modules.qlinear import QLinear
 from ..reference.qlinear_pack import storage_dtype
 from .config import AdapterConfig
-from .inject import CONFIG_ATTR, inject, injected_config, model_family
+from .inject import CONFIG_ATTR, adapter_names, inject, injected_config, model_family, set_adapter
 
 __all__ = ["save_adapters", "load_adapters", "read_adapter_config", "trainable_state_dict"]
 
@@ -132,14 +132,33 @@ def _layout_packed(model: nn.Module, prefixes: Iterable[str]) -> None:
                             torch.empty(m.out_features, dtype=torch.float32, device=dev))
 
 
-def save_adapters(model: nn.Module, path: str | os.PathLike, extra: Iterable[str] = ()) -> None:
+def save_adapters(model: nn.Module, path: str | os.PathLike, extra: Iterable[str] = (),
+                  adapter_name: Optional[str] = None) -> None:
     """Write the trainable tensors of ``model`` and its config to ``path`` (safetensors, atomically).
 
     Saved: what injection made trainable, every parameter that requires grad now, and the parameters of the
     modules / the parameters named in ``extra`` (HF peft's ``modules_to_save``); packed Q-Linear layers in
     their packed form. Raises RuntimeError on a model without adapters (or whose adapters were merged),
-    saying what to do.
+    saying what to do. ``adapter_name``: save that named adapter (default: the active one) under the model's
+    usual names, so ``load_adapters`` into a fresh model reproduces it; the active adapter and every
+    ``requires_grad`` flag are as before afterwards.
     """
+    active = getattr(model, "rspeft_active", None)
+    if adapter_name is not None and adapter_name != active:
+        flags = {n: p.requires_grad for n, p in model.named_parameters()}
+        set_adapter(model, adapter_name)
+        try:
+            _save(model, path, extra)
+        finally:
+            set_adapter(model, active)
+            for n, p in model.named_parameters():
+                if n in flags:
+                    p.requires_grad_(flags[n])
+        return
+    _save(model, path, extra)
+
+
+def _save(model: nn.Module, path, extra) -> None:
     from safetensors.torch import save
 
     from .. import __version__
@@ -236,12 +255,14 @@ def _tensors_wanted(model: nn.Module, extras: list[str]) -> dict[str, torch.Tens
 
 
 def load_adapters(model: nn.Module, path: str | os.PathLike, impl: Optional[object] = None, *,
-                  replace_head: bool = False) -> nn.Module:
+                  replace_head: bool = False, adapter_name: Optional[str] = None) -> nn.Module:
     """Load adapter weights from ``path`` into ``model`` (re-injecting from the stored config when the
     model has no adapters yet). ``impl`` overrides the stored kernel switch. A timm classifier whose head
     has another number of classes than the file's is refused unless ``replace_head=True`` (then the head
     is reset to the file's and loaded). Extra trainable parameters saved with the file are loaded and made
-    trainable again; packed Q-Linear layers are packed in the model. Returns the model."""
+    trainable again; packed Q-Linear layers are packed in the model. ``adapter_name`` (named adapters, LoRA):
+    load into the adapter of that name, made the active one (added beside the model's adapters when it has none of
+    that name; on a fresh model, the first adapter gets that name). Returns the model."""
     from safetensors.torch import load_file
 
     cfg, meta, keys = _read_meta(path)
@@ -254,7 +275,11 @@ def load_adapters(model: nn.Module, path: str | os.PathLike, impl: Optional[obje
     if impl is not None:
         cfg = cfg.replace(impl=impl)
     current = getattr(model, CONFIG_ATTR, None)
-    if current is not None:
+    if adapter_name is not None and current is not None and adapter_name in adapter_names(model):
+        set_adapter(model, adapter_name)
+        current = getattr(model, CONFIG_ATTR)
+    adding = adapter_name is not None and current is not None and adapter_name not in adapter_names(model)
+    if current is not None and not adding:
         a, b = current.identity(), cfg.identity()
         if a != b:
             diff = {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
@@ -265,7 +290,7 @@ def load_adapters(model: nn.Module, path: str | os.PathLike, impl: Optional[obje
         plan = _meta_copy(model) if packed else model  # the packed layout is checked on a copy first
     else:
         have = getattr(model, "num_classes", None)
-        if (cfg.num_classes is not None and isinstance(have, int) and have != cfg.num_classes
+        if not adding and (cfg.num_classes is not None and isinstance(have, int) and have != cfg.num_classes
                 and not replace_head):
             raise ValueError(
                 f"load_adapters: {path} holds a {cfg.num_classes}-class head, this model's has {have} classes; "
@@ -273,7 +298,7 @@ def load_adapters(model: nn.Module, path: str | os.PathLike, impl: Optional[obje
                 f"num_classes={cfg.num_classes}")
         plan = _meta_copy(model)
         try:
-            inject(plan, cfg)
+            inject(plan, cfg, adapter_name=adapter_name)
         except (TypeError, ValueError, RuntimeError) as e:
             raise ValueError(f"load_adapters: the adapters in {path} ({cfg.to_dict()['method']}) cannot be injected into this model: {e}") from e
     problems = []
@@ -320,11 +345,11 @@ def load_adapters(model: nn.Module, path: str | os.PathLike, impl: Optional[obje
         raise ValueError(f"load_adapters: {path} holds non-finite values (NaN / inf) in {bad[:8]}"
                          f"{' ...' if len(bad) > 8 else ''}; nothing was loaded")
 
-    if current is None:
-        inject(model, cfg)
+    if current is None or adding:
+        inject(model, cfg, adapter_name=adapter_name)
     _layout_packed(model, packed)
     targets = _tensors_wanted(model, extras)
-    backup = {n: targets[n].detach().clone() for n in tensors} if current is not None else None
+    backup = {n: targets[n].detach().clone() for n in tensors} if current is not None and not adding else None
     done = []
     with torch.no_grad():
         try:

@@ -26,7 +26,13 @@ class Method:
         why_not: ``{family name: reason}`` for families it does not fit (error messages, the README table).
         defaults: options that a variant name sets (``"eqam+capm"`` → ``{"with_capm": True}``).
         merge: ``fn(model) -> None`` folding the method into the backbone's weights (``merge_adapters``), or
-            ``None`` when it cannot be folded.
+            ``None`` when it cannot be folded; a method with ``unmerge`` also takes ``keep=True`` (the adapter tensors
+            stay and ``unmerge`` can undo it).
+        named: named adapters (``inject(..., adapter_name=)``, ``set_adapter``): ``{"stash": fn(model, name),
+            "unstash": fn(model, name), "drop": fn(model, name)}`` moving the active adapter's tensors aside under
+            ``name`` (out of the module tree: the forward and the kernels see only the active one), bringing them back,
+            deleting them; ``None`` when the method has one adapter per model.
+        unmerge: ``fn(model) -> None`` undoing ``merge(model, keep=True)`` exactly (``unmerge_adapters``), or ``None``.
         merged_keeps_config: after ``merge``, the adapters are still the model's (BitFit: its biases *are* the
             backbone's), so the model still has its config.
         resolve: ``fn(model, family, cfg) -> cfg`` filling the options whose default depends on the model (MGA's
@@ -42,6 +48,8 @@ class Method:
     merge: Optional[Callable] = None
     merged_keeps_config: bool = False
     resolve: Optional[Callable] = None
+    unmerge: Optional[Callable] = None
+    named: Optional[Mapping[str, Callable]] = None
 
 
 REGISTRY: Dict[str, Method] = {}
@@ -49,14 +57,15 @@ REGISTRY: Dict[str, Method] = {}
 
 def register(name: str, config: type, families, *, why_not: Optional[Mapping[str, str]] = None,
              defaults: Optional[Mapping[str, object]] = None, merge: Optional[Callable] = None,
-             merged_keeps_config: bool = False, resolve: Optional[Callable] = None):
+             merged_keeps_config: bool = False, resolve: Optional[Callable] = None,
+             unmerge: Optional[Callable] = None, named: Optional[Mapping[str, Callable]] = None):
     """Decorator: register ``fn(model, family, cfg, target) -> [adapted module names]`` as method ``name``."""
 
     def deco(fn):
         if name in REGISTRY:
             raise RuntimeError(f"method {name!r} is registered twice ({REGISTRY[name].inject.__module__}, {fn.__module__})")
         REGISTRY[name] = Method(name, config, fn, tuple(families), dict(why_not or {}), dict(defaults or {}), merge,
-                                merged_keeps_config, resolve)
+                                merged_keeps_config, resolve, unmerge, named)
         return fn
 
     return deco

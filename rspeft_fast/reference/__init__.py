@@ -10,6 +10,7 @@ in float32 whatever the inputs' dtype; for the others, pass float32/float64 inpu
 from .mufa import branch_sizes, mufa_ref
 from .qlinear import fake_quant_weight, qlinear_ref, eqam_ref, quantize_weight, round_half_even_ref
 from .capm import capm_ref
+from .lora import lora_linear_ref, lora_mha_ref
 from .mga import msa_ref, bishare_ref, mga_ref
 from .triplet import weighted_triplet_local_ref, weighted_triplet_ref
 from .convpass import convpass_ref, quick_gelu
@@ -26,6 +27,8 @@ __all__ = [
     "qlinear_ref",
     "eqam_ref",
     "capm_ref",
+    "lora_linear_ref",
+    "lora_mha_ref",
     "msa_ref",
     "bishare_ref",
     "mga_ref",

@@ -4,7 +4,9 @@ The protocol (SPEC §5):
 
 1. an open_clip model (``--model``; ``--checkpoint FILE`` for open_clip / OpenAI / GeoRSCLIP / RemoteCLIP weights,
    see :mod:`rspeft_fast.retrieval.model`), frozen, with ``inject(model, "mga", ...)`` in both towers (BiShare in
-   the text tower; ``--share-image-tower`` shares it into the image tower as the HarMA paper describes);
+   the text tower; ``--share-image-tower`` shares it into the image tower as the HarMA paper describes), or
+   ``--method lora`` (the common PEFT baseline: LoRA on the attentions' packed q/k/v projections, ``--option``
+   for LoRAConfig's, peft's option names included);
 2. zero-shot evaluation of the starting model on the test split (the injected model at initialisation is the
    backbone exactly: MGA's up-projections start at zero);
 3. training with HarMA's objective ``contrastive_loss(ids, learnable τ, unclamped) + w · weighted_triplet_loss(margin
@@ -66,8 +68,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=TINY_CLIP, help="open_clip model name, e.g. ViT-B-32, ViT-B-32-quickgelu, ViT-L-14 (default %(default)s: a CPU-sized CLIP)")
     p.add_argument("--checkpoint", default=None, help="backbone weights (open_clip, OpenAI, GeoRSCLIP or RemoteCLIP state dict)")
     p.add_argument("--pretrained", default=None, help="an open_clip pretrained tag (downloads; needs the network)")
+    p.add_argument("--method", default="mga", choices=("mga", "lora"),
+                   help="the adapters: HarMA's MGA (default) or LoRA (LoRAConfig; default the packed q/k/v projection "
+                        "of every attention in both towers, e.g. --option r=8 --option lora_alpha=16 --option "
+                        "modules='^(in_proj|out_proj)$')")
     p.add_argument("--option", action="append", type=parse_option, default=[], metavar="KEY=VALUE",
-                   help="MGA option (MGAConfig), e.g. --option hidden=128 --option heads=8 (repeatable). Default sizes "
+                   help="option of --method's config (MGAConfig, LoRAConfig), e.g. --option hidden=128 --option heads=8 (repeatable). Default sizes "
                         "follow the model's width W (the wider tower): hidden = W/6 rounded down to a multiple of 16 "
                         "(16-128), heads = hidden/16 -- HarMA's 128/8 on ViT-B-32 and ViT-L-14; the embedded job's tiny "
                         "CLIP (W 128) uses hidden=64, heads=4 (the rule's 16/1 learns 8.2 test mR there, 64/4 9.8)")
@@ -118,16 +124,22 @@ def build_retrieval_model(args) -> tuple:
         clip, tok, t_train, t_eval = create_clip(args.model, args.checkpoint, args.pretrained, transforms=transforms)
     except ImportError as e:
         raise SystemExit(str(e)) from None
-    opts = {**_MGA_DEFAULTS.get(args.model, {}), **method_options("mga", args.option)}
+    method = args.method
+    if method == "mga":
+        opts = {**_MGA_DEFAULTS.get(args.model, {}), **method_options("mga", args.option)}
+        opts.setdefault("text_padding_mask", HARMA_RECIPE.text_padding_mask)  # HarMA's MSA attends over the padding
+        if args.share_image_tower:
+            opts["share_across_towers"] = True
+    else:
+        if args.share_image_tower:
+            raise SystemExit("--share-image-tower shares MGA's BiShare modules; it does not apply to --method lora")
+        opts = method_options(method, args.option)
     opts.setdefault("impl", args.impl)
-    opts.setdefault("text_padding_mask", HARMA_RECIPE.text_padding_mask)  # HarMA's MSA attends over the padding
-    if args.share_image_tower:
-        opts["share_across_towers"] = True
     try:
-        cfg = config_for("mga", **opts)
+        cfg = config_for(method, **opts)
         inject(clip, cfg)
     except (TypeError, ValueError) as e:
-        raise SystemExit(f"cannot inject mga into {args.model!r}: {e}") from None
+        raise SystemExit(f"cannot inject {method} into {args.model!r}: {e}") from None
     if args.adapters:
         try:
             load_adapters(clip, args.adapters)
@@ -356,7 +368,7 @@ class Retrieval(Job):
         from ..integration import trainable_parameters
 
         a, d = self.args, ctx.dist
-        return (f"model {a.model} + mga | {trainable_parameters(model.clip)} | device {ctx.device} | img {self.size} | "
+        return (f"model {a.model} + {a.method} | {trainable_parameters(model.clip)} | device {ctx.device} | img {self.size} | "
                 f"data {a.data or 'embedded scene set'}: "
                 + ", ".join(f"{k} {v.n_images} images / {v.n_captions} captions" for k, v in self.splits.items())
                 + (f" | {d.world} processes" if d.world > 1 else ""))
