@@ -16,7 +16,9 @@ Outputs: ``OUT/adapters.safetensors`` (:func:`rspeft_fast.save_adapters` of the 
 stage prompts), ``OUT/decoder.safetensors`` (everything trained after the backbone: level prompts, ViT pyramid,
 change fusion, UperNet, head, BatchNorm statistics included), ``OUT/metrics.json`` (``model``, ``method``,
 ``untrained``, ``val``, ``test``, ``selected_epoch``, ``params`` {``adapters``, ``adapters_pct_of_backbone``,
-``decoder``, ``backbone``}, ``history``, ``notes``, ``args``). Never whole models.
+``decoder``, ``backbone``}, ``history``, ``notes``, ``predictions`` (the picture's description), ``args``),
+``OUT/predictions.png`` (a few validation tiles: image | ground truth | prediction, change: A | B | label |
+prediction, class palette and legend; :mod:`rspeft_fast.dense.pictures`). Never whole models.
 
 Without ``--data``: the embedded synthetic set of the task (:mod:`rspeft_fast.data.dense_synth`), written to a
 temporary folder in the users' layout and read by the same readers, and — unless ``--model`` is given — a
@@ -51,6 +53,8 @@ __all__ = ["build_parser", "DenseJob", "main_segment", "main_change", "save_dens
 EMBEDDED_MODEL = "convnext_atto"  # the CPU-sized backbone of the embedded runs
 PAPER_MODEL = "convnext_base"  # UPetu's backbone: the default with --data
 DECODER = "decoder.safetensors"
+PICTURES = "predictions.png"
+PICTURE_TILES = 4  # validation tiles drawn in OUT/predictions.png
 _BUFFERS = "decoder_buffers"  # state.extra key of the BatchNorm statistics
 
 
@@ -380,10 +384,48 @@ class DenseJob(Job):
         ctx.log(f"selected epoch {sel} (best val {self.select_key} {val[self.select_key]:.2f}); test: {self.fmt(test)} "
                 f"(untrained: {self.fmt(state.extra['untrained'])})")
         ctx.log(f"saved the selected epoch's adapters and decoder to {out}/adapters.safetensors, {out}/{DECODER}")
+        pictures = self._pictures(ctx, net)
+        if pictures is not None:
+            ctx.log(f"saved {pictures['tiles']} validation tiles as pictures to {out}/{PICTURES}")
         history = [{k: v for k, v in h.items()} for h in state.history]
         return _nan_to_none({"task": self.name, "model": a.model, "method": a.method, "classes": list(self.dataset.classes),
                              "format": self.dataset.format, "untrained": state.extra["untrained"], "val": val, "test": test,
-                             "selected_epoch": sel, "params": self.params, "history": history, "notes": self.dataset.notes})
+                             "selected_epoch": sel, "params": self.params, "history": history, "notes": self.dataset.notes,
+                             "predictions": pictures})
+
+    @torch.no_grad()
+    def _pictures(self, ctx, net) -> Optional[dict]:
+        """``OUT/predictions.png``: the first :data:`PICTURE_TILES` validation tiles, image(s) | ground truth |
+        prediction of the selected model (:func:`rspeft_fast.dense.pictures.save_predictions`); the figure's
+        description, or None when there is no validation tile or matplotlib cannot draw (said in the log). Every rank
+        runs the forwards (DDP / FSDP forwards are collective), rank 0 draws."""
+        from .infer import sliding_window
+        from .pictures import save_predictions
+
+        a, ds = self.args, self.sets["val"]
+        n = min(PICTURE_TILES, len(ds))
+        if n == 0:
+            return None
+        mean, std = torch.tensor(self.mean).reshape(3, 1, 1), torch.tensor(self.std).reshape(3, 1, 1)
+        rows = []
+        net.eval()
+        for i in range(n):
+            *images, target = ds[i]
+            with ctx.autocast():
+                logits = sliding_window(net, *(x[None].to(ctx.device) for x in images), crop=a.crop, stride=a.stride,
+                                        num_classes=self.num_classes, batch_size=a.eval_batch_size)
+            pics = [(x * std + mean).clamp(0, 1).mul(255).round().byte().permute(1, 2, 0).numpy() for x in images]
+            rows.append((*pics, target.numpy(), logits.argmax(1)[0].cpu().numpy()))
+        if not ctx.dist.is_main:
+            return None
+        palette = self.dataset.mask_rule.get("palette") if self.dataset.format == "potsdam" else None
+        try:
+            return save_predictions(os.path.join(ctx.settings.out, PICTURES), rows, self.dataset.classes,
+                                    change=self.change, palette=palette,
+                                    title=f"{a.model} + {a.method}: validation tiles, selected epoch")
+        except ImportError as e:  # pragma: no cover - matplotlib is a dependency
+            ctx.log(f"no {PICTURES}: {e}")
+            return None
 
     def cleanup(self):
         if self._tmp is not None:
