@@ -248,6 +248,12 @@ class DenseJob(Job):
                            else Segmentor(enc, self.num_classes, a.decoder_channels))
         except ImportError as e:  # the decoder library is the extra [dense]: one line saying so
             raise SystemExit(str(e)) from None
+        if ctx.dist.world > 1 and not a.fsdp:  # DDP: the decoder's BatchNorm sees the global batch, as one process's
+            from .model import sync_batchnorm
+
+            for name, m in self._model.named_children():
+                if name != "encoder":
+                    sync_batchnorm(m, ctx.device)
         cfg = getattr(enc.backbone, "pretrained_cfg", None) or {}
         self.mean, self.std = tuple(cfg.get("mean", (0.485, 0.456, 0.406))), tuple(cfg.get("std", (0.229, 0.224, 0.225)))
         return self._model
@@ -267,7 +273,7 @@ class DenseJob(Job):
         a = self.args
         w = [float(v) for v in a.class_weights.split(",")] if a.class_weights else None
         try:
-            crit = DenseLoss(self.num_classes, class_weights=w, dice=a.dice)
+            crit = DenseLoss(self.num_classes, class_weights=w, dice=a.dice, distributed=ctx.dist.world > 1)
         except ValueError as e:
             raise SystemExit(f"--class-weights: {e}") from None
 
