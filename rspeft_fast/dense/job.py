@@ -216,7 +216,7 @@ class DenseJob(Job):
             root = (write_change_set(self._tmp, n=n, size=tile, seed=a.seed) if self.change
                     else write_segmentation_set(self._tmp, n=n, size=tile, seed=a.seed))
         try:
-            kw = {} if self.change else {"classes": a.classes, "ignore_classes": tuple(a.ignore_class)}
+            kw = {} if self.change else {"classes": a.classes, "ignore_classes": tuple(a.ignore_class), "crop": a.crop}
             data, errors = read_dense(root, self.name, a.format, **kw)
             return check_data(data, errors, skip_bad=a.skip_bad_images, workers=a.workers, progress=ctx.progress,
                               warn=ctx.log)
