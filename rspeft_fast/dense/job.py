@@ -33,6 +33,7 @@ not trainable tensors) ride in the checkpoint's ``state.extra`` through a ``"che
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -129,11 +130,15 @@ def _fill_defaults(args) -> None:
         args.decoder_channels = 64 if small else 256
     if args.crop <= 0 or not 0 < args.stride <= args.crop:
         raise SystemExit(f"--crop {args.crop} --stride {args.stride}: need 0 < stride <= crop")
-    if args.fsdp:
-        # the engine's FSDP2 adapter save fails on ConvNeXt (every method: `train --model convnext_atto --method capm
-        # --fsdp` stops with "Trying to resize storage that is not resizable" in FSDP's reshard), the dense default
-        raise SystemExit("--fsdp: not supported by the dense jobs yet (the engine's FSDP2 path cannot save ConvNeXt "
-                         "adapters; use DDP: torchrun without --fsdp)")
+
+
+def _replicated(fsdp: bool):
+    """Under FSDP2, full tensors copied into sharded parameters count as replicated values (``implicit_replication``)."""
+    if not fsdp:
+        return contextlib.nullcontext()
+    from torch.distributed.tensor.experimental import implicit_replication
+
+    return implicit_replication()
 
 
 def _nan_to_none(x):
@@ -151,21 +156,31 @@ def _nan_to_none(x):
 
 
 def decoder_state(model: nn.Module) -> dict:
-    """The state (parameters and buffers) of every module outside ``encoder.backbone``."""
-    return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if not k.startswith("encoder.backbone.")}
+    """The state (parameters and buffers) of every module outside ``encoder.backbone``, as CPU copies; FSDP2-sharded
+    tensors are all-gathered (``full_tensor``: a collective, every rank must call this)."""
+    out = {}
+    for k, v in model.state_dict().items():
+        if not k.startswith("encoder.backbone."):
+            v = v.full_tensor() if hasattr(v, "full_tensor") else v
+            out[k] = v.detach().to("cpu", copy=True).contiguous()
+    return out
 
 
-def save_dense(model: nn.Module, out: str, meta: dict, *, adapters: bool = True) -> None:
+def save_dense(model: nn.Module, out: str, meta: dict, *, adapters: bool = True, write: bool = True) -> None:
     """``OUT/adapters.safetensors`` (:func:`rspeft_fast.save_adapters` of the backbone; ``adapters=False``: the engine
-    writes it) and ``OUT/decoder.safetensors`` (:func:`decoder_state`, ``meta`` in its header), written atomically."""
+    writes it) and ``OUT/decoder.safetensors`` (:func:`decoder_state`, ``meta`` in its header), written atomically.
+    Under FSDP2 every rank calls it (the decoder's tensors are gathered) and only the one with ``write`` writes."""
     from safetensors.torch import save
 
     from .._fileio import atomic_write
     from ..integration import save_adapters
 
+    state = decoder_state(model)
+    if not write:
+        return
     if adapters:
         save_adapters(model.encoder.backbone, os.path.join(out, "adapters.safetensors"))
-    blob = save(decoder_state(model), metadata={"rspeft_fast_dense": json.dumps(meta)})
+    blob = save(state, metadata={"rspeft_fast_dense": json.dumps(meta)})
     atomic_write(os.path.join(out, DECODER), lambda f: f.write(blob))
 
 
@@ -251,7 +266,7 @@ class DenseJob(Job):
                            else Segmentor(enc, self.num_classes, a.decoder_channels))
         except ImportError as e:  # the decoder library is the extra [dense]: one line saying so
             raise SystemExit(str(e)) from None
-        if ctx.dist.world > 1 and not a.fsdp:  # DDP: the decoder's BatchNorm sees the global batch, as one process's
+        if ctx.dist.world > 1:  # DDP / FSDP: the decoder's BatchNorm sees the global batch, as one process's
             from .model import sync_batchnorm
 
             for name, m in self._model.named_children():
@@ -291,6 +306,13 @@ class DenseJob(Job):
 
     def adapters(self, model):
         return model.encoder.backbone
+
+    def shard_modules(self, model):
+        """FSDP2 units (``--fsdp``): the backbone's blocks (its family's declaration, as ``train``) and the decoder
+        head; the root unit holds the rest (stem, stage prompts, level prompts, pyramid, fusion)."""
+        from ..integration.families import block_modules
+
+        return block_modules(model.encoder.backbone) + [model.decode_head]
 
     # -- evaluation and selection ----------------------------------------------------------------------
     @torch.no_grad()
@@ -334,8 +356,8 @@ class DenseJob(Job):
                 "fusion": getattr(a, "fusion", None), "crop": a.crop, "mean": list(self.mean), "std": list(self.std)}
 
     def _save_decoder(self):
-        if self._ctx.dist.is_main:
-            save_dense(self._model, self._ctx.settings.out, self._meta(), adapters=False)
+        """Every rank calls it (under ``--fsdp`` the decoder's tensors are all-gathered); rank 0 writes."""
+        save_dense(self._model, self._ctx.settings.out, self._meta(), adapters=False, write=self._ctx.dist.is_main)
 
     # -- the run's beginning and end -------------------------------------------------------------------
     def hook(self, phase, state):
@@ -385,7 +407,8 @@ class DenseJob(Job):
         a, out = self.args, ctx.settings.out
         sel = state.extra["selected_epoch"]
         if sel:
-            load_dense(self._model, out, adapters=False)  # the engine loaded the selected adapters back
+            with _replicated(a.fsdp):  # --fsdp: each rank keeps its shard of the file's full tensors
+                load_dense(self._model, out, adapters=False)  # the engine loaded the selected adapters back
         else:  # no epoch ran (--epochs 0): the starting model
             self._save_decoder()
         val = state.history[sel - 1]["val"] if sel else self._eval(ctx, net, "val")
