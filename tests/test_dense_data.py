@@ -173,3 +173,33 @@ def test_embedded_sets_are_deterministic_and_read_by_the_users_readers(tmp_path)
     assert _tree_hash(f"{tmp_path}/c1") == _tree_hash(f"{tmp_path}/c2")
     assert _read(f"{tmp_path}/s1").format == "folders"
     assert _read(f"{tmp_path}/c1", "change").format == "levircd"
+
+
+def test_potsdam_raw_tiles_are_cut_into_crops_by_mmseg_split_once(tmp_path):
+    """``top_potsdam_I_J_RGB.tif`` beside ``..._label.tif`` (ISPRS's folders): cut into crop-sized PNGs (last row and
+    column flush with the edge), tiles 2_13 and 2_14 in test, 2_10 in train; a second read reuses the cut; a tile without its
+    label, or with a label of another size, is named."""
+    lab = index_to_rgb(np.random.default_rng(0).integers(0, 6, (20, 20)), POTSDAM_PALETTE)
+    for tile in ("2_10", "2_13", "2_14"):
+        Image.fromarray(_img(20, 20).astype(np.uint8)).save(_mk(tmp_path / "2_Ortho_RGB" / f"top_potsdam_{tile}_RGB.tif"))
+        Image.fromarray(lab).save(_mk(tmp_path / "5_Labels_all" / f"top_potsdam_{tile}_label.tif"))
+    d = _read(tmp_path, crop=8)
+    assert d.format == "potsdam" and len(d.classes) == 6 and "cut into 8x8" in d.notes[0]
+    assert [len(d.splits[s]) for s in ("train", "val", "test")] == [9, 18, 18]  # 3 x 3 crops: starts 0, 8, 12
+    assert all("2_13" in p or "2_14" in p for p, _ in d.splits["test"]) and all("2_10" in p for p, _ in d.splits["train"])
+    crop = next(m for _, m in d.splits["train"] if m.endswith("_12_8.png"))
+    np.testing.assert_array_equal(d.decode(crop), rgb_to_index(lab[12:20, 8:16], POTSDAM_PALETTE))
+    stamp = os.path.getmtime(crop)
+    _read(tmp_path, crop=8)
+    assert os.path.getmtime(crop) == stamp  # not cut again
+    os.remove(tmp_path / "5_Labels_all" / "top_potsdam_2_13_label.tif")
+    with pytest.raises(DataError, match=r"top_potsdam_2_13_RGB.tif: no partner top_potsdam_2_13_label.tif"):
+        _read(tmp_path, crop=8)
+    Image.fromarray(lab[:16]).save(tmp_path / "5_Labels_all" / "top_potsdam_2_13_label.tif")
+    with pytest.raises(DataError, match=r"top_potsdam_2_13_label.tif: label size 20x16 differs"):
+        _read(tmp_path, crop=8)
+
+
+def _mk(path):
+    os.makedirs(path.parent, exist_ok=True)
+    return path

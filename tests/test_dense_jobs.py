@@ -1,5 +1,5 @@
 """The dense jobs end to end at a CI size (embedded sets, a 4-block ConvNeXt, 32-pixel tiles): they learn (test score
-above the untrained model's), write adapter + decoder files and metrics.json only, and a run stopped by SIGTERM
+above the untrained model's), write adapter + decoder files, metrics.json and predictions.png (validation tiles as pictures) only, and a run stopped by SIGTERM
 (raised by a phase hook, as in test_resume) and resumed ends bit-for-bit where an uninterrupted one does, BatchNorm
 statistics of the decoder included."""
 from __future__ import annotations
@@ -51,8 +51,15 @@ def test_job_learns_and_writes_adapter_and_decoder_files_only(tmp_path, task, ke
     out = tmp_path / task
     assert _main(task, ["--epochs", "3", "--embedded-size", *size.split(), "--out", str(out)]) == 0
     assert sorted(f for f in os.listdir(out) if not f.startswith(".")) == ["adapters.safetensors", "decoder.safetensors",
-                                                                            "metrics.json"]
+                                                                            "metrics.json", "predictions.png"]
     m = _metrics(out)
+    pic, cols = m["predictions"], 4 if task == "change" else 3  # A | B | label | prediction; image | truth | prediction
+    assert pic["file"] == "predictions.png" and pic["tiles"] == 4 and pic["panels"] == 4 * cols == 4 * len(pic["columns"])
+    assert pic["legend"] == m["classes"] + ["ignored"]
+    from PIL import Image
+
+    with Image.open(out / "predictions.png") as im:
+        assert list(im.size) == pic["size_px"] and im.size[0] > 100 * cols
     assert m["model"] == "convnext_atto" and m["method"] == "eqam+capm" and 1 <= m["selected_epoch"] <= 3
     assert set(m["params"]) >= {"adapters", "adapters_pct_of_backbone", "decoder"} and m["params"]["decoder"] > 0
     assert m["test"][key] > (m["untrained"][key] or 0.0) + 5, (m["untrained"], m["test"])

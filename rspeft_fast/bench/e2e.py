@@ -17,6 +17,13 @@ The CLIP cases are the retrieval job's training step (``python -m rspeft_fast re
 (:class:`~rspeft_fast.retrieval.model.RetrievalModel`, the injected CLIP with the learnable temperature) and its
 objective (:func:`~rspeft_fast.retrieval.job.retrieval_loss`: contrastive + weighted triplet with image ids).
 
+The dense cases are the ``segment`` / ``change`` jobs' training step (issue #24, SPEC §2 and §6): the injected
+ConvNeXt read at 4 levels (:class:`~rspeft_fast.dense.model.MultiScaleEncoder`, stage CAPMs of ``eqam+capm``),
+smp's UperNet + 1×1 head upsampled to the input, cross-entropy with ignore index 255
+(:class:`~rspeft_fast.dense.losses.DenseLoss`); change detection runs both dates through the one encoder and fuses
+``|f_A − f_B|``. Their ``none`` floor is the frozen backbone (no adapter, no prompts, backward forced through it as
+above) + the trainable decoder.
+
 Backbones are randomly initialised (no weights are downloaded): time does not depend on the values.
 """
 from __future__ import annotations
@@ -43,7 +50,7 @@ NUM_CLASSES = 45  # NWPU-RESISC45-sized head
 class E2ECase:
     name: str
     desc: str
-    kind: str  # "timm" | "clip"
+    kind: str  # "timm" | "clip" | "segment" | "change"
     model: str
     method: str | None
     batch: int
@@ -52,6 +59,8 @@ class E2ECase:
     inject_kwargs: dict = field(default_factory=dict)
     text_len: int = 77
     targets: dict = field(default_factory=dict)
+    decoder_channels: int = 256  # dense cases: UperNet width
+    num_classes: int = NUM_CLASSES  # dense cases: segmentation classes (change: 2)
 
 
 def e2e_cases(size: str) -> list[E2ECase]:
@@ -64,6 +73,12 @@ def e2e_cases(size: str) -> list[E2ECase]:
             E2ECase("convnext_b_eqam_capm", "timm ConvNeXt-B + EQAM (8-bit) + CAPM, batch 64, 224²", "timm", "convnext_base", "eqam+capm", 64, 224),
             E2ECase("clip_b32_mga", "retrieval job step: open_clip ViT-B/32 dual encoder + MGA (both towers, BiShare) + contrastive + weighted triplet, batch 214 (HarMA)",
                     "clip", "ViT-B-32", "mga", 214, 224),
+            E2ECase("seg_convnext_b_eqam_capm_upernet", "segment job step: timm ConvNeXt-B + EQAM (8-bit, hidden 16) + CAPM, UperNet (256 ch) + head, 6 classes, batch 8, 512²",
+                    "segment", "convnext_base", "eqam+capm", 8, 512, num_classes=6,
+                    targets={"fused/none <=": 1.10}),
+            E2ECase("cd_convnext_b_eqam_capm_upernet", "change job step: Siamese timm ConvNeXt-B + EQAM + CAPM (both dates, one encoder), |fA - fB|, UperNet (256 ch), batch 8 pairs, 256²",
+                    "change", "convnext_base", "eqam+capm", 8, 256, num_classes=2,
+                    targets={"fused/none <=": 1.10}),
         ]
     if size in ("tiny", "small"):
         return [
@@ -75,6 +90,12 @@ def e2e_cases(size: str) -> list[E2ECase]:
                     dict(dims=(32, 64, 128, 256), depths=(1, 1, 1, 1))),
             E2ECase("clip_tiny_mga", "miniature open_clip CLIP (width 64, 2 layers per tower) + MGA (hidden 32, 2 heads) + weighted triplet + contrastive, batch 6",
                     "clip", "tiny", "mga", 6, 32, inject_kwargs=dict(hidden=32, heads=2), text_len=16),
+            E2ECase("seg_tiny_eqam_capm_upernet", "miniature segment step: timm ConvNeXt (dims 16..128, depths 1/1/1/1) + EQAM + CAPM, UperNet (16 ch), 6 classes, batch 2, 64²",
+                    "segment", "convnext_base", "eqam+capm", 2, 64, dict(dims=(16, 32, 64, 128), depths=(1, 1, 1, 1)),
+                    decoder_channels=16, num_classes=6),
+            E2ECase("cd_tiny_eqam_capm_upernet", "miniature change step: Siamese timm ConvNeXt (dims 16..128, depths 1/1/1/1) + EQAM + CAPM, |fA - fB|, UperNet (16 ch), batch 2 pairs, 32²",
+                    "change", "convnext_base", "eqam+capm", 2, 32, dict(dims=(16, 32, 64, 128), depths=(1, 1, 1, 1)),
+                    decoder_channels=16, num_classes=2),
         ]
     raise ValueError(f"size must be 'spec', 'tiny' or 'small', got {size!r}")
 
@@ -140,6 +161,8 @@ def build_step(case: E2ECase, variant: str, device: torch.device | str, seed: in
     if variant not in E2E_VARIANTS:
         raise ValueError(f"variant must be one of {E2E_VARIANTS}, got {variant!r}")
     device = torch.device(device)
+    if case.kind in ("segment", "change"):
+        return _build_dense_step(case, variant, device, seed, lr)
     notes: list = []
     torch.manual_seed(seed)
     model = _create(case)
@@ -193,6 +216,54 @@ def build_step(case: E2ECase, variant: str, device: torch.device | str, seed: in
         opt.zero_grad(set_to_none=True)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             loss = loss_fn()
+        loss.backward()
+        opt.step()
+        return loss.detach()
+
+    return Step(step, model, sum(p.numel() for p in params), notes)
+
+
+def _build_dense_step(case: E2ECase, variant: str, device: torch.device, seed: int, lr: float) -> Step:
+    """The dense jobs' step (see the module docstring): ``model`` is the Segmentor / ChangeDetector."""
+    import timm
+
+    import rspeft_fast
+    from ..dense.losses import DenseLoss
+    from ..dense.model import ChangeDetector, MultiScaleEncoder, Segmentor, level_prompts
+
+    notes: list = []
+    torch.manual_seed(seed)
+    backbone = timm.create_model(case.model, pretrained=False, num_classes=0, **case.model_kwargs)
+    if variant == "none":
+        backbone.requires_grad_(False)
+        for m in _first_layers(backbone, "timm"):
+            m.register_forward_hook(_leaf_output)
+        notes.append("floor: frozen backbone without adapters or prompts + trainable decoder; backward forced through the "
+                     "backbone (the stem's output is a grad leaf), as the adapters need")
+    else:
+        rspeft_fast.inject(backbone, case.method, impl="reference" if variant == "eager" else "triton", **case.inject_kwargs)
+    enc = MultiScaleEncoder(backbone, level_prompts(backbone, None))
+    change = case.kind == "change"
+    model = (ChangeDetector(enc, case.decoder_channels) if change
+             else Segmentor(enc, case.num_classes, case.decoder_channels))
+    model.to(device).train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr)
+    gen = torch.Generator().manual_seed(seed + 1)
+    shape = (case.batch, 3, case.img, case.img)
+    images = [torch.randn(shape, generator=gen).to(device) for _ in range(2 if change else 1)]
+    target = torch.randint(0, case.num_classes, (case.batch, case.img, case.img), generator=gen)
+    target[:, : case.img // 16] = 255  # a band of ignored pixels, as crops padded at the border have
+    target = target.to(device)
+    crit = DenseLoss(case.num_classes)
+    amp = device.type == "cuda"
+    notes.append(f"loss: DenseLoss (cross-entropy, ignore index 255) over {case.num_classes} classes at {case.img}²"
+                 + ("; both dates (2 x batch images) through the one encoder" if change else ""))
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            loss = crit(model(*images), target)
         loss.backward()
         opt.step()
         return loss.detach()

@@ -9,6 +9,8 @@ Public, for drop-in users:
   ViTs; CAPM per level), :class:`Segmentor`, :class:`ChangeDetector` (Siamese), :func:`create_encoder`,
   :func:`parameter_report`;
 * :func:`sliding_window` inference (:mod:`.infer`), :class:`DenseLoss` (:mod:`.losses`);
+* :class:`DistBatchNorm2d` / :func:`sync_batchnorm` (global-batch BatchNorm under DDP / FSDP, any backend);
+* :func:`save_predictions` (:mod:`.pictures`: the ``predictions.png`` grid);
 * readers of the layouts users have (:mod:`.readers`) and aligned augmentations (:mod:`.transforms`);
 * the jobs ``python -m rspeft_fast segment`` / ``change`` (:mod:`.job`).
 """
@@ -26,6 +28,9 @@ _LAZY = {
     "create_encoder": ".model",
     "level_prompts": ".model",
     "parameter_report": ".model",
+    "DistBatchNorm2d": ".model",
+    "sync_batchnorm": ".model",
+    "save_predictions": ".pictures",
     "sliding_window": ".infer",
     "DenseLoss": ".losses",
 }

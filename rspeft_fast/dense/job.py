@@ -16,7 +16,9 @@ Outputs: ``OUT/adapters.safetensors`` (:func:`rspeft_fast.save_adapters` of the 
 stage prompts), ``OUT/decoder.safetensors`` (everything trained after the backbone: level prompts, ViT pyramid,
 change fusion, UperNet, head, BatchNorm statistics included), ``OUT/metrics.json`` (``model``, ``method``,
 ``untrained``, ``val``, ``test``, ``selected_epoch``, ``params`` {``adapters``, ``adapters_pct_of_backbone``,
-``decoder``, ``backbone``}, ``history``, ``notes``, ``args``). Never whole models.
+``decoder``, ``backbone``}, ``history``, ``notes``, ``predictions`` (the picture's description), ``args``),
+``OUT/predictions.png`` (a few validation tiles: image | ground truth | prediction, change: A | B | label |
+prediction, class palette and legend; :mod:`rspeft_fast.dense.pictures`). Never whole models.
 
 Without ``--data``: the embedded synthetic set of the task (:mod:`rspeft_fast.data.dense_synth`), written to a
 temporary folder in the users' layout and read by the same readers, and — unless ``--model`` is given — a
@@ -31,6 +33,7 @@ not trainable tensors) ride in the checkpoint's ``state.extra`` through a ``"che
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -51,6 +54,8 @@ __all__ = ["build_parser", "DenseJob", "main_segment", "main_change", "save_dens
 EMBEDDED_MODEL = "convnext_atto"  # the CPU-sized backbone of the embedded runs
 PAPER_MODEL = "convnext_base"  # UPetu's backbone: the default with --data
 DECODER = "decoder.safetensors"
+PICTURES = "predictions.png"
+PICTURE_TILES = 4  # validation tiles drawn in OUT/predictions.png
 _BUFFERS = "decoder_buffers"  # state.extra key of the BatchNorm statistics
 
 
@@ -125,8 +130,15 @@ def _fill_defaults(args) -> None:
         args.decoder_channels = 64 if small else 256
     if args.crop <= 0 or not 0 < args.stride <= args.crop:
         raise SystemExit(f"--crop {args.crop} --stride {args.stride}: need 0 < stride <= crop")
-    if args.fsdp:
-        raise SystemExit("--fsdp: not supported by the dense jobs yet (use DDP: torchrun without --fsdp)")
+
+
+def _replicated(fsdp: bool):
+    """Under FSDP2, full tensors copied into sharded parameters count as replicated values (``implicit_replication``)."""
+    if not fsdp:
+        return contextlib.nullcontext()
+    from torch.distributed.tensor.experimental import implicit_replication
+
+    return implicit_replication()
 
 
 def _nan_to_none(x):
@@ -144,21 +156,31 @@ def _nan_to_none(x):
 
 
 def decoder_state(model: nn.Module) -> dict:
-    """The state (parameters and buffers) of every module outside ``encoder.backbone``."""
-    return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if not k.startswith("encoder.backbone.")}
+    """The state (parameters and buffers) of every module outside ``encoder.backbone``, as CPU copies; FSDP2-sharded
+    tensors are all-gathered (``full_tensor``: a collective, every rank must call this)."""
+    out = {}
+    for k, v in model.state_dict().items():
+        if not k.startswith("encoder.backbone."):
+            v = v.full_tensor() if hasattr(v, "full_tensor") else v
+            out[k] = v.detach().to("cpu", copy=True).contiguous()
+    return out
 
 
-def save_dense(model: nn.Module, out: str, meta: dict, *, adapters: bool = True) -> None:
+def save_dense(model: nn.Module, out: str, meta: dict, *, adapters: bool = True, write: bool = True) -> None:
     """``OUT/adapters.safetensors`` (:func:`rspeft_fast.save_adapters` of the backbone; ``adapters=False``: the engine
-    writes it) and ``OUT/decoder.safetensors`` (:func:`decoder_state`, ``meta`` in its header), written atomically."""
+    writes it) and ``OUT/decoder.safetensors`` (:func:`decoder_state`, ``meta`` in its header), written atomically.
+    Under FSDP2 every rank calls it (the decoder's tensors are gathered) and only the one with ``write`` writes."""
     from safetensors.torch import save
 
     from .._fileio import atomic_write
     from ..integration import save_adapters
 
+    state = decoder_state(model)
+    if not write:
+        return
     if adapters:
         save_adapters(model.encoder.backbone, os.path.join(out, "adapters.safetensors"))
-    blob = save(decoder_state(model), metadata={"rspeft_fast_dense": json.dumps(meta)})
+    blob = save(state, metadata={"rspeft_fast_dense": json.dumps(meta)})
     atomic_write(os.path.join(out, DECODER), lambda f: f.write(blob))
 
 
@@ -209,7 +231,7 @@ class DenseJob(Job):
             root = (write_change_set(self._tmp, n=n, size=tile, seed=a.seed) if self.change
                     else write_segmentation_set(self._tmp, n=n, size=tile, seed=a.seed))
         try:
-            kw = {} if self.change else {"classes": a.classes, "ignore_classes": tuple(a.ignore_class)}
+            kw = {} if self.change else {"classes": a.classes, "ignore_classes": tuple(a.ignore_class), "crop": a.crop}
             data, errors = read_dense(root, self.name, a.format, **kw)
             return check_data(data, errors, skip_bad=a.skip_bad_images, workers=a.workers, progress=ctx.progress,
                               warn=ctx.log)
@@ -244,6 +266,12 @@ class DenseJob(Job):
                            else Segmentor(enc, self.num_classes, a.decoder_channels))
         except ImportError as e:  # the decoder library is the extra [dense]: one line saying so
             raise SystemExit(str(e)) from None
+        if ctx.dist.world > 1:  # DDP / FSDP: the decoder's BatchNorm sees the global batch, as one process's
+            from .model import sync_batchnorm
+
+            for name, m in self._model.named_children():
+                if name != "encoder":
+                    sync_batchnorm(m, ctx.device)
         cfg = getattr(enc.backbone, "pretrained_cfg", None) or {}
         self.mean, self.std = tuple(cfg.get("mean", (0.485, 0.456, 0.406))), tuple(cfg.get("std", (0.229, 0.224, 0.225)))
         return self._model
@@ -263,7 +291,7 @@ class DenseJob(Job):
         a = self.args
         w = [float(v) for v in a.class_weights.split(",")] if a.class_weights else None
         try:
-            crit = DenseLoss(self.num_classes, class_weights=w, dice=a.dice)
+            crit = DenseLoss(self.num_classes, class_weights=w, dice=a.dice, distributed=ctx.dist.world > 1)
         except ValueError as e:
             raise SystemExit(f"--class-weights: {e}") from None
 
@@ -278,6 +306,13 @@ class DenseJob(Job):
 
     def adapters(self, model):
         return model.encoder.backbone
+
+    def shard_modules(self, model):
+        """FSDP2 units (``--fsdp``): the backbone's blocks (its family's declaration, as ``train``) and the decoder
+        head; the root unit holds the rest (stem, stage prompts, level prompts, pyramid, fusion)."""
+        from ..integration.families import block_modules
+
+        return block_modules(model.encoder.backbone) + [model.decode_head]
 
     # -- evaluation and selection ----------------------------------------------------------------------
     @torch.no_grad()
@@ -321,8 +356,8 @@ class DenseJob(Job):
                 "fusion": getattr(a, "fusion", None), "crop": a.crop, "mean": list(self.mean), "std": list(self.std)}
 
     def _save_decoder(self):
-        if self._ctx.dist.is_main:
-            save_dense(self._model, self._ctx.settings.out, self._meta(), adapters=False)
+        """Every rank calls it (under ``--fsdp`` the decoder's tensors are all-gathered); rank 0 writes."""
+        save_dense(self._model, self._ctx.settings.out, self._meta(), adapters=False, write=self._ctx.dist.is_main)
 
     # -- the run's beginning and end -------------------------------------------------------------------
     def hook(self, phase, state):
@@ -372,7 +407,8 @@ class DenseJob(Job):
         a, out = self.args, ctx.settings.out
         sel = state.extra["selected_epoch"]
         if sel:
-            load_dense(self._model, out, adapters=False)  # the engine loaded the selected adapters back
+            with _replicated(a.fsdp):  # --fsdp: each rank keeps its shard of the file's full tensors
+                load_dense(self._model, out, adapters=False)  # the engine loaded the selected adapters back
         else:  # no epoch ran (--epochs 0): the starting model
             self._save_decoder()
         val = state.history[sel - 1]["val"] if sel else self._eval(ctx, net, "val")
@@ -380,10 +416,48 @@ class DenseJob(Job):
         ctx.log(f"selected epoch {sel} (best val {self.select_key} {val[self.select_key]:.2f}); test: {self.fmt(test)} "
                 f"(untrained: {self.fmt(state.extra['untrained'])})")
         ctx.log(f"saved the selected epoch's adapters and decoder to {out}/adapters.safetensors, {out}/{DECODER}")
+        pictures = self._pictures(ctx, net)
+        if pictures is not None:
+            ctx.log(f"saved {pictures['tiles']} validation tiles as pictures to {out}/{PICTURES}")
         history = [{k: v for k, v in h.items()} for h in state.history]
         return _nan_to_none({"task": self.name, "model": a.model, "method": a.method, "classes": list(self.dataset.classes),
                              "format": self.dataset.format, "untrained": state.extra["untrained"], "val": val, "test": test,
-                             "selected_epoch": sel, "params": self.params, "history": history, "notes": self.dataset.notes})
+                             "selected_epoch": sel, "params": self.params, "history": history, "notes": self.dataset.notes,
+                             "predictions": pictures})
+
+    @torch.no_grad()
+    def _pictures(self, ctx, net) -> Optional[dict]:
+        """``OUT/predictions.png``: the first :data:`PICTURE_TILES` validation tiles, image(s) | ground truth |
+        prediction of the selected model (:func:`rspeft_fast.dense.pictures.save_predictions`); the figure's
+        description, or None when there is no validation tile or matplotlib cannot draw (said in the log). Every rank
+        runs the forwards (DDP / FSDP forwards are collective), rank 0 draws."""
+        from .infer import sliding_window
+        from .pictures import save_predictions
+
+        a, ds = self.args, self.sets["val"]
+        n = min(PICTURE_TILES, len(ds))
+        if n == 0:
+            return None
+        mean, std = torch.tensor(self.mean).reshape(3, 1, 1), torch.tensor(self.std).reshape(3, 1, 1)
+        rows = []
+        net.eval()
+        for i in range(n):
+            *images, target = ds[i]
+            with ctx.autocast():
+                logits = sliding_window(net, *(x[None].to(ctx.device) for x in images), crop=a.crop, stride=a.stride,
+                                        num_classes=self.num_classes, batch_size=a.eval_batch_size)
+            pics = [(x * std + mean).clamp(0, 1).mul(255).round().byte().permute(1, 2, 0).numpy() for x in images]
+            rows.append((*pics, target.numpy(), logits.argmax(1)[0].cpu().numpy()))
+        if not ctx.dist.is_main:
+            return None
+        palette = self.dataset.mask_rule.get("palette") if self.dataset.format == "potsdam" else None
+        try:
+            return save_predictions(os.path.join(ctx.settings.out, PICTURES), rows, self.dataset.classes,
+                                    change=self.change, palette=palette,
+                                    title=f"{a.model} + {a.method}: validation tiles, selected epoch")
+        except ImportError as e:  # pragma: no cover - matplotlib is a dependency
+            ctx.log(f"no {PICTURES}: {e}")
+            return None
 
     def cleanup(self):
         if self._tmp is not None:

@@ -14,11 +14,19 @@ __all__ = ["DenseLoss"]
 class DenseLoss(nn.Module):
     """``CE(logits, target; weight, ignore_index) + dice · Dice(logits, target)``: logits ``(B, K, H, W)``,
     target ``(B, H, W)`` int64 with ``ignore_index`` on unlabelled pixels. A batch with every pixel ignored
-    gives a zero loss (with a graph), not NaN."""
+    gives a zero loss (with a graph), not NaN.
+
+    ``distributed``: under DDP (every rank calls the loss on its slice of the global batch, gradients averaged over
+    the ``W`` ranks) the cross-entropy's denominator (the labelled pixels' weight) is all-reduced, and each rank
+    returns ``W · CE_sum_r / den_global``: the averaged gradients and the ranks' mean loss are then those of one
+    process on the whole global batch, however the ignored pixels fall across the ranks. The Dice term stays per
+    rank (its per-class sums are not all-reduced): with ``dice`` the DDP loss is close to, not equal to, one
+    process's."""
 
     def __init__(self, num_classes: int, ignore_index: int = 255, class_weights: Optional[Sequence[float]] = None,
-                 dice: float = 0.0):
+                 dice: float = 0.0, distributed: bool = False):
         super().__init__()
+        self.distributed = bool(distributed)
         self.num_classes, self.ignore_index, self.dice_weight = int(num_classes), int(ignore_index), float(dice)
         if class_weights is not None:
             if len(class_weights) != self.num_classes:
@@ -45,6 +53,12 @@ class DenseLoss(nn.Module):
             den = valid.sum()
         else:
             den = (w[torch.where(valid, target, 0)] * valid).sum()
+        if self.distributed:
+            import torch.distributed as dist
+
+            den = den.detach().float().clone()
+            dist.all_reduce(den)
+            den = den / dist.get_world_size()
         loss = ce / den.clamp_min(1e-12)
         if self.dice is not None:
             loss = loss + self.dice_weight * self.dice(logits, target)

@@ -33,7 +33,7 @@ from torch import nn
 from ..modules.capm import CAPM
 
 __all__ = ["MultiScaleEncoder", "SimplePyramid", "Segmentor", "ChangeDetector", "level_prompts", "parameter_report",
-           "FUSIONS"]
+           "FUSIONS", "DistBatchNorm2d", "sync_batchnorm"]
 
 FUSIONS = ("diff", "concat")
 
@@ -175,6 +175,73 @@ class ChangeDetector(nn.Module):
         else:
             fused = [conv(torch.cat([f[:n], f[n:]], 1)) for conv, f in zip(self.fuse, feats)]
         return self.decode_head(fused, a.shape[-2:])
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over the ranks, with the sum's gradient (every rank's output depends on every rank's input)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        import torch.distributed as dist
+
+        y = x.clone()
+        dist.all_reduce(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        import torch.distributed as dist
+
+        g = g.contiguous().clone()
+        dist.all_reduce(g)
+        return g
+
+
+class DistBatchNorm2d(nn.BatchNorm2d):
+    """``BatchNorm2d`` whose training statistics are those of the global batch under ``torch.distributed`` (any
+    backend, gloo on CPU included, where ``nn.SyncBatchNorm`` refuses to run): per-channel sums, sums of squares
+    and the pixel count all-reduced with autograd (a sum whose backward is the sum of the gradients), so the
+    forward, the gradients and the running statistics equal one process's on the concatenated batch. Outside a
+    process group, or in eval mode, it is ``BatchNorm2d``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+
+        if not (self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return super().forward(x)
+        c = x.shape[1]
+        xf = x.float()
+        local = torch.cat([xf.sum((0, 2, 3)), (xf * xf).sum((0, 2, 3)), xf.new_full((1,), x.numel() // c)])
+        stats = _AllReduceSum.apply(local)
+        n = stats[-1]
+        mean = stats[:c] / n
+        var = (stats[c:2 * c] / n - mean * mean).clamp_min(0)
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+                self.running_mean.mul_(1 - m).add_(mean.detach(), alpha=m)
+                self.running_var.mul_(1 - m).add_(var.detach() * (n / (n - 1).clamp_min(1)), alpha=m)
+        y = (xf - mean[None, :, None, None]) * torch.rsqrt(var + self.eps)[None, :, None, None]
+        if self.affine:
+            y = y * self.weight[None, :, None, None] + self.bias[None, :, None, None]
+        return y.to(x.dtype)
+
+
+def sync_batchnorm(module: nn.Module, device: torch.device) -> nn.Module:
+    """Global-batch BatchNorm for DDP, in place: on CUDA ``nn.SyncBatchNorm`` (its fused kernels), elsewhere
+    :class:`DistBatchNorm2d`; parameters and running statistics carried over. Returns ``module``."""
+    if device.type == "cuda":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    for name, child in module.named_children():
+        if type(child) is nn.BatchNorm2d:
+            new = DistBatchNorm2d(child.num_features, child.eps, child.momentum, child.affine, child.track_running_stats)
+            new.load_state_dict(child.state_dict())
+            new.train(child.training)
+            setattr(module, name, new)
+        else:
+            sync_batchnorm(child, device)
+    return module
 
 
 def parameter_report(model: nn.Module) -> dict:

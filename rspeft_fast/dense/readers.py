@@ -11,8 +11,17 @@ plus the rule that turns a mask file into class indices (255 = ignore):
 ``potsdam``       ``{split}/{images,masks}/NAME.ext`` (ISPRS Potsdam /          RGB palette → index (SPEC §6);
                   Vaihingen, already tiled)                                   black (eroded boundaries) → ignore;
                                                                               ``ignore_classes`` → ignore
+``potsdam``       raw ISPRS tiles: ``top_potsdam_I_J_RGB.tif`` and             as above; cut into ``crop`` × ``crop``
+                  ``top_potsdam_I_J_label.tif`` anywhere under the root        PNGs once (:func:`cut_isprs_tiles`)
+                  (``2_Ortho_RGB/``, ``5_Labels_all/``)
 ``levircd``       ``{split}/{A,B,label}/NAME.ext`` (LEVIR-CD, WHU-CD)          0 / 255 (or 0 / 1) → 0 / 1
 ================  ==========================================================  =====================================
+
+Raw ISPRS Potsdam tiles (6000 × 6000) are split by tile as mmsegmentation's converter does (test: tiles 2_13, 2_14,
+3_13, 3_14, 4_13, 4_14, 4_15, 5_13, 5_14, 5_15, 6_13, 6_14, 6_15, 7_13; train: the rest; no separate val split,
+so the epoch is selected on the test tiles, as the published numbers are) and cut once into non-overlapping
+``crop``-sized PNG crops (the last row and column flush with the tile's edge) under ``ROOT/crops<crop>/``, which
+is then read as the tiled layout.
 
 ``auto`` picks by the folders present (``Train/Urban`` → loveda; ``{split}/A`` → levircd; ``{split}/masks`` →
 potsdam when the first mask is RGB, else folders). Split folders are matched case-insensitively
@@ -33,7 +42,8 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 
 __all__ = ["FORMATS", "DataError", "DenseData", "read_dense", "check_data", "decode_mask", "POTSDAM_CLASSES",
-           "POTSDAM_PALETTE", "LOVEDA_CLASSES", "CHANGE_CLASSES", "rgb_to_index", "index_to_rgb", "IMG_EXT"]
+           "POTSDAM_PALETTE", "LOVEDA_CLASSES", "CHANGE_CLASSES", "rgb_to_index", "index_to_rgb", "IMG_EXT",
+           "isprs_raw_tiles", "cut_isprs_tiles", "POTSDAM_TEST_TILES"]
 
 FORMATS = ("auto", "folders", "loveda", "potsdam", "levircd")
 IMG_EXT = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
@@ -205,10 +215,92 @@ def _finish_splits(found: dict, root: str, notes: list) -> dict:
     return {k: found[k] for k in ("train", "val", "test")}
 
 
+# mmsegmentation's tools/dataset_converters/potsdam.py: the tiles of its val (= reported test) split
+POTSDAM_TEST_TILES = ("2_13", "2_14", "3_13", "3_14", "4_13", "4_14", "4_15", "5_13", "5_14", "5_15", "6_13", "6_14",
+                      "6_15", "7_13")
+_RAW_IMAGE, _RAW_LABEL = "_RGB.tif", "_label.tif"
+
+
+def isprs_raw_tiles(root: str, errors: Optional[list] = None) -> list:
+    """``[(tile_id, image, label)]`` of the raw ISPRS Potsdam tiles anywhere under ``root`` (``top_potsdam_2_10_RGB.tif``
+    with ``top_potsdam_2_10_label.tif``; tile id ``"2_10"``), sorted; a tile without its partner is appended to
+    ``errors`` as ``(file, message)``."""
+    images, labels = {}, {}
+    for d, dirs, files in os.walk(root):
+        dirs[:] = sorted(x for x in dirs if not x.startswith(".") and not x.startswith("crops"))
+        for f in sorted(files):
+            if f.startswith("top_potsdam_") and f.endswith(_RAW_IMAGE):
+                images[f[: -len(_RAW_IMAGE)]] = os.path.join(d, f)
+            elif f.startswith("top_potsdam_") and f.endswith(_RAW_LABEL):
+                labels[f[: -len(_RAW_LABEL)]] = os.path.join(d, f)
+    out = []
+    for key in sorted(set(images) | set(labels)):
+        if key not in images or key not in labels:
+            have = images.get(key) or labels[key]
+            want = key + (_RAW_LABEL if key in images else _RAW_IMAGE)
+            if errors is not None:
+                errors.append((have, f"{have}: no partner {want} under {root}"))
+            continue
+        out.append(("_".join(key.split("_")[-2:]), images[key], labels[key]))
+    return out
+
+
+def _crop_starts(size: int, crop: int) -> list:
+    if size <= crop:
+        return [0]
+    return list(range(0, size - crop, crop)) + [size - crop]
+
+
+def cut_isprs_tiles(root: str, crop: int = 512, errors: Optional[list] = None) -> str:
+    """Cut the raw tiles of :func:`isprs_raw_tiles` into ``crop`` × ``crop`` PNGs under ``ROOT/crops<crop>/{train,test}/
+    {images,masks}/`` (test: :data:`POTSDAM_TEST_TILES`), once (a ``done`` file marks a finished cut); returns that
+    folder. An unreadable tile or an image and label of different sizes raise :class:`DataError` naming the file."""
+    import numpy as np
+    from PIL import Image
+
+    from .._fileio import atomic_write_text
+
+    out = os.path.join(root, f"crops{int(crop)}")
+    tiles = isprs_raw_tiles(root, errors)
+    marker = os.path.join(out, "done")
+    listing = "\n".join(t for t, _, _ in tiles)
+    if os.path.isfile(marker):
+        with open(marker, encoding="utf-8") as f:
+            if f.read() == listing:
+                return out
+        import shutil
+
+        shutil.rmtree(out)  # our earlier cut of another set of tiles: no stale crops
+    Image.MAX_IMAGE_PIXELS = None  # 6000 x 6000 tiles are legitimate
+    for tile, img_path, lab_path in tiles:
+        split = "test" if tile in POTSDAM_TEST_TILES else "train"
+        arrays = []
+        for p in (img_path, lab_path):
+            try:
+                with Image.open(p) as im:
+                    arrays.append(np.asarray(im.convert("RGB")))
+            except Exception as e:
+                raise DataError(f"{p}: cannot read the tile ({type(e).__name__}: {e})") from None
+        if arrays[0].shape != arrays[1].shape:
+            raise DataError(f"{lab_path}: label size {arrays[1].shape[1]}x{arrays[1].shape[0]} differs from the image's "
+                            f"{arrays[0].shape[1]}x{arrays[0].shape[0]} ({img_path})")
+        h, w = arrays[0].shape[:2]
+        for sub, arr in zip(("images", "masks"), arrays):
+            os.makedirs(os.path.join(out, split, sub), exist_ok=True)
+            for y in _crop_starts(h, crop):
+                for x in _crop_starts(w, crop):
+                    name = f"top_potsdam_{tile}_{y}_{x}.png"
+                    Image.fromarray(np.ascontiguousarray(arr[y:y + crop, x:x + crop])).save(os.path.join(out, split, sub, name))
+    atomic_write_text(marker, listing)
+    return out
+
+
 def detect_format(root: str) -> str:
     if not os.path.isdir(root):
         raise DataError(f"{root}: no such folder")
     tr = _subdir(root, "train")
+    if tr is None and isprs_raw_tiles(root):
+        return "potsdam"
     if tr is None:
         raise DataError(f"{root}: no train/ (or LoveDA Train/) folder; layouts: {', '.join(FORMATS[1:])} (see --help)")
     if _subdir(tr, "urban") or _subdir(tr, "rural"):
@@ -245,17 +337,27 @@ def _read_classes(root: str, classes) -> tuple:
     raise DataError(f"{root}: folders layout needs the class names: a classes.txt (one name a line) or --classes N|a,b,c")
 
 
-def read_dense(root: str, task: str, fmt: str = "auto", *, classes=None, ignore_classes: Sequence[str] = ()) -> tuple:
+def read_dense(root: str, task: str, fmt: str = "auto", *, classes=None, ignore_classes: Sequence[str] = (),
+               crop: int = 512) -> tuple:
     """``(DenseData, errors)``: the dataset at ``root`` in layout ``fmt`` for ``task`` (``"segment"`` or
     ``"change"``), and the listing errors (``[(file, message)]``: files without partners) for
-    :func:`check_data` to report with the rest. A layout that is not there raises :class:`DataError`."""
+    :func:`check_data` to report with the rest. A layout that is not there raises :class:`DataError`. ``crop``:
+    the crop size raw ISPRS tiles are cut into (:func:`cut_isprs_tiles`)."""
     fmt = detect_format(root) if fmt == "auto" else fmt
+    errors: list = []
+    if fmt == "potsdam" and task == "segment" and _subdir(root, "train") is None and isprs_raw_tiles(root):
+        raw = root
+        root = cut_isprs_tiles(root, crop, errors)
+        data, more = read_dense(root, task, "potsdam", ignore_classes=ignore_classes)
+        data.notes.insert(0, f"raw ISPRS tiles under {raw} cut into {crop}x{crop} crops in {root} "
+                             f"(test tiles: mmsegmentation's {len(POTSDAM_TEST_TILES)})")
+        return data, errors + more
     if fmt not in FORMATS[1:]:
         raise DataError(f"unknown format {fmt!r}; one of {', '.join(FORMATS)}")
     if (fmt == "levircd") != (task == "change"):
         want = "levircd" if task == "change" else "folders, loveda or potsdam"
         raise DataError(f"{root}: a {fmt} layout is not data for the {task} job (expected {want})")
-    errors, notes, found = [], [], {}
+    notes, found = [], {}
     if fmt == "loveda":
         for split in ("train", "val", "test"):
             sd = _subdir(root, *_SPLIT_NAMES[split])

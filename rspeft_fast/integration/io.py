@@ -186,7 +186,7 @@ def _save(model: nn.Module, path, extra) -> None:
         else:
             tensors[n] = params[n]
     tensors.update(_state_of(model, [n for n in recorded + extras if n not in packed_weights], _is_full(cfg)))
-    tensors = {n: t.detach().to("cpu").contiguous() for n, t in tensors.items()}
+    tensors = {n: t.detach().to("cpu", copy=True).contiguous() for n, t in tensors.items()}
     meta = {META_CONFIG: cfg.to_json(), META_VERSION: __version__, META_FAMILY: model_family(model),
             META_EXTRA: json.dumps(extras), META_PACKED: json.dumps(packed), META_SHA256: _sha256(tensors)}
     atomic_write(os.fspath(path), lambda f: f.write(save(tensors, metadata=meta)))
