@@ -170,3 +170,15 @@ def signal_at(phase: str, n: int = 1, sig=None):
 
     return hook
 
+
+def tiny_clip(seed: int = 0):
+    """A CPU-sized open_clip CLIP (two 64-wide layers per tower, 32-px images, 12-token context), seeded."""
+    import open_clip
+
+    torch.manual_seed(seed)
+    return open_clip.CLIP(
+        embed_dim=32,
+        vision_cfg=dict(layers=2, width=64, patch_size=16, image_size=32, head_width=32),
+        text_cfg=dict(context_length=12, vocab_size=500, width=64, heads=4, layers=2),
+    )
+

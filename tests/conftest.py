@@ -18,3 +18,13 @@ def _fresh_plans():
 
     clear_plans()
     yield
+
+
+@pytest.fixture
+def one_thread():
+    """torch on one thread for the test (bit-exact job comparisons; the jobs' own runs use one thread too)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+

@@ -23,12 +23,7 @@ TINY = ["--model", "convnext_atto", "--model-arg", "dims=16,32,64,128", "--model
         "--device", "cpu", "--impl", "reference", "--batch-size", "4", "--lr", "1e-2"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 

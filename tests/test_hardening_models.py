@@ -134,14 +134,7 @@ def adapter_modules(model):
     return [m for m in model.modules() if isinstance(m, (rf.MuFAAdapter, rf.EQAM, rf.MGAdapter))]
 
 
-def tiny_clip(seed=0):
-    import open_clip
-    torch.manual_seed(seed)
-    return open_clip.CLIP(
-        embed_dim=32,
-        vision_cfg=dict(layers=2, width=64, patch_size=16, image_size=32, head_width=32),
-        text_cfg=dict(context_length=12, vocab_size=500, width=64, heads=4, layers=2),
-    )
+tiny_clip = H.tiny_clip
 
 
 def clip_inputs():

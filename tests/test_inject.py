@@ -37,12 +37,9 @@ def _randomise_trainable(model, std=0.05):
 
 
 def _tiny_clip():
-    import open_clip
-    return open_clip.CLIP(
-        embed_dim=32,
-        vision_cfg=dict(layers=2, width=64, patch_size=16, image_size=32, head_width=32),
-        text_cfg=dict(context_length=12, vocab_size=500, width=64, heads=4, layers=2),
-    ).eval()
+    from _helpers import tiny_clip
+
+    return tiny_clip().eval()
 
 
 IDENTITY_CASES = [

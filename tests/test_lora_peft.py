@@ -25,13 +25,9 @@ def _vit(seed=0):
 
 
 def _tiny_clip(seed=0):
-    import open_clip
-    torch.manual_seed(seed)
-    return open_clip.CLIP(
-        embed_dim=32,
-        vision_cfg=dict(layers=2, width=64, patch_size=16, image_size=32, head_width=32),
-        text_cfg=dict(context_length=12, vocab_size=500, width=64, heads=4, layers=2),
-    )
+    from _helpers import tiny_clip
+
+    return tiny_clip(seed)
 
 
 def _hf_clip(seed=0):

@@ -39,12 +39,7 @@ CKPT = ["--ckpt-every", "3"]
 VOLATILE = {"images_per_s", "train_s", "peak_memory"}  # timings: the only history entries allowed to differ
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 
