@@ -13,28 +13,15 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
+
+from .vit_attention import vit_attention_ref
 
 
-def tempered_attention_ref(
-    x: torch.Tensor,
-    qkv_weight: torch.Tensor,
-    qkv_bias: Optional[torch.Tensor],
-    proj_weight: torch.Tensor,
-    proj_bias: Optional[torch.Tensor],
-    num_heads: int,
-    temperature: Optional[torch.Tensor] = None,
-) -> torch.Tensor:
-    """timm-layout multi-head self-attention (``qkv (3D, D)``, ``proj (D, D)``) of ``x (B, N, D)`` → ``(B, N, D)``
-    with the logits divided by ``temperature`` (a 0-d tensor; None: 1), as the reference's ``Attention(temp=)``."""
-    B, N, D = x.shape
-    hd = D // num_heads
-    q, k, v = F.linear(x, qkv_weight, qkv_bias).reshape(B, N, 3, num_heads, hd).permute(2, 0, 3, 1, 4).unbind(0)
-    attn = (q @ k.transpose(-2, -1)) * hd**-0.5
-    if temperature is not None:
-        attn = attn / temperature
-    out = (attn.softmax(dim=-1) @ v).transpose(1, 2).reshape(B, N, D)
-    return F.linear(out, proj_weight, proj_bias)
+def tempered_attention_ref(x, qkv_weight, qkv_bias, proj_weight, proj_bias, num_heads: int,
+                           temperature: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """timm-layout self-attention of ``x (B, N, D)`` with the logits divided by ``temperature`` (a 0-d tensor;
+    None: 1), as the reference's ``Attention(temp=)`` (:func:`~.vit_attention.vit_attention_ref`)."""
+    return vit_attention_ref(x, qkv_weight, qkv_bias, proj_weight, proj_bias, num_heads, temperature=temperature)
 
 
 def gated_prompts_ref(prompt_in: torch.Tensor, prompt_out: torch.Tensor, gate_logit: torch.Tensor) -> torch.Tensor:
