@@ -189,14 +189,15 @@ def assert_fused_close(fused: Any, eager: Any, ref: Any, *, factor: float = 2.0,
 
 # ------------------------------------------------------------------- magnitudes of summed terms
 _aten = torch.ops.aten
-# ops linear in every tensor argument: the same op on the magnitudes bounds the magnitude of the terms
+# ops linear in every tensor argument: the same op on the magnitudes bounds the magnitude of the terms (not
+# as_strided: a magnitude tensor need not share its value's memory layout; not the allocators, whose output is garbage)
 _LINEAR = {
     "view", "_unsafe_view", "reshape", "_reshape_alias", "view_as", "t", "transpose", "permute", "expand",
-    "squeeze", "unsqueeze", "slice", "select", "alias", "detach", "clone", "_to_copy", "contiguous", "as_strided",
+    "squeeze", "unsqueeze", "slice", "select", "alias", "detach", "clone", "_to_copy", "contiguous",
     "split", "split_with_sizes", "chunk", "unbind", "narrow", "flatten", "unflatten", "cat", "stack", "sum",
     "mean", "neg", "repeat", "index_select", "gather", "constant_pad_nd", "diagonal", "roll", "flip", "unfold",
     "im2col", "col2im", "slice_backward", "select_backward", "embedding_dense_backward", "index_add",
-    "scatter_add", "sum_to_size", "new_empty_strided", "copy", "lift_fresh", "masked_select", "where",
+    "scatter_add", "sum_to_size", "copy", "lift_fresh", "masked_select", "where",
 }
 # ops multilinear in their tensor arguments (products summed): the op on magnitudes gives Σ|a||b|
 # elementwise backward ops, linear in grad_output: grad * f(x), so |op(Σ|terms| of grad, x)|
