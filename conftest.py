@@ -2,7 +2,7 @@
 
 * Without CUDA the Triton kernels run through Triton's interpreter: ``TRITON_INTERPRET=1`` must be set before
   triton is imported, hence here, at the very start of collection, through the package's one helper.
-* Tests marked ``gpu`` need a CUDA device: without one they are *deselected* (named in the header), not
+* Tests marked ``gpu`` need a CUDA device: without one they are *deselected* (their count named at the end of a run without -n), not
   skipped — they run in the GPU validation (``benchmarks/gpu_validate.sh``).
 * Every test starts from the same seed.
 """
